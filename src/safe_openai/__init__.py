@@ -1,0 +1,77 @@
+"""safe-openai: a drop-in OpenAI client that ties every call to an end customer.
+
+Change one import and every model call is moderated before it reaches a model, tagged with a
+hashed ``safety_identifier``, checked against the customer's standing and quotas, and its usage
+recorded per customer::
+
+    from safe_openai import SafeClient
+
+    client = SafeClient(store="sqlite:///usage.db")
+    reply = client.for_customer("acme-corp").chat.completions.create(...)
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from ._client import AsyncSafeClient, SafeClient
+from ._identity import customer
+from ._moderation import AsyncModerator, ModerationInput, Moderator
+from .errors import (
+    ConfigurationError,
+    CustomerRequired,
+    CustomerSuspended,
+    ModerationBlocked,
+    ModerationUnavailable,
+    PolicyDenied,
+    QuotaExceeded,
+    SafeOpenAIError,
+    StoreError,
+    UnguardedPathError,
+    WebhookVerificationError,
+)
+from .policy import (
+    Decision,
+    DefaultPolicy,
+    GuardedRequest,
+    ModerationResult,
+    Policy,
+    Quota,
+    Verdict,
+)
+from .usage import Price, PriceTable, TokenUsage, UsageRecord
+
+try:
+    __version__ = version("safe-openai")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0.0.0"
+
+__all__ = [
+    "AsyncModerator",
+    "AsyncSafeClient",
+    "ConfigurationError",
+    "CustomerRequired",
+    "CustomerSuspended",
+    "Decision",
+    "DefaultPolicy",
+    "GuardedRequest",
+    "ModerationBlocked",
+    "ModerationInput",
+    "ModerationResult",
+    "ModerationUnavailable",
+    "Moderator",
+    "Policy",
+    "PolicyDenied",
+    "Price",
+    "PriceTable",
+    "Quota",
+    "QuotaExceeded",
+    "SafeClient",
+    "SafeOpenAIError",
+    "StoreError",
+    "TokenUsage",
+    "UnguardedPathError",
+    "UsageRecord",
+    "Verdict",
+    "WebhookVerificationError",
+    "__version__",
+    "customer",
+]

@@ -1,0 +1,393 @@
+"""Where untrusted content lives in each endpoint's request body.
+
+Extraction never raises on odd shapes: a value of an unexpected type is skipped if it cannot
+carry content, and reported as unmoderatable if it might. The SDK (or the API) rejects truly
+malformed requests; extraction only has to make sure nothing readable slips past moderation.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = ["ENDPOINTS", "EndpointSpec", "Extraction", "Piece", "extract", "resolve_endpoint"]
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """One piece of untrusted content to moderate.
+
+    Attributes:
+        kind: ``"text"`` or ``"image"`` (an image URL or ``data:`` URL).
+        value: The text, or the image URL.
+        role: The role it came from (``"user"``, ``"tool"``, ...).
+        where: Its place in the body, e.g. ``"messages[2].content[0]"`` (for logs and tests).
+    """
+
+    kind: Literal["text", "image"]
+    value: str
+    role: str
+    where: str
+
+
+@dataclass(slots=True)
+class Extraction:
+    """The untrusted content of one request.
+
+    Attributes:
+        pieces: Text and images to moderate.
+        unmoderatable: Kinds of content found that moderation cannot read (``"audio"``,
+            ``"file"``, ``"token_ids"``, ``"image_file"``).
+        input_chars: Characters of every text in the request, trusted or not (for estimates).
+    """
+
+    roles: frozenset[str]
+    pieces: list[Piece] = field(default_factory=list)
+    unmoderatable: list[str] = field(default_factory=list)
+    input_chars: int = 0
+
+    def text(self, value: str, role: str, where: str) -> None:
+        self.input_chars += len(value)
+        if role in self.roles and value.strip():
+            self.pieces.append(Piece("text", value, role, where))
+
+    def image(self, url: object, role: str, where: str) -> None:
+        if role not in self.roles:
+            return
+        if isinstance(url, str) and url:
+            self.pieces.append(Piece("image", url, role, where))
+        else:
+            self.opaque("image_file", role)
+
+    def opaque(self, kind: str, role: str) -> None:
+        if role in self.roles and kind not in self.unmoderatable:
+            self.unmoderatable.append(kind)
+
+
+Extractor = Callable[[Mapping[str, Any], Extraction], None]
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointSpec:
+    """How the guard treats one endpoint.
+
+    Attributes:
+        name: A short name used in logs and usage records.
+        extract: Fills an :class:`Extraction` from a request body.
+        identity_field: ``"safety_identifier"`` or ``"user"``: where the hashed id goes.
+        output_limit_fields: Body fields that cap output tokens (for caps and reservations).
+        default_output_tokens: Output tokens to reserve when the request sets no cap.
+        instructions: How a policy's system instruction is added: ``"messages"``,
+            ``"instructions"`` or ``None`` (not applicable).
+    """
+
+    name: str
+    extract: Extractor
+    identity_field: Literal["safety_identifier", "user"] | None = None
+    output_limit_fields: tuple[str, ...] = ()
+    default_output_tokens: int = 0
+    instructions: Literal["messages", "instructions"] | None = None
+
+
+def _is_str_list(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _text_or_parts(value: object, role: str, where: str, out: Extraction) -> None:
+    """A ``content`` value: a string or a list of typed parts (chat or Responses style)."""
+    if isinstance(value, str):
+        out.text(value, role, where)
+    elif isinstance(value, list):
+        for i, part in enumerate(value):
+            _part(part, role, f"{where}[{i}]", out)
+    elif isinstance(value, Mapping):
+        _part(value, role, where, out)
+    elif value is not None:
+        out.opaque("unknown", role)
+
+
+def _part(part: object, role: str, where: str, out: Extraction) -> None:
+    if isinstance(part, str):
+        out.text(part, role, where)
+        return
+    if not isinstance(part, Mapping):
+        if part is not None:
+            out.opaque("unknown", role)
+        return
+    kind = part.get("type")
+    if kind in ("text", "input_text", "output_text"):
+        text = part.get("text")
+        if isinstance(text, str):
+            out.text(text, role, where)
+    elif kind == "refusal":
+        text = part.get("refusal")
+        if isinstance(text, str):
+            out.text(text, role, where)
+    elif kind == "image_url":
+        image = part.get("image_url")
+        out.image(image.get("url") if isinstance(image, Mapping) else image, role, where)
+    elif kind in ("input_image", "computer_screenshot"):
+        out.image(part.get("image_url"), role, where)
+    elif kind in ("input_audio", "audio"):
+        out.opaque("audio", role)
+    elif kind in ("file", "input_file"):
+        out.opaque("file", role)
+    else:
+        # An unknown part type may carry text under any key: moderate every string in it.
+        _strings(part, role, where, out, skip=("type", "id", "detail", "format"))
+
+
+def _strings(
+    value: object, role: str, where: str, out: Extraction, skip: Sequence[str] = ()
+) -> None:
+    """Every string inside an unknown structure, so new part types cannot smuggle text."""
+    if isinstance(value, str):
+        out.text(value, role, where)
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            if key not in skip:
+                _strings(item, role, f"{where}.{key}", out)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _strings(item, role, f"{where}[{i}]", out)
+
+
+def _chat(body: Mapping[str, Any], out: Extraction) -> None:
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            continue
+        role = str(message.get("role") or "user")
+        if role == "function":
+            role = "tool"
+        where = f"messages[{i}]"
+        _text_or_parts(message.get("content"), role, f"{where}.content", out)
+        refusal = message.get("refusal")
+        if isinstance(refusal, str):
+            out.text(refusal, role, f"{where}.refusal")
+        calls = message.get("tool_calls")
+        if isinstance(calls, list):
+            for j, call in enumerate(calls):
+                function = call.get("function") if isinstance(call, Mapping) else None
+                args = function.get("arguments") if isinstance(function, Mapping) else None
+                if isinstance(args, str):
+                    out.text(args, role, f"{where}.tool_calls[{j}].arguments")
+        if message.get("audio") is not None:
+            out.opaque("audio", role)
+
+
+def _responses_input(items: object, out: Extraction, where: str = "input") -> None:
+    if isinstance(items, str):
+        out.text(items, "user", where)
+        return
+    if not isinstance(items, list):
+        return
+    for i, item in enumerate(items):
+        here = f"{where}[{i}]"
+        if isinstance(item, str):
+            out.text(item, "user", here)
+            continue
+        if not isinstance(item, Mapping):
+            continue
+        kind = item.get("type")
+        if kind in (None, "message"):
+            role = str(item.get("role") or "user")
+            _text_or_parts(item.get("content"), role, f"{here}.content", out)
+        elif kind in (
+            "function_call_output",
+            "custom_tool_call_output",
+            "local_shell_call_output",
+            "shell_call_output",
+            "computer_call_output",
+            "apply_patch_call_output",
+            "mcp_call_output",
+        ):
+            _tool_output(item.get("output"), f"{here}.output", out)
+        elif kind in ("function_call", "custom_tool_call"):
+            for key in ("arguments", "input"):
+                value = item.get(key)
+                if isinstance(value, str):
+                    out.text(value, "assistant", f"{here}.{key}")
+        elif kind in ("item_reference", "reasoning", "compaction"):
+            # Server-side state: it was moderated when it was first sent.
+            continue
+        else:
+            _strings(item, "tool", here, out, skip=("type", "id", "call_id", "status"))
+
+
+def _tool_output(output: object, where: str, out: Extraction) -> None:
+    if isinstance(output, (str, list)) or (
+        isinstance(output, Mapping) and output.get("type") is not None
+    ):
+        _text_or_parts(output, "tool", where, out)
+    elif isinstance(output, Mapping):
+        _strings(output, "tool", where, out)
+
+
+def _responses(body: Mapping[str, Any], out: Extraction) -> None:
+    instructions = body.get("instructions")
+    if isinstance(instructions, str):
+        out.text(instructions, "developer", "instructions")
+    elif isinstance(instructions, list):
+        _responses_input(instructions, out, "instructions")
+    _responses_input(body.get("input"), out)
+    prompt = body.get("prompt")
+    if isinstance(prompt, Mapping) and isinstance(prompt.get("variables"), Mapping):
+        for name, value in prompt["variables"].items():
+            _text_or_parts(value, "user", f"prompt.variables.{name}", out)
+
+
+def _conversation(body: Mapping[str, Any], out: Extraction) -> None:
+    _responses_input(body.get("items"), out, "items")
+
+
+def _prompt_like(*fields: str) -> Extractor:
+    """Endpoints whose untrusted input is a string, a list of strings, or token ids."""
+
+    def extract(body: Mapping[str, Any], out: Extraction) -> None:
+        for name in fields:
+            value = body.get(name)
+            if isinstance(value, str):
+                out.text(value, "user", name)
+            elif isinstance(value, list):
+                if _is_str_list(value):
+                    for i, text in enumerate(value):
+                        out.text(text, "user", f"{name}[{i}]")
+                elif value:
+                    out.opaque("token_ids", "user")
+
+    return extract
+
+
+def _image_edit(body: Mapping[str, Any], out: Extraction) -> None:
+    _prompt_like("prompt")(body, out)
+    out.opaque("image_file", "user")
+
+
+def _audio_in(body: Mapping[str, Any], out: Extraction) -> None:
+    _prompt_like("prompt")(body, out)
+    out.opaque("audio", "user")
+
+
+def _thread_messages(body: Mapping[str, Any], out: Extraction) -> None:
+    if "content" in body:
+        _text_or_parts(body.get("content"), str(body.get("role") or "user"), "content", out)
+    for key in ("messages", "additional_messages"):
+        messages = body.get(key)
+        if isinstance(messages, list):
+            for i, message in enumerate(messages):
+                if isinstance(message, Mapping):
+                    role = str(message.get("role") or "user")
+                    _text_or_parts(message.get("content"), role, f"{key}[{i}].content", out)
+    thread = body.get("thread")
+    if isinstance(thread, Mapping):
+        _thread_messages(thread, out)
+    outputs = body.get("tool_outputs")
+    if isinstance(outputs, list):
+        for i, output in enumerate(outputs):
+            text = output.get("output") if isinstance(output, Mapping) else None
+            if isinstance(text, str):
+                out.text(text, "tool", f"tool_outputs[{i}]")
+
+
+_CHAT_LIMITS = ("max_completion_tokens", "max_tokens")
+
+#: Guarded endpoints, by path (placeholders match one path segment).
+ENDPOINTS: dict[str, EndpointSpec] = {
+    "/chat/completions": EndpointSpec(
+        "chat.completions", _chat, "safety_identifier", _CHAT_LIMITS, 4096, "messages"
+    ),
+    "/responses": EndpointSpec(
+        "responses", _responses, "safety_identifier", ("max_output_tokens",), 4096, "instructions"
+    ),
+    "/responses/compact": EndpointSpec("responses.compact", _responses, None, (), 4096),
+    "/completions": EndpointSpec(
+        "completions", _prompt_like("prompt", "suffix"), "user", ("max_tokens",), 16
+    ),
+    "/embeddings": EndpointSpec("embeddings", _prompt_like("input"), "user"),
+    "/images/generations": EndpointSpec(
+        "images.generate", _prompt_like("prompt"), "safety_identifier"
+    ),
+    "/images/edits": EndpointSpec("images.edit", _image_edit, "safety_identifier"),
+    "/images/variations": EndpointSpec(
+        "images.variations", lambda body, out: out.opaque("image_file", "user"), "user"
+    ),
+    "/audio/speech": EndpointSpec("audio.speech", _prompt_like("input", "instructions")),
+    "/audio/transcriptions": EndpointSpec("audio.transcriptions", _audio_in),
+    "/audio/translations": EndpointSpec("audio.translations", _audio_in),
+    "/conversations": EndpointSpec("conversations", _conversation),
+    "/conversations/{}/items": EndpointSpec("conversations.items", _conversation),
+    "/videos": EndpointSpec("videos", _prompt_like("prompt")),
+    "/videos/{}/remix": EndpointSpec("videos.remix", _prompt_like("prompt")),
+    "/videos/edits": EndpointSpec("videos.edits", _prompt_like("prompt")),
+    "/videos/extensions": EndpointSpec("videos.extensions", _prompt_like("prompt")),
+    "/threads": EndpointSpec("threads", _thread_messages),
+    "/threads/runs": EndpointSpec("threads.runs", _thread_messages),
+    "/threads/{}/messages": EndpointSpec("threads.messages", _thread_messages),
+    "/threads/{}/runs": EndpointSpec("threads.runs", _thread_messages),
+    "/threads/{}/runs/{}/submit_tool_outputs": EndpointSpec("threads.runs", _thread_messages),
+}
+
+#: Endpoints that carry content to a model but are not guarded yet: refused unless the policy
+#: allows them explicitly (a drop-in must never offer an unguarded path silently).
+UNGUARDED_CONTENT_PATHS: tuple[str, ...] = (
+    "/agents/sessions",
+    "/chatkit/sessions",
+    "/realtime/",
+    "/live/",
+    "/evals/",
+    "/fine_tuning/alpha/graders/run",
+)
+
+_PATTERNS: list[tuple[re.Pattern[str], str]] = [
+    (re.compile("^" + re.escape(path).replace(r"\{\}", "[^/]+") + "$"), path)
+    for path in ENDPOINTS
+    if "{}" in path
+]
+
+
+def normalize_path(url: str) -> str:
+    """The API path of ``url``: relative, without query and without the ``/v1`` base."""
+    if "://" in url:
+        url = "/" + url.split("://", 1)[1].partition("/")[2]
+    path = url.split("?", 1)[0].rstrip("/")
+    if path.startswith("/v1/"):
+        path = path[3:]
+    return path or "/"
+
+
+def resolve_endpoint(path: str) -> EndpointSpec | None:
+    """The spec of a guarded endpoint, or ``None`` for paths the guard lets through."""
+    spec = ENDPOINTS.get(path)
+    if spec is not None:
+        return spec
+    for pattern, template in _PATTERNS:
+        if pattern.match(path):
+            return ENDPOINTS[template]
+    return None
+
+
+def is_unguarded_content_path(path: str) -> bool:
+    """Whether ``path`` sends content to a model through a route the guard does not cover."""
+    return any(path.startswith(prefix) for prefix in UNGUARDED_CONTENT_PATHS)
+
+
+def extract(spec: EndpointSpec, body: Mapping[str, Any], roles: frozenset[str]) -> Extraction:
+    """The untrusted content of ``body`` for the roles the policy moderates."""
+    out = Extraction(roles)
+    spec.extract(body, out)
+    return out
+
+
+def body_from_content(content: bytes | bytearray) -> dict[str, Any] | None:
+    """A JSON object body sent as raw bytes, or ``None`` when it is not one."""
+    try:
+        parsed = json.loads(content)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return parsed if isinstance(parsed, dict) else None

@@ -1,0 +1,542 @@
+"""The guarded-call flow, written once for the sync and async clients.
+
+:func:`begin` and :func:`finish` are generators: they decide everything and *yield* the I/O they
+need done (a store call, a moderation call) as small command objects. The clients run them with
+:func:`drive` / :func:`adrive`, sending back each result or throwing back each exception, the way
+httpx's auth flows and tenacity's ``iter()`` work. No I/O happens here, so tests need no network.
+
+The order of a guarded call: customer -> standing -> policy review -> quota reservation ->
+moderation -> tagging -> (the SDK call) -> usage.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Generator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+import structlog
+
+from ._extract import (
+    EndpointSpec,
+    extract,
+    is_unguarded_content_path,
+    resolve_endpoint,
+)
+from ._identity import current_customer, safety_identifier
+from ._moderation import ModerationInput, VerdictCache, inputs_for
+from .errors import (
+    CustomerRequired,
+    CustomerSuspended,
+    ModerationBlocked,
+    ModerationUnavailable,
+    PolicyDenied,
+    QuotaExceeded,
+    SafeOpenAIError,
+    StoreError,
+    UnguardedPathError,
+)
+from .policy import Decision, GuardedRequest, ModerationResult, Policy
+from .stores._types import QuotaDemand, Reservation, Violation
+from .usage import Outcome, PriceTable, TokenUsage, UsageRecord, estimate_tokens
+
+__all__ = [
+    "Call",
+    "GuardState",
+    "Moderate",
+    "StoreCall",
+    "adrive",
+    "begin",
+    "drive",
+    "finish",
+]
+
+log = structlog.get_logger("safe_openai")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class StoreCall:
+    """Command: call ``store.<method>(*args, **kwargs)`` and send back the result."""
+
+    method: str
+    args: tuple[Any, ...] = ()
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Moderate:
+    """Command: moderate these inputs and send back one result per input."""
+
+    inputs: tuple[ModerationInput, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Spool:
+    """Command: keep this record locally; the store could not take it."""
+
+    record: UsageRecord
+    reservation_id: str | None
+
+
+Command = StoreCall | Moderate | Spool
+Flow = Generator[Command, Any, T]
+
+
+@dataclass(slots=True)
+class GuardState:
+    """What a client and all its copies share: policy, store, secret, moderator, caches.
+
+    Attributes:
+        policy: The policy in force.
+        store: The usage store (sync for SafeClient, async for AsyncSafeClient).
+        secret: The HMAC key of safety identifiers.
+        moderator: The moderator.
+        moderation_model: Part of the verdict cache key, so a model change re-moderates.
+        prices: The price table for usage costs.
+        cache: Moderation results by content hash.
+        spool: Where records go when the store cannot take them (``None``: log and drop).
+        log_content: Log content hashes' source text too (off: never log prompt text).
+    """
+
+    policy: Policy
+    store: Any
+    secret: bytes
+    moderator: Any
+    moderation_model: str
+    prices: PriceTable
+    cache: VerdictCache = field(default_factory=VerdictCache)
+    spool: Any = None
+    log_content: bool = False
+    known_identifiers: set[tuple[str, str]] = field(default_factory=set)
+
+
+@dataclass(slots=True)
+class Call:
+    """One guarded logical call in flight (one per ``request()``, whatever the SDK retries)."""
+
+    spec: EndpointSpec
+    endpoint: str
+    customer_id: str | None
+    model: str | None
+    body: dict[str, Any]
+    created_at: datetime
+    started: float
+    input_chars: int = 0
+    reservation: Reservation | None = None
+    hide_usage_chunk: bool = False
+    finished: bool = False
+
+    @property
+    def customer_key(self) -> str:
+        """The customer id as stored (``""`` for anonymous calls)."""
+        return self.customer_id or ""
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def begin(
+    state: GuardState, *, bound_customer: str | None, path: str, body: dict[str, Any]
+) -> Flow[Call | None]:
+    """Decide a request before it is sent. Returns the :class:`Call`, or ``None`` to pass it.
+
+    ``body`` (``extra_body`` already folded in) is adjusted in place: policy changes, the
+    safety identifier, the usage option of chat streams.
+
+    Raises:
+        CustomerRequired, CustomerSuspended, PolicyDenied, QuotaExceeded, ModerationBlocked,
+        ModerationUnavailable, StoreError, UnguardedPathError: nothing may be sent.
+    """
+    spec = resolve_endpoint(path)
+    policy = state.policy
+    if spec is None:
+        if is_unguarded_content_path(path) and not policy.allow_unguarded(path):
+            raise UnguardedPathError(
+                f"{path} sends content to a model on a path safe_openai cannot moderate yet; "
+                "allow it in the policy (Policy.allow_unguarded) if that is intended."
+            )
+        return None
+    customer_id = bound_customer or current_customer()
+    if customer_id is None and policy.require_customer:
+        raise CustomerRequired(path)
+    model = body.get("model")
+    call = Call(
+        spec=spec,
+        endpoint=path,
+        customer_id=customer_id,
+        model=model if isinstance(model, str) else None,
+        body=body,
+        created_at=_now(),
+        started=time.perf_counter(),
+    )
+
+    if customer_id is not None:
+        try:
+            suspension = yield StoreCall("suspension", (customer_id,), {"now": call.created_at})
+        except StoreError:
+            if not policy.fail_open:
+                raise
+            log.warning("safe_openai.store_unavailable", customer_id=customer_id, check="standing")
+            suspension = None
+        if suspension is not None:
+            yield from _refuse(state, call, "denied")
+            log.info("safe_openai.request_refused", customer_id=customer_id, reason="suspended")
+            raise CustomerSuspended(customer_id, until=suspension.until, reason=suspension.reason)
+
+    request = GuardedRequest(customer_id, path, call.model, MappingProxyType(body))
+    decision = policy.review_request(request)
+    if not decision.allowed:
+        yield from _refuse(state, call, "denied")
+        log.info("safe_openai.request_denied", customer_id=customer_id, endpoint=path)
+        raise PolicyDenied(customer_id, decision)
+    if decision.changes_request:
+        apply_decision(spec, body, decision)
+        model = body.get("model")
+        call.model = model if isinstance(model, str) else None
+        request = GuardedRequest(customer_id, path, call.model, MappingProxyType(body))
+
+    extraction = extract(spec, body, frozenset(policy.moderate_roles))
+    call.input_chars = extraction.input_chars
+    if extraction.unmoderatable:
+        if not policy.allow_unmoderatable(request, tuple(extraction.unmoderatable)):
+            yield from _refuse(state, call, "denied")
+            raise PolicyDenied(
+                customer_id,
+                Decision.deny(f"content that cannot be moderated: {extraction.unmoderatable}"),
+            )
+        log.info(
+            "safe_openai.unmoderated_content",
+            customer_id=customer_id,
+            endpoint=path,
+            kinds=extraction.unmoderatable,
+        )
+
+    if customer_id is not None:
+        quota = policy.quota_for(customer_id)
+        if quota is not None and not quota.is_unlimited:
+            demand = _worst_case(state, call)
+            try:
+                reservation = yield StoreCall(
+                    "reserve", (customer_id, quota, demand), {"now": call.created_at}
+                )
+            except StoreError:
+                if not policy.fail_open:
+                    raise
+                log.warning("safe_openai.store_unavailable", customer_id=customer_id, check="quota")
+                reservation = None
+            if reservation is not None and not reservation.admitted:
+                yield from _refuse(state, call, "denied")
+                log.info(
+                    "safe_openai.quota_exceeded", customer_id=customer_id, limit=reservation.limit
+                )
+                raise QuotaExceeded(
+                    customer_id,
+                    limit=reservation.limit or "quota",
+                    retry_after=reservation.retry_after,
+                )
+            call.reservation = reservation
+
+    try:
+        yield from _moderate(state, call, request, inputs_for(extraction.pieces))
+    except BaseException:
+        if call.reservation is not None:
+            yield from _release(call)
+        raise
+
+    if customer_id is not None:
+        identifier = safety_identifier(state.secret, customer_id)
+        field_name = spec.identity_field
+        if field_name is not None:
+            given = body.get(field_name)
+            if given is None or given == "":
+                body[field_name] = identifier
+            elif isinstance(given, str):
+                identifier = given
+        if (identifier, customer_id) not in state.known_identifiers:
+            try:
+                yield StoreCall("remember_identifier", (identifier, customer_id))
+                state.known_identifiers.add((identifier, customer_id))
+            except StoreError:
+                log.warning("safe_openai.store_unavailable", check="identifier")
+        log.debug("safe_openai.request_tagged", customer_id=customer_id, endpoint=path)
+
+    if spec.name == "chat.completions" and body.get("stream") is True:
+        options = body.get("stream_options")
+        if not (isinstance(options, Mapping) and options.get("include_usage") is True):
+            body["stream_options"] = {**(options or {}), "include_usage": True}
+            call.hide_usage_chunk = True
+    log.debug(
+        "safe_openai.request_allowed", customer_id=customer_id, endpoint=path, model=call.model
+    )
+    return call
+
+
+def _moderate(
+    state: GuardState, call: Call, request: GuardedRequest, inputs: list[ModerationInput]
+) -> Flow[None]:
+    if not inputs:
+        return
+    policy = state.policy
+    keys = [VerdictCache.key(state.moderation_model, item) for item in inputs]
+    results: list[ModerationResult | None] = [state.cache.get(key) for key in keys]
+    missing = [i for i, result in enumerate(results) if result is None]
+    if missing:
+        try:
+            fresh = yield Moderate(tuple(inputs[i] for i in missing))
+            if len(fresh) != len(missing):
+                raise ModerationUnavailable("The moderator returned the wrong number of results.")
+        except SafeOpenAIError as exc:
+            if not isinstance(exc, ModerationUnavailable):
+                raise
+            if policy.fail_open:
+                log.warning(
+                    "safe_openai.moderation_unavailable",
+                    customer_id=call.customer_id,
+                    endpoint=call.endpoint,
+                    action="fail_open",
+                )
+                return
+            log.error(
+                "safe_openai.moderation_unavailable",
+                customer_id=call.customer_id,
+                endpoint=call.endpoint,
+                action="fail_closed",
+            )
+            yield from _release(call)
+            yield from _refuse(state, call, "error")
+            raise
+        for i, result in zip(missing, fresh, strict=True):
+            results[i] = result
+            state.cache.put(keys[i], result)
+    judged = [result for result in results if result is not None]
+    verdict = policy.judge(request, judged)
+    if not verdict.blocked:
+        return
+    if call.reservation is not None:
+        yield from _release(call)
+    yield from _refuse(state, call, "blocked")
+    log.warning(
+        "safe_openai.request_blocked",
+        customer_id=call.customer_id,
+        endpoint=call.endpoint,
+        categories=list(verdict.categories),
+        top_score=round(verdict.top_score, 4),
+        content_hash=keys[0].hex()[:16],
+    )
+    if call.customer_id is not None:
+        violation = Violation(
+            customer_id=call.customer_id,
+            created_at=call.created_at,
+            source="moderation",
+            categories=verdict.categories,
+            top_score=verdict.top_score,
+            endpoint=call.endpoint,
+        )
+        yield from record_violation(state, violation)
+    raise ModerationBlocked(
+        call.customer_id,
+        categories=verdict.categories,
+        scores=verdict.scores,
+        endpoint=call.endpoint,
+    )
+
+
+def record_violation(state: GuardState, violation: Violation) -> Flow[bool]:
+    """Store a violation and suspend the customer when it reaches the strike limit.
+
+    Returns whether the customer was suspended by this violation.
+    """
+    policy = state.policy
+    yield StoreCall("record_violation", (violation,))
+    if policy.strike_limit is None:
+        return False
+    since = violation.created_at - policy.strike_window
+    strikes = yield StoreCall("count_violations", (violation.customer_id,), {"since": since})
+    if strikes < policy.strike_limit:
+        return False
+    until = violation.created_at + policy.suspension if policy.suspension else None
+    reason = f"{strikes} violations within {policy.strike_window}"
+    yield StoreCall(
+        "suspend",
+        (violation.customer_id,),
+        {"reason": reason, "until": until, "now": violation.created_at},
+    )
+    log.warning(
+        "safe_openai.customer_suspended",
+        customer_id=violation.customer_id,
+        reason=reason,
+        until=until.isoformat() if until else None,
+    )
+    return True
+
+
+def _release(call: Call) -> Flow[None]:
+    reservation, call.reservation = call.reservation, None
+    if reservation is None:
+        return
+    try:
+        yield StoreCall("release", (reservation,))
+    except StoreError:
+        # An unreleased reservation expires by itself after RESERVATION_TTL.
+        log.warning("safe_openai.store_unavailable", check="release")
+
+
+def _refuse(state: GuardState, call: Call, outcome: Outcome) -> Flow[None]:
+    """Record a call that was never sent (zero tokens), so reports show it."""
+    yield from _write(state, call, _record(state, call, outcome, TokenUsage(), None))
+
+
+def _record(
+    state: GuardState,
+    call: Call,
+    outcome: Outcome,
+    tokens: TokenUsage,
+    request_id: str | None,
+) -> UsageRecord:
+    return UsageRecord(
+        customer_id=call.customer_key,
+        endpoint=call.endpoint,
+        model=call.model,
+        outcome=outcome,
+        tokens=tokens,
+        cost_usd=state.prices.cost(call.model, tokens) if tokens.total_tokens else 0.0,
+        latency_s=time.perf_counter() - call.started,
+        created_at=call.created_at,
+        request_id=request_id,
+        record_id=uuid.uuid4().hex,
+    )
+
+
+def _write(state: GuardState, call: Call, record: UsageRecord) -> Flow[None]:
+    """Commit or record a usage record; if the store fails, spool it so it is never lost."""
+    reservation, call.reservation = call.reservation, None
+    try:
+        if reservation is not None:
+            yield StoreCall("commit", (reservation, record))
+        else:
+            yield StoreCall("record_usage", (record,))
+    except StoreError:
+        log.warning(
+            "safe_openai.usage_spooled",
+            customer_id=record.customer_id,
+            spooled=state.spool is not None,
+        )
+        yield Spool(record, reservation.id if reservation else None)
+
+
+def finish(
+    state: GuardState,
+    call: Call,
+    *,
+    outcome: Outcome,
+    usage: TokenUsage | None,
+    request_id: str | None,
+    output_chars: int = 0,
+) -> Flow[None]:
+    """Record the usage of a call that was sent. Runs once per call; later calls do nothing."""
+    if call.finished:
+        return
+    call.finished = True
+    if usage is None and outcome in ("ok", "estimated") and call.spec.output_limit_fields:
+        outcome = "estimated"
+        usage = TokenUsage(estimate_tokens(call.input_chars), 0, estimate_tokens(output_chars))
+    record = _record(state, call, outcome, usage or TokenUsage(), request_id)
+    yield from _write(state, call, record)
+    if request_id and call.customer_id is not None:
+        try:
+            yield StoreCall("remember_request", (request_id, call.customer_id))
+        except StoreError:
+            log.warning("safe_openai.store_unavailable", check="request_map")
+    log.info(
+        "safe_openai.usage_recorded",
+        customer_id=call.customer_id,
+        endpoint=call.endpoint,
+        model=call.model,
+        outcome=record.outcome,
+        input_tokens=record.tokens.input_tokens,
+        output_tokens=record.tokens.output_tokens,
+        cost_usd=record.cost_usd,
+    )
+
+
+def _worst_case(state: GuardState, call: Call) -> QuotaDemand:
+    """The most a call may consume: its input estimate plus its output cap (or a default)."""
+    body = call.body
+    output = 0
+    for name in call.spec.output_limit_fields:
+        value = body.get(name)
+        if isinstance(value, int) and not isinstance(value, bool):
+            output = value
+            break
+    else:
+        output = call.spec.default_output_tokens
+    n = body.get("n")
+    if isinstance(n, int) and n > 1:
+        output *= n
+    tokens = TokenUsage(estimate_tokens(call.input_chars), 0, output)
+    return QuotaDemand(
+        tokens=tokens.total_tokens, cost_usd=state.prices.cost(call.model, tokens) or 0.0
+    )
+
+
+def apply_decision(spec: EndpointSpec, body: dict[str, Any], decision: Decision) -> None:
+    """Apply a policy's adjustments to a request body in place."""
+    if decision.model is not None:
+        body["model"] = decision.model
+    cap = decision.max_output_tokens
+    if cap is not None and spec.output_limit_fields:
+        present = [name for name in spec.output_limit_fields if name in body]
+        for name in present or spec.output_limit_fields[:1]:
+            value = body.get(name)
+            if not isinstance(value, int) or value > cap:
+                body[name] = cap
+    instruction = decision.system_instruction
+    if instruction:
+        if spec.instructions == "messages" and isinstance(body.get("messages"), list):
+            body["messages"] = [{"role": "system", "content": instruction}, *body["messages"]]
+        elif spec.instructions == "instructions":
+            given = body.get("instructions")
+            body["instructions"] = (
+                f"{instruction}\n\n{given}" if isinstance(given, str) and given else instruction
+            )
+
+
+def drive(flow: Flow[T], execute: Callable[[Command], Any]) -> T:
+    """Run a flow, carrying out each command with ``execute`` (sync)."""
+    value: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            command = flow.throw(error) if error is not None else flow.send(value)
+        except StopIteration as stop:
+            result: T = stop.value
+            return result
+        value, error = None, None
+        try:
+            value = execute(command)
+        except Exception as exc:
+            error = exc
+
+
+async def adrive(flow: Flow[T], execute: Callable[[Command], Awaitable[Any]]) -> T:
+    """Run a flow, carrying out each command with ``execute`` (async)."""
+    value: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            command = flow.throw(error) if error is not None else flow.send(value)
+        except StopIteration as stop:
+            result: T = stop.value
+            return result
+        value, error = None, None
+        try:
+            value = await execute(command)
+        except Exception as exc:
+            error = exc

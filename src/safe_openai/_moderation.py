@@ -1,0 +1,330 @@
+"""Moderators, batching and chunking of moderation inputs, and the verdict cache.
+
+A moderator is any object with ``moderate(inputs) -> results`` (sync, or a coroutine for the
+async client): one result per input, in order. The default sends them to OpenAI's moderation
+endpoint through the same SDK client, in as few calls as the endpoint allows: every text in one
+batched call (with the first image), each further image in a call of its own, since the endpoint
+takes one image per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+import openai
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
+
+from .errors import ModerationUnavailable
+from .policy import ModerationResult
+
+if TYPE_CHECKING:
+    from ._extract import Piece
+
+__all__ = [
+    "AsyncModerator",
+    "AsyncOpenAIModerator",
+    "ModerationInput",
+    "Moderator",
+    "OpenAIModerator",
+    "VerdictCache",
+]
+
+#: Longest text sent as one moderation input; longer texts are split with an overlap so a
+#: phrase cut at a boundary is still seen whole in one chunk.
+CHUNK_CHARS = 4000
+CHUNK_OVERLAP = 200
+#: Images the endpoint accepts per request.
+IMAGES_PER_REQUEST = 1
+
+
+@dataclass(frozen=True, slots=True)
+class ModerationInput:
+    """One input to the moderation endpoint: a text, or an image URL (``data:`` URLs too)."""
+
+    kind: Literal["text", "image"]
+    value: str
+
+    def as_api_input(self) -> dict[str, Any]:
+        """The endpoint's multi-modal input object."""
+        if self.kind == "image":
+            return {"type": "image_url", "image_url": {"url": self.value}}
+        return {"type": "text", "text": self.value}
+
+
+@runtime_checkable
+class Moderator(Protocol):
+    """Anything that moderates inputs synchronously."""
+
+    def moderate(self, inputs: Sequence[ModerationInput]) -> Sequence[ModerationResult]:
+        """Return one result per input, in order. Raise when moderation cannot be obtained."""
+        ...
+
+
+@runtime_checkable
+class AsyncModerator(Protocol):
+    """Anything that moderates inputs asynchronously."""
+
+    async def moderate(self, inputs: Sequence[ModerationInput]) -> Sequence[ModerationResult]:
+        """Return one result per input, in order. Raise when moderation cannot be obtained."""
+        ...
+
+
+def chunk_text(text: str, size: int = CHUNK_CHARS, overlap: int = CHUNK_OVERLAP) -> list[str]:
+    """Split ``text`` into pieces of at most ``size`` characters overlapping by ``overlap``."""
+    if len(text) <= size:
+        return [text]
+    step = size - overlap
+    return [text[start : start + size] for start in range(0, len(text) - overlap, step)]
+
+
+def inputs_for(pieces: Iterable[Piece]) -> list[ModerationInput]:
+    """The moderation inputs of a request's pieces: long texts chunked, duplicates dropped."""
+    seen: set[tuple[str, str]] = set()
+    inputs: list[ModerationInput] = []
+    for piece in pieces:
+        values = chunk_text(piece.value) if piece.kind == "text" else [piece.value]
+        for value in values:
+            key = (piece.kind, value)
+            if key not in seen:
+                seen.add(key)
+                inputs.append(ModerationInput(piece.kind, value))
+    return inputs
+
+
+def plan_batches(inputs: Sequence[ModerationInput]) -> list[list[ModerationInput]]:
+    """Group inputs into endpoint calls: all texts plus the first image, then one per image."""
+    texts = [i for i in inputs if i.kind == "text"]
+    images = [i for i in inputs if i.kind == "image"]
+    first = texts + images[:IMAGES_PER_REQUEST]
+    batches = [first] if first else []
+    rest = images[IMAGES_PER_REQUEST:]
+    batches += [rest[i : i + IMAGES_PER_REQUEST] for i in range(0, len(rest), IMAGES_PER_REQUEST)]
+    return batches
+
+
+class VerdictCache:
+    """A bounded, thread-safe LRU of moderation results keyed by a hash of the content.
+
+    Results are cached, not judgements: the policy judges each request's results afresh, so
+    per-customer thresholds still apply to cached content.
+    """
+
+    def __init__(self, maxsize: int = 50_000) -> None:
+        self.maxsize = maxsize
+        self._items: OrderedDict[bytes, ModerationResult] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def key(model: str, item: ModerationInput) -> bytes:
+        """The cache key of an input under a moderation model."""
+        digest = hashlib.sha256(model.encode())
+        digest.update(b"\0" + item.kind.encode() + b"\0" + item.value.encode("utf-8", "replace"))
+        return digest.digest()
+
+    def get(self, key: bytes) -> ModerationResult | None:
+        with self._lock:
+            found = self._items.get(key)
+            if found is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return found
+
+    def put(self, key: bytes, result: ModerationResult) -> None:
+        with self._lock:
+            self._items[key] = result
+            self._items.move_to_end(key)
+            while len(self._items) > self.maxsize:
+                self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def _retryable(exc: BaseException) -> bool:
+    if isinstance(exc, (openai.APIConnectionError, openai.APITimeoutError)):
+        return True
+    return isinstance(exc, openai.APIStatusError) and (
+        exc.status_code == 429 or exc.status_code >= 500
+    )
+
+
+def _retry_after(exc: BaseException | None) -> float | None:
+    """Seconds the server asked us to wait (``retry-after-ms`` or ``retry-after``)."""
+    if not isinstance(exc, openai.APIStatusError):
+        return None
+    headers = exc.response.headers
+    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is not None:
+            try:
+                return max(0.0, float(value) * scale)
+            except ValueError:
+                return None
+    return None
+
+
+class _WaitHonouringRetryAfter:
+    """Back off exponentially with jitter, unless the server said how long to wait."""
+
+    def __init__(self, max_wait: float) -> None:
+        self.max_wait = max_wait
+        self._fallback = wait_exponential_jitter(initial=0.2, max=max_wait)
+
+    def __call__(self, state: RetryCallState) -> float:
+        outcome = state.outcome
+        asked = _retry_after(outcome.exception() if outcome is not None else None)
+        if asked is not None:
+            return min(asked, self.max_wait)
+        return float(self._fallback(state))
+
+
+def _results(raw: object, expected: int) -> list[ModerationResult]:
+    results = raw.get("results") if isinstance(raw, Mapping) else None
+    if not isinstance(results, list) or len(results) != expected:
+        raise ModerationUnavailable("The moderation endpoint returned a malformed answer.")
+    parsed = []
+    for result in results:
+        if not isinstance(result, Mapping):
+            raise ModerationUnavailable("The moderation endpoint returned a malformed answer.")
+        parsed.append(
+            ModerationResult(
+                flagged=bool(result.get("flagged")),
+                categories=dict(result.get("categories") or {}),
+                scores={k: float(v) for k, v in (result.get("category_scores") or {}).items()},
+            )
+        )
+    return parsed
+
+
+def _body(model: str, batch: Sequence[ModerationInput]) -> dict[str, Any]:
+    if all(item.kind == "text" for item in batch):
+        return {"model": model, "input": [item.value for item in batch]}
+    return {"model": model, "input": [item.as_api_input() for item in batch]}
+
+
+class _Settings:
+    def __init__(self, model: str, attempts: int, max_wait: float, deadline: float) -> None:
+        self.model = model
+        self.retry_kwargs: dict[str, Any] = {
+            "retry": retry_if_exception(_retryable),
+            "wait": _WaitHonouringRetryAfter(max_wait),
+            "stop": stop_after_attempt(attempts) | stop_after_delay(deadline),
+            "reraise": True,
+        }
+
+
+class OpenAIModerator:
+    """Moderation through OpenAI's endpoint, with tenacity retries that honour Retry-After.
+
+    The SDK's own retries are turned off for these calls so the wait policy is ours alone.
+
+    Args:
+        client: The ``openai.OpenAI`` (or SafeClient) to send moderation requests with.
+        model: The moderation model.
+        attempts: Tries per batch before giving up.
+        max_wait: Longest single wait between tries, in seconds.
+        deadline: Longest total time spent retrying one batch, in seconds.
+    """
+
+    def __init__(
+        self,
+        client: openai.OpenAI,
+        *,
+        model: str = "omni-moderation-latest",
+        attempts: int = 3,
+        max_wait: float = 5.0,
+        deadline: float = 15.0,
+    ) -> None:
+        self.client = client
+        self._settings = _Settings(model, attempts, max_wait, deadline)
+
+    @property
+    def model(self) -> str:
+        """The moderation model."""
+        return self._settings.model
+
+    def moderate(self, inputs: Sequence[ModerationInput]) -> list[ModerationResult]:
+        results: list[ModerationResult] = []
+        for batch in plan_batches(inputs):
+            results += self._call(batch)
+        by_input = dict(zip(_order(inputs), results, strict=True))
+        return [by_input[item] for item in inputs]
+
+    def _call(self, batch: Sequence[ModerationInput]) -> list[ModerationResult]:
+        try:
+            for attempt in Retrying(**self._settings.retry_kwargs):
+                with attempt:
+                    raw = self.client.post(
+                        "/moderations",
+                        body=_body(self.model, batch),
+                        cast_to=object,
+                        options={"max_retries": 0},
+                    )
+        except openai.OpenAIError as exc:
+            raise ModerationUnavailable("The moderation endpoint could not be reached.") from exc
+        return _results(raw, len(batch))
+
+
+class AsyncOpenAIModerator:
+    """The async twin of :class:`OpenAIModerator`; image batches are sent concurrently."""
+
+    def __init__(
+        self,
+        client: openai.AsyncOpenAI,
+        *,
+        model: str = "omni-moderation-latest",
+        attempts: int = 3,
+        max_wait: float = 5.0,
+        deadline: float = 15.0,
+    ) -> None:
+        self.client = client
+        self._settings = _Settings(model, attempts, max_wait, deadline)
+
+    @property
+    def model(self) -> str:
+        """The moderation model."""
+        return self._settings.model
+
+    async def moderate(self, inputs: Sequence[ModerationInput]) -> list[ModerationResult]:
+        batches = plan_batches(inputs)
+        answers = await asyncio.gather(*(self._call(batch) for batch in batches))
+        results = [result for answer in answers for result in answer]
+        by_input = dict(zip(_order(inputs), results, strict=True))
+        return [by_input[item] for item in inputs]
+
+    async def _call(self, batch: Sequence[ModerationInput]) -> list[ModerationResult]:
+        try:
+            async for attempt in AsyncRetrying(**self._settings.retry_kwargs):
+                with attempt:
+                    raw = await self.client.post(
+                        "/moderations",
+                        body=_body(self.model, batch),
+                        cast_to=object,
+                        options={"max_retries": 0},
+                    )
+        except openai.OpenAIError as exc:
+            raise ModerationUnavailable("The moderation endpoint could not be reached.") from exc
+        return _results(raw, len(batch))
+
+
+def _order(inputs: Sequence[ModerationInput]) -> list[ModerationInput]:
+    """Inputs in the order :func:`plan_batches` sends them."""
+    return [item for batch in plan_batches(inputs) for item in batch]

@@ -1,0 +1,212 @@
+"""Usage capture on streams: watch each event, hide the usage chunk nobody asked for, and record
+usage exactly once when the stream ends, whether it is read to the end, closed, broken out of,
+fails, or is garbage-collected unread (then the usage is an estimate, marked ``estimated``).
+
+The stream classes subclass the SDK's ``Stream`` / ``AsyncStream``, so callers still get the
+SDK's own type. They reach their call's :class:`UsageTap` through the httpx request's
+extensions, which works in every SDK mode (plain, ``with_raw_response``,
+``with_streaming_response``) because each mode builds its stream from the same response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any, Generic, TypeVar
+
+import httpx2
+from openai import AsyncStream, Stream
+from openai._streaming import extract_stream_chunk_type
+
+from .usage import Outcome, TokenUsage, token_usage_from_payload
+
+__all__ = ["TAP_KEY", "GuardedAsyncStream", "GuardedStream", "UsageTap", "guarded_stream_cls"]
+
+#: Key of the :class:`UsageTap` in ``httpx2.Request.extensions``.
+TAP_KEY = "safe_openai.tap"
+
+_T = TypeVar("_T")
+
+Finisher = Callable[[Outcome, "TokenUsage | None", "str | None", int], None]
+AsyncFinisher = Callable[[Outcome, "TokenUsage | None", "str | None", int], Awaitable[None]]
+
+_USAGE_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
+
+
+class UsageTap:
+    """Watches the events of one streamed call and ends it exactly once.
+
+    Args:
+        hide_usage_chunk: Drop the chat usage-only chunk (the caller did not ask for it).
+        finisher: Records the usage (sync client).
+        async_finisher: Records the usage (async client).
+    """
+
+    def __init__(
+        self,
+        *,
+        hide_usage_chunk: bool,
+        finisher: Finisher | None = None,
+        async_finisher: AsyncFinisher | None = None,
+    ) -> None:
+        self.hide_usage_chunk = hide_usage_chunk
+        self.usage: TokenUsage | None = None
+        self.output_chars = 0
+        self.request_id: str | None = None
+        self._finisher = finisher
+        self._async_finisher = async_finisher
+        self._ended = False
+        self._lock = threading.Lock()
+
+    def bind(self, response: httpx2.Response) -> None:
+        """Take the request id of the response the stream reads."""
+        self.request_id = response.headers.get("x-request-id")
+
+    def observe(self, item: Any) -> bool:
+        """Account for one event. Returns ``True`` when the event must be hidden."""
+        kind = getattr(item, "type", None)
+        if kind is not None and isinstance(kind, str):
+            if kind == "response.output_text.delta":
+                delta = getattr(item, "delta", None)
+                self.output_chars += len(delta) if isinstance(delta, str) else 0
+            elif kind in _USAGE_EVENTS:
+                self.usage = token_usage_from_payload(getattr(item, "response", None))
+            return False
+        choices = getattr(item, "choices", None)
+        if choices:
+            for choice in choices:
+                delta = getattr(choice, "delta", None)
+                text = getattr(delta, "content", None) if delta is not None else None
+                if text is None:
+                    text = getattr(choice, "text", None)
+                if isinstance(text, str):
+                    self.output_chars += len(text)
+        if getattr(item, "usage", None) is not None:
+            self.usage = token_usage_from_payload(item)
+            return self.hide_usage_chunk and not choices
+        return False
+
+    def _claim(self) -> bool:
+        with self._lock:
+            if self._ended:
+                return False
+            self._ended = True
+            return True
+
+    def _outcome(self) -> Outcome:
+        return "ok" if self.usage is not None else "estimated"
+
+    def end(self) -> None:
+        """Record the usage now (sync client), once."""
+        if self._finisher is not None and self._claim():
+            self._finisher(self._outcome(), self.usage, self.request_id, self.output_chars)
+
+    async def aend(self) -> None:
+        """Record the usage now (async client), once."""
+        if self._async_finisher is not None and self._claim():
+            await self._async_finisher(
+                self._outcome(), self.usage, self.request_id, self.output_chars
+            )
+
+    def end_soon(self) -> None:
+        """Record the usage from a finalizer: now for sync, as a task on the loop for async."""
+        if self._finisher is not None:
+            self.end()
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is not None and not loop.is_closed():
+            task = loop.create_task(self.aend())
+            _PENDING.add(task)
+            task.add_done_callback(_PENDING.discard)
+        else:
+            _run_detached(self.aend())
+
+
+_PENDING: set[asyncio.Task[None]] = set()
+
+
+def _run_detached(coro: Awaitable[None]) -> None:
+    """Run a finisher with no running loop (interpreter shutdown, GC in a plain thread)."""
+
+    async def run() -> None:
+        await coro
+
+    # The store may be bound to a dead loop; the finisher spools what it cannot write.
+    with contextlib.suppress(Exception):
+        asyncio.run(run())
+
+
+def _tap_sync(iterator: Iterator[_T], tap: UsageTap) -> Iterator[_T]:
+    try:
+        for item in iterator:
+            if not tap.observe(item):
+                yield item
+    finally:
+        tap.end()
+
+
+async def _tap_async(iterator: AsyncIterator[_T], tap: UsageTap) -> AsyncIterator[_T]:
+    try:
+        async for item in iterator:
+            if not tap.observe(item):
+                yield item
+    finally:
+        await tap.aend()
+
+
+class GuardedStream(Stream[_T], Generic[_T]):
+    """The SDK's ``Stream``, with usage recorded once and the unasked usage chunk hidden."""
+
+    def __init__(
+        self, *, cast_to: type[_T], response: httpx2.Response, client: Any, options: Any = None
+    ) -> None:
+        super().__init__(cast_to=cast_to, response=response, client=client, options=options)
+        tap = response.request.extensions.get(TAP_KEY)
+        self._safe_tap: UsageTap | None = tap if isinstance(tap, UsageTap) else None
+        if self._safe_tap is not None:
+            self._safe_tap.bind(response)
+            self._iterator = _tap_sync(self._iterator, self._safe_tap)
+            weakref.finalize(self, self._safe_tap.end_soon)
+
+    def close(self) -> None:
+        """Close the response; a stream closed before its end records an estimate."""
+        try:
+            super().close()
+        finally:
+            if self._safe_tap is not None:
+                self._safe_tap.end()
+
+
+class GuardedAsyncStream(AsyncStream[_T], Generic[_T]):
+    """The SDK's ``AsyncStream``, with usage recorded once and the unasked usage chunk hidden."""
+
+    def __init__(
+        self, *, cast_to: type[_T], response: httpx2.Response, client: Any, options: Any = None
+    ) -> None:
+        super().__init__(cast_to=cast_to, response=response, client=client, options=options)
+        tap = response.request.extensions.get(TAP_KEY)
+        self._safe_tap: UsageTap | None = tap if isinstance(tap, UsageTap) else None
+        if self._safe_tap is not None:
+            self._safe_tap.bind(response)
+            self._iterator = _tap_async(self._iterator, self._safe_tap)
+            weakref.finalize(self, self._safe_tap.end_soon)
+
+    async def close(self) -> None:
+        """Close the response; a stream closed before its end records an estimate."""
+        try:
+            await super().close()
+        finally:
+            if self._safe_tap is not None:
+                await self._safe_tap.aend()
+
+
+def guarded_stream_cls(stream_cls: Any, *, is_async: bool) -> Any:
+    """The guarded twin of an SDK stream class such as ``Stream[ChatCompletionChunk]``."""
+    chunk = extract_stream_chunk_type(stream_cls)
+    return GuardedAsyncStream[chunk] if is_async else GuardedStream[chunk]  # type: ignore[valid-type]

@@ -1,0 +1,176 @@
+"""The exceptions safe_openai raises.
+
+Every error subclasses :class:`SafeOpenAIError`, which subclasses ``openai.OpenAIError``, so an
+existing ``except openai.OpenAIError`` keeps catching them::
+
+    openai.OpenAIError
+    └── SafeOpenAIError
+        ├── ConfigurationError       the client or a store is set up wrongly
+        ├── CustomerRequired         a guarded call has no end customer
+        ├── CustomerSuspended        the customer is suspended; nothing was sent
+        ├── QuotaExceeded            a quota would be exceeded; nothing was sent
+        ├── PolicyDenied             the policy refused the request; nothing was sent
+        ├── ModerationBlocked        moderation flagged the content; nothing was sent
+        ├── ModerationUnavailable    moderation could not be obtained (fail closed)
+        ├── UnguardedPathError       an SDK path the guard cannot cover was refused
+        ├── StoreError               the usage store failed (the cause is chained)
+        └── WebhookVerificationError a webhook delivery failed verification
+
+Messages are one plain sentence. They never contain prompt text or the API key; the
+``user_message`` of the errors an end customer may see is safe to show them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+import openai
+
+if TYPE_CHECKING:
+    from .policy import Decision
+
+__all__ = [
+    "ConfigurationError",
+    "CustomerRequired",
+    "CustomerSuspended",
+    "ModerationBlocked",
+    "ModerationUnavailable",
+    "PolicyDenied",
+    "QuotaExceeded",
+    "SafeOpenAIError",
+    "StoreError",
+    "UnguardedPathError",
+    "WebhookVerificationError",
+]
+
+
+class SafeOpenAIError(openai.OpenAIError):
+    """Base class of every error safe_openai raises.
+
+    Attributes:
+        customer_id: The end customer the failed call belonged to, when known.
+        user_message: A sentence safe to show the end customer.
+    """
+
+    user_message: str = "The request could not be processed."
+
+    def __init__(self, message: str, *, customer_id: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.customer_id = customer_id
+
+
+class ConfigurationError(SafeOpenAIError):
+    """The client, policy or store is configured wrongly (raised before any request)."""
+
+
+class CustomerRequired(SafeOpenAIError):
+    """A guarded call was made with no end customer and the policy requires one."""
+
+    def __init__(self, endpoint: str) -> None:
+        super().__init__(
+            f"No end customer is bound for a call to {endpoint}: use client.for_customer(id) "
+            "or `with safe_openai.customer(id):`."
+        )
+        self.endpoint = endpoint
+
+
+class CustomerSuspended(SafeOpenAIError):
+    """The customer is suspended; the request was not sent.
+
+    Attributes:
+        until: When the suspension ends, or ``None`` if it lasts until lifted.
+        reason: Why the customer was suspended.
+    """
+
+    user_message = "Your access has been suspended. Please contact support."
+
+    def __init__(self, customer_id: str, *, until: datetime | None, reason: str) -> None:
+        until_text = f"until {until.isoformat()}" if until else "until lifted"
+        super().__init__(f"Customer is suspended {until_text}.", customer_id=customer_id)
+        self.until = until
+        self.reason = reason
+
+
+class QuotaExceeded(SafeOpenAIError):
+    """A quota of the customer would be exceeded; the request was not sent.
+
+    Attributes:
+        limit: Which limit tripped (``"requests_per_minute"``, ``"tokens_per_minute"``,
+            ``"tokens_per_day"`` or ``"usd_per_month"``).
+        retry_after: Seconds until the window frees enough capacity, or ``None`` when
+            waiting cannot help (the request alone is larger than the limit).
+    """
+
+    user_message = "You have reached your usage limit. Please try again later."
+
+    def __init__(self, customer_id: str, *, limit: str, retry_after: float | None) -> None:
+        hint = f"; retry after {retry_after:.1f}s" if retry_after is not None else ""
+        super().__init__(f"Quota {limit} exceeded{hint}.", customer_id=customer_id)
+        self.limit = limit
+        self.retry_after = retry_after
+
+
+class PolicyDenied(SafeOpenAIError):
+    """The policy refused the request before moderation; nothing was sent.
+
+    Attributes:
+        decision: The :class:`~safe_openai.Decision` the policy returned.
+    """
+
+    user_message = "This request is not allowed."
+
+    def __init__(self, customer_id: str | None, decision: Decision) -> None:
+        super().__init__(f"Policy denied the request: {decision.reason}", customer_id=customer_id)
+        self.decision = decision
+        self.user_message = decision.user_message or type(self).user_message
+
+
+class ModerationBlocked(SafeOpenAIError):
+    """Moderation flagged content in the request; the model request was never sent.
+
+    Attributes:
+        categories: The categories that blocked the request.
+        scores: The highest score seen per category over every moderated piece.
+        endpoint: The API path of the blocked call.
+    """
+
+    user_message = "Your message was blocked because it may violate our content policy."
+
+    def __init__(
+        self,
+        customer_id: str | None,
+        *,
+        categories: tuple[str, ...],
+        scores: Mapping[str, float],
+        endpoint: str,
+    ) -> None:
+        super().__init__(
+            f"Request to {endpoint} blocked by moderation: {', '.join(categories)}.",
+            customer_id=customer_id,
+        )
+        self.categories = categories
+        self.scores = dict(scores)
+        self.endpoint = endpoint
+
+
+class ModerationUnavailable(SafeOpenAIError):
+    """Moderation could not be obtained and the policy fails closed; nothing was sent."""
+
+    user_message = "The service is temporarily unavailable. Please try again shortly."
+
+
+class UnguardedPathError(SafeOpenAIError):
+    """The call takes an SDK path the guard cannot inspect, so it was refused."""
+
+
+class StoreError(SafeOpenAIError):
+    """The usage store failed; the original exception is chained as ``__cause__``."""
+
+    user_message = "The service is temporarily unavailable. Please try again shortly."
+
+
+class WebhookVerificationError(SafeOpenAIError):
+    """A webhook delivery had a missing, forged or stale signature, or a malformed body."""

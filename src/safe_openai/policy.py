@@ -1,0 +1,325 @@
+"""The policy: the rules a SaaS company owns and publishes to its customers.
+
+Subclass :class:`Policy` and override only the hooks you need, or configure
+:class:`DefaultPolicy` with plain settings. Every hook is plain code with no I/O: the client calls
+them while deciding a request, so they must be fast and must not block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+__all__ = [
+    "Decision",
+    "DefaultPolicy",
+    "GuardedRequest",
+    "ModerationResult",
+    "Policy",
+    "Quota",
+    "Verdict",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    """Usage limits of one customer. ``None`` means unlimited.
+
+    Per-minute limits are sliding windows over the last 60 seconds; ``tokens_per_day`` and
+    ``usd_per_month`` follow calendar days and months in UTC.
+    """
+
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    tokens_per_day: int | None = None
+    usd_per_month: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("requests_per_minute", "tokens_per_minute", "tokens_per_day", "usd_per_month"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"Quota.{name} must be >= 0, got {value!r}")
+
+    @property
+    def limits_tokens(self) -> bool:
+        """Whether any limit needs a token or cost reservation."""
+        return (
+            self.tokens_per_minute is not None
+            or self.tokens_per_day is not None
+            or self.usd_per_month is not None
+        )
+
+    @property
+    def is_unlimited(self) -> bool:
+        """Whether no limit is set at all."""
+        return self.requests_per_minute is None and not self.limits_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class GuardedRequest:
+    """What a policy sees of a request before it is moderated.
+
+    Attributes:
+        customer_id: The end customer, or ``None`` for an anonymous call.
+        endpoint: The API path, e.g. ``"/chat/completions"``.
+        model: The requested model, when the endpoint takes one.
+        body: The JSON body as it would be sent (``extra_body`` already folded in). Read only.
+    """
+
+    customer_id: str | None
+    endpoint: str
+    model: str | None
+    body: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """A policy's answer to a request: allow it as is, adjust it, or deny it.
+
+    Build one with :meth:`allow`, :meth:`adjust` or :meth:`deny`.
+
+    Attributes:
+        allowed: Whether the request may proceed.
+        reason: Why it was denied (for logs and the error; not shown to end customers).
+        user_message: A sentence safe to show the end customer when denied.
+        max_output_tokens: Cap on the output tokens the request may ask for.
+        system_instruction: An extra system instruction placed before the conversation.
+        model: A model to use instead of the requested one.
+    """
+
+    allowed: bool = True
+    reason: str = ""
+    user_message: str | None = None
+    max_output_tokens: int | None = None
+    system_instruction: str | None = None
+    model: str | None = None
+
+    @classmethod
+    def allow(cls) -> Decision:
+        """Let the request through unchanged."""
+        return _ALLOW
+
+    @classmethod
+    def adjust(
+        cls,
+        *,
+        max_output_tokens: int | None = None,
+        system_instruction: str | None = None,
+        model: str | None = None,
+    ) -> Decision:
+        """Let the request through with changes."""
+        return cls(
+            max_output_tokens=max_output_tokens, system_instruction=system_instruction, model=model
+        )
+
+    @classmethod
+    def deny(cls, reason: str, *, user_message: str | None = None) -> Decision:
+        """Refuse the request; nothing is sent."""
+        return cls(allowed=False, reason=reason, user_message=user_message)
+
+    @property
+    def changes_request(self) -> bool:
+        """Whether applying this decision modifies the request body."""
+        return (
+            self.max_output_tokens is not None
+            or self.system_instruction is not None
+            or self.model is not None
+        )
+
+
+_ALLOW = Decision()
+
+
+@dataclass(frozen=True, slots=True)
+class ModerationResult:
+    """The moderation endpoint's answer for one piece of content.
+
+    Attributes:
+        flagged: The endpoint's own overall verdict.
+        categories: Category name -> whether the endpoint flagged it.
+        scores: Category name -> score between 0 and 1.
+    """
+
+    flagged: bool
+    categories: Mapping[str, bool]
+    scores: Mapping[str, float]
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """A policy's judgement of the moderation results of one request.
+
+    Attributes:
+        blocked: Whether the request must not be sent.
+        categories: The categories that blocked it, most severe first.
+        scores: The highest score per category over every piece of the request.
+    """
+
+    blocked: bool
+    categories: tuple[str, ...] = ()
+    scores: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def top_score(self) -> float:
+        """The highest score among the blocking categories (0 when none)."""
+        return max((self.scores.get(c, 0.0) for c in self.categories), default=0.0)
+
+
+class Policy:
+    """The base policy: safe defaults, every hook overridable.
+
+    The defaults: a customer is required, user and tool content is moderated, a category blocks
+    when the endpoint flags it, moderation outages fail closed, three violations within 24 hours
+    suspend a customer until lifted, and there is no quota.
+    """
+
+    #: Roles whose content is untrusted and therefore moderated. Responses ``input`` strings
+    #: and ``prompt`` variables count as ``"user"``; tool and function outputs as ``"tool"``.
+    moderate_roles: tuple[str, ...] = ("user", "tool")
+    #: Proceed (and log a warning) when moderation or the store cannot be reached.
+    fail_open: bool = False
+    #: Refuse guarded calls that have no end customer.
+    require_customer: bool = True
+    #: Violations within :attr:`strike_window` that suspend a customer.
+    strike_limit: int | None = 3
+    strike_window: timedelta = timedelta(hours=24)
+    #: How long a strike suspension lasts; ``None`` until lifted.
+    suspension: timedelta | None = None
+    #: The moderation model.
+    moderation_model: str = "omni-moderation-latest"
+
+    def quota_for(self, customer_id: str) -> Quota | None:
+        """Return the customer's quota (override for tiers). ``None`` means unlimited."""
+        return None
+
+    def review_request(self, request: GuardedRequest) -> Decision:
+        """Review a request before moderation: allow, adjust or deny it."""
+        return Decision.allow()
+
+    def judge(self, request: GuardedRequest, results: Sequence[ModerationResult]) -> Verdict:
+        """Judge the moderation results of one request.
+
+        The default blocks on every category the endpoint flagged.
+        """
+        return judge_by_thresholds(results, {})
+
+    def allow_unguarded(self, endpoint: str) -> bool:
+        """Whether to let through an endpoint that sends content on a path the guard cannot
+        inspect (agents sessions, realtime, live, evals runs). The default refuses it with
+        :class:`~safe_openai.errors.UnguardedPathError`.
+        """
+        return False
+
+    def allow_unmoderatable(self, request: GuardedRequest, kinds: Sequence[str]) -> bool:
+        """Decide whether content that cannot be moderated may be sent.
+
+        ``kinds`` names what could not be moderated (``"audio"``, ``"file"``, ``"token_ids"``,
+        ``"image_file"``). The default allows it; the client logs it once per call.
+        """
+        return True
+
+
+class DefaultPolicy(Policy):
+    """A policy configured with plain settings.
+
+    Args:
+        thresholds: Category name (``"violence"``, ``"harassment/threatening"``) -> score at or
+            above which the category blocks. Categories without a threshold block when the
+            endpoint flags them.
+        moderate_roles: Roles whose content is moderated.
+        fail_open: Proceed when moderation or the store is unreachable (logged as a warning).
+        require_customer: Refuse guarded calls without an end customer.
+        quota: The same quota for every customer.
+        strike_limit: Violations within ``strike_window`` that suspend a customer (``None``:
+            never suspend automatically).
+        strike_window: The window strikes are counted over.
+        suspension: How long a strike suspension lasts; ``None`` until lifted.
+        allowed_models: When given, requests for any other model are denied.
+        max_output_tokens: Cap on the output tokens a request may ask for.
+        system_instruction: An instruction placed before every chat or Responses request, to
+            keep the model inside the customer's domain.
+    """
+
+    def __init__(
+        self,
+        *,
+        thresholds: Mapping[str, float] | None = None,
+        moderate_roles: Sequence[str] = ("user", "tool"),
+        fail_open: bool = False,
+        require_customer: bool = True,
+        quota: Quota | None = None,
+        strike_limit: int | None = 3,
+        strike_window: timedelta = timedelta(hours=24),
+        suspension: timedelta | None = None,
+        allowed_models: Sequence[str] | None = None,
+        max_output_tokens: int | None = None,
+        system_instruction: str | None = None,
+    ) -> None:
+        for category, limit in (thresholds or {}).items():
+            if not 0.0 <= limit <= 1.0:
+                raise ValueError(f"threshold for {category!r} must be within [0, 1], got {limit}")
+        if strike_limit is not None and strike_limit < 1:
+            raise ValueError(f"strike_limit must be >= 1 or None, got {strike_limit}")
+        self.thresholds: dict[str, float] = dict(thresholds or {})
+        self.moderate_roles = tuple(moderate_roles)
+        self.fail_open = fail_open
+        self.require_customer = require_customer
+        self.quota = quota
+        self.strike_limit = strike_limit
+        self.strike_window = strike_window
+        self.suspension = suspension
+        self.allowed_models = frozenset(allowed_models) if allowed_models is not None else None
+        self.max_output_tokens = max_output_tokens
+        self.system_instruction = system_instruction
+
+    def quota_for(self, customer_id: str) -> Quota | None:
+        return self.quota
+
+    def review_request(self, request: GuardedRequest) -> Decision:
+        if (
+            self.allowed_models is not None
+            and request.model is not None
+            and request.model not in self.allowed_models
+        ):
+            return Decision.deny(
+                f"model {request.model!r} is not allowed",
+                user_message="This model is not available on your plan.",
+            )
+        if self.max_output_tokens is None and self.system_instruction is None:
+            return Decision.allow()
+        return Decision.adjust(
+            max_output_tokens=self.max_output_tokens, system_instruction=self.system_instruction
+        )
+
+    def judge(self, request: GuardedRequest, results: Sequence[ModerationResult]) -> Verdict:
+        return judge_by_thresholds(results, self.thresholds)
+
+
+def judge_by_thresholds(
+    results: Sequence[ModerationResult], thresholds: Mapping[str, float]
+) -> Verdict:
+    """Block on categories whose score reaches their threshold, or that the endpoint flagged.
+
+    Args:
+        results: One moderation result per piece of content.
+        thresholds: Category -> blocking score. Categories missing here block when flagged.
+    """
+    top: dict[str, float] = {}
+    blocking: set[str] = set()
+    for result in results:
+        for category, score in result.scores.items():
+            if score > top.get(category, -1.0):
+                top[category] = score
+            limit = thresholds.get(category)
+            if limit is None:
+                if result.categories.get(category):
+                    blocking.add(category)
+            elif score >= limit:
+                blocking.add(category)
+        for category, flagged in result.categories.items():
+            if flagged and category not in thresholds and category not in result.scores:
+                blocking.add(category)
+    ordered = tuple(sorted(blocking, key=lambda c: (-top.get(c, 0.0), c)))
+    return Verdict(blocked=bool(ordered), categories=ordered, scores=top)

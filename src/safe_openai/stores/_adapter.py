@@ -1,0 +1,109 @@
+"""An async store built from a sync one, for backends whose driver has no async API."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any, TypeVar
+
+from ..policy import Quota
+from ..usage import UsageRecord
+from ._types import CustomerReport, QuotaDemand, Reservation, Suspension, Violation
+
+__all__ = ["AsyncAdapter"]
+
+T = TypeVar("T")
+
+
+class AsyncAdapter:
+    """Serve the :class:`~safe_openai.stores.AsyncUsageStore` contract from a sync store.
+
+    Each call runs in a worker thread (``asyncio.to_thread``) so a blocking driver never stalls
+    the event loop; subclasses that do no I/O set :attr:`run_in_thread` to ``False``.
+
+    Attributes:
+        sync: The wrapped synchronous store.
+    """
+
+    run_in_thread: bool = True
+
+    def __init__(self, sync: Any) -> None:
+        self.sync = sync
+
+    async def _call(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        if not self.run_in_thread:
+            return method(*args, **kwargs)
+        return await asyncio.to_thread(functools.partial(method, *args, **kwargs))
+
+    async def reserve(
+        self, customer_id: str, quota: Quota, demand: QuotaDemand, *, now: datetime
+    ) -> Reservation:
+        return await self._call(self.sync.reserve, customer_id, quota, demand, now=now)
+
+    async def commit(self, reservation: Reservation, record: UsageRecord) -> None:
+        await self._call(self.sync.commit, reservation, record)
+
+    async def release(self, reservation: Reservation) -> None:
+        await self._call(self.sync.release, reservation)
+
+    async def record_usage(self, record: UsageRecord) -> None:
+        await self._call(self.sync.record_usage, record)
+
+    async def usage_records(
+        self, *, customer_id: str | None = None, since: datetime | None = None, limit: int = 1000
+    ) -> list[UsageRecord]:
+        return await self._call(
+            self.sync.usage_records, customer_id=customer_id, since=since, limit=limit
+        )
+
+    async def usage_report(
+        self, *, since: datetime | None = None, customer_id: str | None = None
+    ) -> list[CustomerReport]:
+        return await self._call(self.sync.usage_report, since=since, customer_id=customer_id)
+
+    async def record_violation(self, violation: Violation) -> None:
+        await self._call(self.sync.record_violation, violation)
+
+    async def count_violations(self, customer_id: str, *, since: datetime) -> int:
+        return await self._call(self.sync.count_violations, customer_id, since=since)
+
+    async def violations(
+        self, *, customer_id: str | None = None, since: datetime | None = None, limit: int = 1000
+    ) -> list[Violation]:
+        return await self._call(
+            self.sync.violations, customer_id=customer_id, since=since, limit=limit
+        )
+
+    async def suspend(
+        self, customer_id: str, *, reason: str, until: datetime | None, now: datetime
+    ) -> None:
+        await self._call(self.sync.suspend, customer_id, reason=reason, until=until, now=now)
+
+    async def unsuspend(self, customer_id: str) -> bool:
+        return await self._call(self.sync.unsuspend, customer_id)
+
+    async def suspension(self, customer_id: str, *, now: datetime) -> Suspension | None:
+        return await self._call(self.sync.suspension, customer_id, now=now)
+
+    async def suspensions(self, *, now: datetime) -> list[Suspension]:
+        return await self._call(self.sync.suspensions, now=now)
+
+    async def remember_identifier(self, identifier: str, customer_id: str) -> None:
+        await self._call(self.sync.remember_identifier, identifier, customer_id)
+
+    async def customer_for_identifier(self, identifier: str) -> str | None:
+        return await self._call(self.sync.customer_for_identifier, identifier)
+
+    async def remember_request(self, request_id: str, customer_id: str) -> None:
+        await self._call(self.sync.remember_request, request_id, customer_id)
+
+    async def customer_for_request(self, request_id: str) -> str | None:
+        return await self._call(self.sync.customer_for_request, request_id)
+
+    async def claim_event(self, event_id: str) -> bool:
+        return await self._call(self.sync.claim_event, event_id)
+
+    async def close(self) -> None:
+        await self._call(self.sync.close)
