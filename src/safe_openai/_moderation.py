@@ -3,8 +3,9 @@
 A moderator is any object with ``moderate(inputs) -> results`` (sync, or a coroutine for the
 async client): one result per input, in order. The default sends them to OpenAI's moderation
 endpoint through the same SDK client, in as few calls as the endpoint allows: every text in one
-batched call (with the first image), each further image in a call of its own, since the endpoint
-takes one image per request.
+batched call (a list of strings gets one result per string), and each image in a call of its
+own, since the endpoint takes one image per request and answers a multi-modal list with a
+single combined result.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from tenacity import (
     retry_if_exception,
     stop_after_attempt,
     stop_after_delay,
-    wait_exponential_jitter,
+    wait_exponential,
+    wait_random,
 )
 
 from .errors import ModerationUnavailable
@@ -47,8 +49,6 @@ __all__ = [
 #: phrase cut at a boundary is still seen whole in one chunk.
 CHUNK_CHARS = 4000
 CHUNK_OVERLAP = 200
-#: Images the endpoint accepts per request.
-IMAGES_PER_REQUEST = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,13 +106,10 @@ def inputs_for(pieces: Iterable[Piece]) -> list[ModerationInput]:
 
 
 def plan_batches(inputs: Sequence[ModerationInput]) -> list[list[ModerationInput]]:
-    """Group inputs into endpoint calls: all texts plus the first image, then one per image."""
+    """Group inputs into endpoint calls: every text in one call, then one call per image."""
     texts = [i for i in inputs if i.kind == "text"]
-    images = [i for i in inputs if i.kind == "image"]
-    first = texts + images[:IMAGES_PER_REQUEST]
-    batches = [first] if first else []
-    rest = images[IMAGES_PER_REQUEST:]
-    batches += [rest[i : i + IMAGES_PER_REQUEST] for i in range(0, len(rest), IMAGES_PER_REQUEST)]
+    batches = [texts] if texts else []
+    batches += [[i] for i in inputs if i.kind == "image"]
     return batches
 
 
@@ -186,7 +183,7 @@ class _WaitHonouringRetryAfter:
 
     def __init__(self, max_wait: float) -> None:
         self.max_wait = max_wait
-        self._fallback = wait_exponential_jitter(initial=0.2, max=max_wait)
+        self._fallback = wait_exponential(multiplier=0.2, max=max_wait) + wait_random(0, 0.2)
 
     def __call__(self, state: RetryCallState) -> float:
         outcome = state.outcome
@@ -197,6 +194,7 @@ class _WaitHonouringRetryAfter:
 
 
 def _results(raw: object, expected: int) -> list[ModerationResult]:
+    """Parse the endpoint's answer: ``expected`` results, one per input of the batch."""
     results = raw.get("results") if isinstance(raw, Mapping) else None
     if not isinstance(results, list) or len(results) != expected:
         raise ModerationUnavailable("The moderation endpoint returned a malformed answer.")
@@ -215,9 +213,12 @@ def _results(raw: object, expected: int) -> list[ModerationResult]:
 
 
 def _body(model: str, batch: Sequence[ModerationInput]) -> dict[str, Any]:
-    if all(item.kind == "text" for item in batch):
-        return {"model": model, "input": [item.value for item in batch]}
-    return {"model": model, "input": [item.as_api_input() for item in batch]}
+    """A batch of texts as a list of strings (one result each); an image as a multi-modal
+    list of one (one result).
+    """
+    if batch[0].kind == "image":
+        return {"model": model, "input": [batch[0].as_api_input()]}
+    return {"model": model, "input": [item.value for item in batch]}
 
 
 class _Settings:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 
 __all__ = [
     "Decision",
@@ -19,6 +19,7 @@ __all__ = [
     "ModerationResult",
     "Policy",
     "Quota",
+    "SafetyAction",
     "Verdict",
 ]
 
@@ -131,6 +132,9 @@ class Decision:
 
 _ALLOW = Decision()
 
+#: What a policy does about an OpenAI safety event.
+SafetyAction = Literal["strike", "suspend", "ignore"]
+
 
 @dataclass(frozen=True, slots=True)
 class ModerationResult:
@@ -204,6 +208,19 @@ class Policy:
         The default blocks on every category the endpoint flagged.
         """
         return judge_by_thresholds(results, {})
+
+    def action_for_safety_event(self, event_type: str) -> SafetyAction:
+        """What to do when OpenAI reports enforcement against one of your customers.
+
+        ``"strike"`` records a violation (which suspends at the strike limit), ``"suspend"``
+        suspends the customer at once, ``"ignore"`` only logs it. The default: a blocked
+        identifier or a warning is a strike; a deactivation suspends.
+        """
+        if event_type == "safety.deactivation_issued":
+            return "suspend"
+        if event_type in ("safety_identifier.blocked", "safety.warning_issued"):
+            return "strike"
+        return "ignore"
 
     def allow_unguarded(self, endpoint: str) -> bool:
         """Whether to let through an endpoint that sends content on a path the guard cannot
