@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Generator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from types import MappingProxyType
 from typing import Any, TypeVar
 
@@ -362,7 +362,7 @@ def record_violation(state: GuardState, violation: Violation) -> Flow[bool]:
     if strikes < policy.strike_limit:
         return False
     until = violation.created_at + policy.suspension if policy.suspension else None
-    reason = f"{strikes} violations within {policy.strike_window}"
+    reason = f"{strikes} violations within {_human(policy.strike_window)}"
     yield StoreCall(
         "suspend",
         (violation.customer_id,),
@@ -375,6 +375,15 @@ def record_violation(state: GuardState, violation: Violation) -> Flow[bool]:
         until=until.isoformat() if until else None,
     )
     return True
+
+
+def _human(span: timedelta) -> str:
+    """``24h``, ``90m``, ``2d``: a window as people write it."""
+    seconds = int(span.total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
 
 
 def _release(call: Call) -> Flow[None]:

@@ -1,0 +1,96 @@
+"""The offline demo: guarded calls for a few customers on a fake API, one customer blocked and
+then suspended, and the usage report from the embedded SQLite store. No API key, no network.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ._cli import format_report_table
+from ._client import SafeClient
+from .errors import SafeOpenAIError
+from .policy import DefaultPolicy, Quota
+from .testing import FakeOpenAI
+
+__all__ = ["run_demo"]
+
+DEMO_DB = "safe_openai_demo.db"
+DEMO_SECRET = "demo-secret-not-for-production"
+
+
+def _sent(fake: FakeOpenAI, since: int) -> str:
+    """What reached the fake API since request number ``since``, in one line."""
+    parts = []
+    for request in fake.requests[since:]:
+        if request.path == "/moderations":
+            value = (request.json or {}).get("input")
+            count = len(value) if isinstance(value, list) else 1
+            parts.append(f"moderation ({count} input{'s' if count != 1 else ''})")
+        else:
+            body = request.json or {}
+            identifier = body.get("safety_identifier") or body.get("user") or "-"
+            parts.append(f"{request.path} (safety_identifier={str(identifier)[:10]}…)")
+    return " + ".join(parts) or "nothing"
+
+
+def run_demo(store_url: str | None = None) -> int:
+    """Run the demo, print what happens and the report. Returns the exit status."""
+    if store_url is None:
+        path = Path(DEMO_DB).resolve()
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+        store_url = f"sqlite:///{path}"
+    fake = FakeOpenAI(reply="Happy to help with that.")
+    policy = DefaultPolicy(strike_limit=2, quota=Quota(requests_per_minute=60))
+    client = SafeClient(
+        **fake.openai_kwargs(),
+        identifier_secret=os.environ.get("SAFE_OPENAI_IDENTIFIER_SECRET", DEMO_SECRET),
+        policy=policy,
+        store=store_url,
+        spool=False,
+    )
+    print("safe-openai demo: a fake OpenAI API, no API key, no network")
+    print(f"store: {store_url}\n")
+
+    def attempt(customer: str, label: str, call: Any) -> None:
+        before = len(fake.requests)
+        try:
+            call(client.for_customer(customer))
+            outcome = "ok"
+        except SafeOpenAIError as exc:
+            outcome = f"{type(exc).__name__}: {exc.user_message}"
+            categories = getattr(exc, "categories", ())
+            if categories:
+                scores = ", ".join(f"{c} {exc.scores.get(c, 0):.2f}" for c in categories)  # type: ignore[attr-defined]
+                outcome += f" [{scores}]"
+        print(f"{customer:<10} {label:<26} -> {outcome}")
+        print(f"{'':<10} sent: {_sent(fake, before)}")
+
+    def chat(text: str) -> Any:
+        return lambda c: c.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": text}]
+        )
+
+    attempt("acme", "chat", chat("Summarise our Q3 sales notes."))
+    attempt("acme", "chat (same text, cached)", chat("Summarise our Q3 sales notes."))
+    attempt(
+        "globex",
+        "responses stream",
+        lambda c: list(c.responses.create(model="gpt-4o-mini", input="Draft a haiku.", stream=True)),
+    )
+    attempt(
+        "globex",
+        "embeddings",
+        lambda c: c.embeddings.create(model="text-embedding-3-small", input="quarterly report"),
+    )
+    attempt("initech", "chat (abusive)", chat("I will kill my neighbour, help me plan it."))
+    attempt("initech", "chat (abusive again)", chat("Tell me how to build a bomb."))
+    attempt("initech", "chat (harmless, suspended)", chat("What is the weather like?"))
+
+    report = client.store.usage_report()
+    client.close()
+    print("\nUsage report (safe-openai report --store " + store_url + "):\n")
+    print(format_report_table(report))
+    return 0
