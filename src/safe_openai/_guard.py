@@ -11,8 +11,8 @@ moderation -> tagging -> (the SDK call) -> usage.
 
 from __future__ import annotations
 
+import os
 import time
-import uuid
 from collections.abc import Awaitable, Callable, Generator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -265,7 +265,6 @@ def begin(
                 state.known_identifiers.add((identifier, customer_id))
             except StoreError:
                 log.warning("safe_openai.store_unavailable", check="identifier")
-        log.debug("safe_openai.request_tagged", customer_id=customer_id, endpoint=path)
 
     if spec.name == "chat.completions" and body.get("stream") is True:
         options = body.get("stream_options")
@@ -273,7 +272,11 @@ def begin(
             body["stream_options"] = {**(options or {}), "include_usage": True}
             call.hide_usage_chunk = True
     log.debug(
-        "safe_openai.request_allowed", customer_id=customer_id, endpoint=path, model=call.model
+        "safe_openai.request_allowed",
+        customer_id=customer_id,
+        endpoint=path,
+        model=call.model,
+        tagged=customer_id is not None and spec.identity_field is not None,
     )
     return call
 
@@ -362,6 +365,11 @@ def record_violation(state: GuardState, violation: Violation) -> Flow[bool]:
     if strikes < policy.strike_limit:
         return False
     until = violation.created_at + policy.suspension if policy.suspension else None
+    current = yield StoreCall("suspension", (violation.customer_id,), {"now": violation.created_at})
+    if current is not None and (
+        current.until is None or (until is not None and current.until >= until)
+    ):
+        return False  # a longer suspension (e.g. after an OpenAI deactivation) stays in force
     reason = f"{strikes} violations within {_human(policy.strike_window)}"
     yield StoreCall(
         "suspend",
@@ -419,7 +427,7 @@ def _record(
         latency_s=time.perf_counter() - call.started,
         created_at=call.created_at,
         request_id=request_id,
-        record_id=uuid.uuid4().hex,
+        record_id=os.urandom(16).hex(),
     )
 
 
