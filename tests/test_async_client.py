@@ -30,10 +30,14 @@ USER = [{"role": "user", "content": "Hello there"}]
 
 async def test_async_client_guards_and_tags(aclient: AsyncSafeClient, fake: FakeOpenAI) -> None:
     assert isinstance(aclient, openai.AsyncOpenAI)
-    reply = await aclient.for_customer("acme").chat.completions.create(model="gpt-4o-mini", messages=USER)
+    reply = await aclient.for_customer("acme").chat.completions.create(
+        model="gpt-4o-mini", messages=USER
+    )
     assert isinstance(reply, ChatCompletion)
     assert [r.path for r in fake.requests] == ["/moderations", "/chat/completions"]
-    assert fake.model_requests[0].json["safety_identifier"] == safety_identifier(SECRET.encode(), "acme")
+    assert fake.model_requests[0].json["safety_identifier"] == safety_identifier(
+        SECRET.encode(), "acme"
+    )
     [record] = await aclient.store.usage_records()
     assert record.outcome == "ok" and record.request_id
 
@@ -41,7 +45,9 @@ async def test_async_client_guards_and_tags(aclient: AsyncSafeClient, fake: Fake
 async def test_async_blocked_and_copies(aclient: AsyncSafeClient, fake: FakeOpenAI) -> None:
     copy = aclient.for_customer("acme").with_options(max_retries=0)
     with pytest.raises(ModerationBlocked):
-        await copy.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "kill"}])
+        await copy.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "kill"}]
+        )
     assert fake.model_requests == []
     with pytest.raises(CustomerRequired):
         await aclient.chat.completions.create(model="gpt-4o-mini", messages=USER)
@@ -51,10 +57,14 @@ async def test_context_customer_is_per_task(aclient: AsyncSafeClient, fake: Fake
     async def call(customer: str) -> None:
         with safe_openai.customer(customer):
             await asyncio.sleep(0)
-            await aclient.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": customer}])
+            await aclient.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": customer}]
+            )
 
     await asyncio.gather(*(call(f"c{i}") for i in range(10)))
-    sent = {r.json["messages"][0]["content"]: r.json["safety_identifier"] for r in fake.model_requests}
+    sent = {
+        r.json["messages"][0]["content"]: r.json["safety_identifier"] for r in fake.model_requests
+    }
     assert sent == {f"c{i}": safety_identifier(SECRET.encode(), f"c{i}") for i in range(10)}
 
 
@@ -83,7 +93,9 @@ async def test_async_stream_closed_early_records_one_estimate(aclient: AsyncSafe
 
 
 async def test_async_unread_stream_collected_records_one_estimate(aclient: AsyncSafeClient) -> None:
-    await aclient.for_customer("acme").chat.completions.create(model="gpt-4o-mini", messages=USER, stream=True)
+    await aclient.for_customer("acme").chat.completions.create(
+        model="gpt-4o-mini", messages=USER, stream=True
+    )
     gc.collect()
     await asyncio.sleep(0.01)
     [record] = await aclient.store.usage_records()
@@ -91,7 +103,9 @@ async def test_async_unread_stream_collected_records_one_estimate(aclient: Async
 
 
 async def test_async_responses_stream_helper(aclient: AsyncSafeClient) -> None:
-    async with aclient.for_customer("acme").responses.stream(model="gpt-4o-mini", input="hi") as stream:
+    async with aclient.for_customer("acme").responses.stream(
+        model="gpt-4o-mini", input="hi"
+    ) as stream:
         final = await stream.get_final_response()
     assert final.usage is not None
     [record] = await aclient.store.usage_records()
@@ -101,26 +115,44 @@ async def test_async_responses_stream_helper(aclient: AsyncSafeClient) -> None:
 async def test_async_client_accepts_sync_and_async_moderators(fake: FakeOpenAI) -> None:
     class Keyword:
         def moderate(self, inputs: list[ModerationInput]) -> list[ModerationResult]:
-            return [ModerationResult("zap" in i.value, {"violence": "zap" in i.value}, {"violence": 0.0}) for i in inputs]
+            return [
+                ModerationResult(
+                    "zap" in i.value, {"violence": "zap" in i.value}, {"violence": 0.0}
+                )
+                for i in inputs
+            ]
 
     class AsyncKeyword(Keyword):
         async def moderate(self, inputs: list[ModerationInput]) -> list[ModerationResult]:  # type: ignore[override]
             return Keyword.moderate(self, inputs)
 
     for moderator in (Keyword(), AsyncKeyword()):
-        client = AsyncSafeClient(**fake.async_openai_kwargs(), identifier_secret=SECRET, moderator=moderator, spool=False)
+        client = AsyncSafeClient(
+            **fake.async_openai_kwargs(), identifier_secret=SECRET, moderator=moderator, spool=False
+        )
         with pytest.raises(ModerationBlocked):
-            await client.for_customer("a").chat.completions.create(model="m", messages=[{"role": "user", "content": "zap"}])
+            await client.for_customer("a").chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "zap"}]
+            )
     assert fake.moderation_requests == []
 
 
-async def test_async_moderation_outage_fails_closed(aclient: AsyncSafeClient, fake: FakeOpenAI) -> None:
+async def test_async_moderation_outage_fails_closed(
+    aclient: AsyncSafeClient, fake: FakeOpenAI
+) -> None:
     fake.fail("/moderations", 500, times=10, headers={"retry-after-ms": "1"})
     with pytest.raises(ModerationUnavailable):
-        await aclient.for_customer("acme").chat.completions.create(model="gpt-4o-mini", messages=USER)
+        await aclient.for_customer("acme").chat.completions.create(
+            model="gpt-4o-mini", messages=USER
+        )
     assert fake.model_requests == []
 
 
 def test_async_client_refuses_a_sync_store(fake: FakeOpenAI) -> None:
     with pytest.raises(ConfigurationError, match="async usage store"):
-        AsyncSafeClient(**fake.async_openai_kwargs(), identifier_secret=SECRET, store=store_from_url("memory://"), spool=False)
+        AsyncSafeClient(
+            **fake.async_openai_kwargs(),
+            identifier_secret=SECRET,
+            store=store_from_url("memory://"),
+            spool=False,
+        )

@@ -38,7 +38,9 @@ def test_is_a_real_openai_client_and_errors_are_openai_errors(client: SafeClient
     assert issubclass(SafeOpenAIError, openai.OpenAIError)
 
 
-def test_missing_secret_is_a_configuration_error(monkeypatch: pytest.MonkeyPatch, fake: FakeOpenAI) -> None:
+def test_missing_secret_is_a_configuration_error(
+    monkeypatch: pytest.MonkeyPatch, fake: FakeOpenAI
+) -> None:
     monkeypatch.delenv("SAFE_OPENAI_IDENTIFIER_SECRET", raising=False)
     with pytest.raises(ConfigurationError, match="SAFE_OPENAI_IDENTIFIER_SECRET"):
         SafeClient(**fake.openai_kwargs(), spool=False)
@@ -97,7 +99,9 @@ def test_second_turn_moderates_only_the_new_message(client: SafeClient, fake: Fa
     assert fake.moderation_inputs == ["Second question"]
 
 
-def test_fully_cached_call_sends_no_moderation_request(client: SafeClient, fake: FakeOpenAI) -> None:
+def test_fully_cached_call_sends_no_moderation_request(
+    client: SafeClient, fake: FakeOpenAI
+) -> None:
     acme = client.for_customer("acme")
     acme.chat.completions.create(model="gpt-4o-mini", messages=USER)
     fake.reset()
@@ -135,7 +139,9 @@ def test_caller_supplied_identifier_is_kept(client: SafeClient, fake: FakeOpenAI
     assert client.store.customer_for_identifier("caller-chosen") == "acme"
 
 
-def test_extra_body_cannot_smuggle_content_past_moderation(client: SafeClient, fake: FakeOpenAI) -> None:
+def test_extra_body_cannot_smuggle_content_past_moderation(
+    client: SafeClient, fake: FakeOpenAI
+) -> None:
     with pytest.raises(ModerationBlocked):
         client.for_customer("acme").chat.completions.create(
             model="gpt-4o-mini",
@@ -153,14 +159,22 @@ def test_customer_context_manager_binds_calls(client: SafeClient, fake: FakeOpen
     )
 
 
-def test_guard_runs_once_per_logical_call_despite_sdk_retries(client: SafeClient, fake: FakeOpenAI) -> None:
+def test_guard_runs_once_per_logical_call_despite_sdk_retries(
+    client: SafeClient, fake: FakeOpenAI
+) -> None:
     fake.fail("/chat/completions", 500, headers={"retry-after-ms": "1"})
     client.for_customer("acme").chat.completions.create(model="gpt-4o-mini", messages=USER)
-    assert [r.path for r in fake.requests] == ["/moderations", "/chat/completions", "/chat/completions"]
+    assert [r.path for r in fake.requests] == [
+        "/moderations",
+        "/chat/completions",
+        "/chat/completions",
+    ]
     assert len(client.store.usage_records()) == 1
 
 
-def test_moderation_429_is_retried_honouring_retry_after(client: SafeClient, fake: FakeOpenAI) -> None:
+def test_moderation_429_is_retried_honouring_retry_after(
+    client: SafeClient, fake: FakeOpenAI
+) -> None:
     fake.fail("/moderations", 429, headers={"retry-after-ms": "5"})
     client.for_customer("acme").chat.completions.create(model="gpt-4o-mini", messages=USER)
     assert [r.path for r in fake.requests] == ["/moderations", "/moderations", "/chat/completions"]
@@ -186,7 +200,9 @@ def test_moderation_connection_error_fails_open_when_policy_allows(fake: FakeOpe
     assert len(fake.model_requests) == 1
 
 
-def test_chat_stream_hides_usage_chunk_and_records_usage(client: SafeClient, fake: FakeOpenAI) -> None:
+def test_chat_stream_hides_usage_chunk_and_records_usage(
+    client: SafeClient, fake: FakeOpenAI
+) -> None:
     stream = client.for_customer("acme").chat.completions.create(
         model="gpt-4o-mini", messages=USER, stream=True
     )
@@ -222,7 +238,9 @@ def test_abandoned_stream_records_one_estimate(client: SafeClient) -> None:
 
 
 def test_unread_stream_garbage_collected_records_one_estimate(client: SafeClient) -> None:
-    client.for_customer("acme").chat.completions.create(model="gpt-4o-mini", messages=USER, stream=True)
+    client.for_customer("acme").chat.completions.create(
+        model="gpt-4o-mini", messages=USER, stream=True
+    )
     gc.collect()
     [record] = client.store.usage_records()
     assert record.outcome == "estimated"
@@ -243,7 +261,9 @@ def test_stream_helper_and_parse_helpers_are_guarded(client: SafeClient, fake: F
     assert all(r.json.get("safety_identifier") == SID for r in fake.model_requests)
     with pytest.raises(ModerationBlocked):
         acme.chat.completions.parse(
-            model="gpt-4o-mini", messages=[{"role": "user", "content": "kill"}], response_format=Answer
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "kill"}],
+            response_format=Answer,
         )
     assert len(client.store.usage_records()) == 4
 
@@ -262,9 +282,13 @@ def test_responses_create_and_stream_record_usage(client: SafeClient, fake: Fake
     assert all(r.json["safety_identifier"] == SID for r in fake.model_requests)
 
 
-def test_other_endpoints_return_sdk_types_and_get_identifier(client: SafeClient, fake: FakeOpenAI) -> None:
+def test_other_endpoints_return_sdk_types_and_get_identifier(
+    client: SafeClient, fake: FakeOpenAI
+) -> None:
     acme = client.for_customer("acme")
-    assert isinstance(acme.embeddings.create(model="text-embedding-3-small", input="x"), CreateEmbeddingResponse)
+    assert isinstance(
+        acme.embeddings.create(model="text-embedding-3-small", input="x"), CreateEmbeddingResponse
+    )
     assert isinstance(acme.images.generate(model="gpt-image-1", prompt="a cat"), ImagesResponse)
     speech = acme.audio.speech.create(model="gpt-4o-mini-tts", voice="alloy", input="Hi")
     assert speech.content
@@ -281,7 +305,9 @@ def test_raw_and_streaming_response_modes_record_usage(client: SafeClient) -> No
     acme = client.for_customer("acme")
     raw = acme.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=USER)
     assert isinstance(raw.parse(), ChatCompletion)
-    with acme.chat.completions.with_streaming_response.create(model="gpt-4o-mini", messages=USER) as resp:
+    with acme.chat.completions.with_streaming_response.create(
+        model="gpt-4o-mini", messages=USER
+    ) as resp:
         assert isinstance(resp.parse(), ChatCompletion)
     records = client.store.usage_records()
     assert len(records) == 2
@@ -310,3 +336,12 @@ def test_images_are_moderated_one_per_request(client: SafeClient, fake: FakeOpen
     assert sorted(fake.moderation_inputs) == sorted(
         ["what is this", "https://img.test/a.png", "https://img.test/b.png"]
     )
+
+
+def test_non_model_endpoints_pass_untouched_without_a_customer(
+    client: SafeClient, fake: FakeOpenAI
+) -> None:
+    """Reads and uploads need no customer and are not moderated (only model calls are)."""
+    client.models.list()
+    client.moderations.create(input="anything")
+    assert [r.path for r in fake.requests] == ["/models", "/moderations"]

@@ -97,11 +97,17 @@ def test_responses_input_string_items_tool_outputs_and_prompt_variables() -> Non
             {"role": "user", "content": [{"type": "input_text", "text": "q1"}]},
             {"type": "message", "role": "user", "content": "q2"},
             {"type": "function_call_output", "call_id": "c", "output": "fn result"},
-            {"type": "computer_call_output", "call_id": "c", "output": {
-                "type": "computer_screenshot", "image_url": "https://img/x.png"}},
+            {
+                "type": "computer_call_output",
+                "call_id": "c",
+                "output": {"type": "computer_screenshot", "image_url": "https://img/x.png"},
+            },
             {"type": "item_reference", "id": "msg_1"},
-            {"type": "custom_tool_call_output", "call_id": "c", "output": [
-                {"type": "input_text", "text": "custom out"}]},
+            {
+                "type": "custom_tool_call_output",
+                "call_id": "c",
+                "output": [{"type": "input_text", "text": "custom out"}],
+            },
         ],
         "prompt": {"id": "p", "variables": {"name": "var text"}},
     }
@@ -137,7 +143,9 @@ def test_unknown_item_types_cannot_smuggle_text() -> None:
         ("/videos", {"prompt": "a cat"}, ["a cat"], []),
     ],
 )
-def test_other_endpoints(path: str, body: dict[str, Any], expected: list[str], opaque: list[str]) -> None:
+def test_other_endpoints(
+    path: str, body: dict[str, Any], expected: list[str], opaque: list[str]
+) -> None:
     spec = resolve_endpoint(path)
     assert spec is not None
     out = extract(spec, body, DEFAULT_ROLES)

@@ -42,7 +42,9 @@ def flagged(text: str) -> ModerationResult:
 class World:
     """A store and a moderator answering the flow's commands, with a log of what was asked."""
 
-    def __init__(self, policy: Policy | None = None, judge: Callable[[str], ModerationResult] = clean) -> None:
+    def __init__(
+        self, policy: Policy | None = None, judge: Callable[[str], ModerationResult] = clean
+    ) -> None:
         self.store = MemoryStore()
         self.judge = judge
         self.state = GuardState(
@@ -73,7 +75,13 @@ class World:
             return None
         raise AssertionError(command)
 
-    def begin(self, body: dict[str, Any], *, customer: str | None = "acme", path: str = "/chat/completions") -> Any:
+    def begin(
+        self,
+        body: dict[str, Any],
+        *,
+        customer: str | None = "acme",
+        path: str = "/chat/completions",
+    ) -> Any:
         return drive(begin(self.state, bound_customer=customer, path=path, body=body), self.execute)
 
     @property
@@ -82,7 +90,11 @@ class World:
 
 
 def chat(*texts: str, **extra: Any) -> dict[str, Any]:
-    return {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": t} for t in texts], **extra}
+    return {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": t} for t in texts],
+        **extra,
+    }
 
 
 def test_allowed_call_is_tagged_with_hashed_identifier() -> None:
@@ -181,13 +193,16 @@ def test_long_text_is_chunked_into_one_batched_call() -> None:
     assert all(len(i.value) <= 4000 for i in moderate.inputs)
 
 
-def test_moderation_outage_fails_closed_by_default_and_records_error() -> None:
-    world = World()
+def test_moderation_outage_fails_closed_by_default_and_is_recorded_as_refused() -> None:
+    """Nothing was sent, so the record must not count against request quotas."""
+    world = World(DefaultPolicy(quota=Quota(requests_per_minute=1)))
     world.moderation_down = True
-    with pytest.raises(ModerationUnavailable):
-        world.begin(chat("hello"))
-    [record] = world.store.usage_records()
-    assert record.outcome == "error"
+    for _ in range(3):
+        with pytest.raises(ModerationUnavailable):
+            world.begin(chat("hello"))
+    assert {record.outcome for record in world.store.usage_records()} == {"denied"}
+    world.moderation_down = False
+    assert world.begin(chat("hello")) is not None
 
 
 def test_moderation_outage_fails_open_when_policy_says_so() -> None:
@@ -255,7 +270,10 @@ def test_quota_reserve_then_commit_actual_usage() -> None:
 def test_quota_exceeded_raises_with_limit_and_retry_after() -> None:
     world = World(DefaultPolicy(quota=Quota(requests_per_minute=1)))
     call = world.begin(chat("a"))
-    drive(finish(world.state, call, outcome="ok", usage=TokenUsage(1, 0, 1), request_id=None), world.execute)
+    drive(
+        finish(world.state, call, outcome="ok", usage=TokenUsage(1, 0, 1), request_id=None),
+        world.execute,
+    )
     with pytest.raises(QuotaExceeded) as info:
         world.begin(chat("b"))
     assert info.value.limit == "requests_per_minute"
@@ -288,14 +306,20 @@ def test_finish_runs_once_and_spools_when_store_fails() -> None:
     world.store_down = True
     flow = finish(world.state, call, outcome="ok", usage=TokenUsage(1, 0, 1), request_id=None)
     drive(flow, world.execute)
-    drive(finish(world.state, call, outcome="ok", usage=TokenUsage(1, 0, 1), request_id=None), world.execute)
+    drive(
+        finish(world.state, call, outcome="ok", usage=TokenUsage(1, 0, 1), request_id=None),
+        world.execute,
+    )
     assert len(world.spooled) == 1
 
 
 def test_missing_usage_on_sent_call_is_recorded_as_estimate() -> None:
     world = World()
     call = world.begin(chat("x" * 400))
-    drive(finish(world.state, call, outcome="ok", usage=None, request_id=None, output_chars=40), world.execute)
+    drive(
+        finish(world.state, call, outcome="ok", usage=None, request_id=None, output_chars=40),
+        world.execute,
+    )
     [record] = world.store.usage_records()
     assert record.outcome == "estimated"
     assert record.tokens == TokenUsage(100, 0, 10)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import hmac
-import base64
 import threading
 
 import pytest
@@ -16,9 +16,11 @@ from safe_openai._identity import current_customer, resolve_secret, safety_ident
 
 
 def test_identifier_is_hmac_sha256_of_customer_under_secret() -> None:
-    expected = base64.urlsafe_b64encode(
-        hmac.new(b"secret", b"acme", hashlib.sha256).digest()
-    ).rstrip(b"=").decode()
+    expected = (
+        base64.urlsafe_b64encode(hmac.new(b"secret", b"acme", hashlib.sha256).digest())
+        .rstrip(b"=")
+        .decode()
+    )
     assert safety_identifier(b"secret", "acme") == expected
     assert len(expected) <= 64
     assert "acme" not in expected

@@ -48,9 +48,7 @@ def test_verdict_keeps_highest_score_per_category_across_pieces() -> None:
 
 
 def test_categories_ordered_most_severe_first() -> None:
-    verdict = judge_by_thresholds(
-        [result({"a": 0.5, "b": 0.9, "c": 0.7}, {"a", "b", "c"})], {}
-    )
+    verdict = judge_by_thresholds([result({"a": 0.5, "b": 0.9, "c": 0.7}, {"a", "b", "c"})], {})
     assert verdict.categories == ("b", "c", "a")
 
 
@@ -76,9 +74,9 @@ def test_default_policy_model_allow_list_denies_other_models() -> None:
 
 
 def test_default_policy_adjusts_output_cap_and_instruction() -> None:
-    decision = DefaultPolicy(max_output_tokens=100, system_instruction="Only cooking.").review_request(
-        request()
-    )
+    decision = DefaultPolicy(
+        max_output_tokens=100, system_instruction="Only cooking."
+    ).review_request(request())
     assert decision.allowed and decision.changes_request
     assert decision.max_output_tokens == 100
     assert decision.system_instruction == "Only cooking."

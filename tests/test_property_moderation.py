@@ -8,6 +8,7 @@ a model would read under an untrusted role, by walking the body that was actuall
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import openai
@@ -48,7 +49,9 @@ nested: st.SearchStrategy[Any] = st.recursive(
 
 chat_part = st.one_of(
     st.builds(lambda t: {"type": "text", "text": t}, words),
-    st.builds(lambda u: {"type": "image_url", "image_url": {"url": f"https://img.test/{u}"}}, words),
+    st.builds(
+        lambda u: {"type": "image_url", "image_url": {"url": f"https://img.test/{u}"}}, words
+    ),
     st.builds(lambda v: {"type": "mystery", "payload": v}, nested),
     nested,
 )
@@ -56,7 +59,9 @@ chat_content = st.one_of(words, st.lists(chat_part, max_size=3), nested)
 chat_message = st.one_of(
     st.fixed_dictionaries(
         {
-            "role": st.sampled_from(["user", "assistant", "system", "developer", "tool", "function"]),
+            "role": st.sampled_from(
+                ["user", "assistant", "system", "developer", "tool", "function"]
+            ),
             "content": chat_content,
         }
     ),
@@ -123,29 +128,39 @@ def check_sent_requests_were_moderated() -> None:
     moderated = set(FAKE.moderation_inputs)
     for request in FAKE.model_requests:
         body = request.json or {}
-        texts = untrusted_chat(body) if request.path == "/chat/completions" else untrusted_responses(body)
+        texts = (
+            untrusted_chat(body)
+            if request.path == "/chat/completions"
+            else untrusted_responses(body)
+        )
         for text in texts:
             assert text in moderated, f"unmoderated text reached {request.path}: {text!r}"
 
 
 def send(call: Any) -> None:
-    try:
+    with contextlib.suppress(SafeOpenAIError, openai.APIStatusError, TypeError, ValueError):
         call()
-    except (SafeOpenAIError, openai.APIStatusError, TypeError, ValueError):
-        pass
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(messages=chat_messages, smuggled=st.none() | chat_messages)
-def test_chat_requests_of_any_shape_never_send_unmoderated_text(messages: Any, smuggled: Any) -> None:
+def test_chat_requests_of_any_shape_never_send_unmoderated_text(
+    messages: Any, smuggled: Any
+) -> None:
     extra = {"messages": smuggled} if smuggled is not None else None
-    send(lambda: CLIENT.chat.completions.create(model="gpt-4o-mini", messages=messages, extra_body=extra))
+    send(
+        lambda: CLIENT.chat.completions.create(
+            model="gpt-4o-mini", messages=messages, extra_body=extra
+        )
+    )
     check_sent_requests_were_moderated()
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(value=response_input, instructions=st.none() | words)
-def test_responses_requests_of_any_shape_never_send_unmoderated_text(value: Any, instructions: Any) -> None:
+def test_responses_requests_of_any_shape_never_send_unmoderated_text(
+    value: Any, instructions: Any
+) -> None:
     kwargs: dict[str, Any] = {"instructions": instructions} if instructions else {}
     send(lambda: CLIENT.responses.create(model="gpt-4o-mini", input=value, **kwargs))
     check_sent_requests_were_moderated()

@@ -37,12 +37,19 @@ def test_responses_usage_with_details() -> None:
 
 def test_missing_or_partial_usage() -> None:
     assert token_usage_from_payload({"id": "x"}) is None
-    assert token_usage_from_payload({"usage": {"prompt_tokens": 3, "total_tokens": 3}}) == TokenUsage(3)
+    assert token_usage_from_payload(
+        {"usage": {"prompt_tokens": 3, "total_tokens": 3}}
+    ) == TokenUsage(3)
 
 
 def test_cost_bills_cached_input_at_cached_rate_and_reasoning_as_output() -> None:
     price = Price(input=2.0, cached_input=0.5, output=8.0)
-    tokens = TokenUsage(input_tokens=1_000_000, cached_tokens=400_000, output_tokens=500_000, reasoning_tokens=200_000)
+    tokens = TokenUsage(
+        input_tokens=1_000_000,
+        cached_tokens=400_000,
+        output_tokens=500_000,
+        reasoning_tokens=200_000,
+    )
     assert price.cost(tokens) == pytest.approx(0.6 * 2.0 + 0.4 * 0.5 + 0.5 * 8.0)
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import structlog
 
+from ._guard import drive, on_store, suspend, unsuspend
 from .errors import ConfigurationError, SafeOpenAIError
 from .stores import CustomerReport, UsageStore, Violation, default_store_url, store_from_url
 
@@ -169,15 +170,13 @@ def _cmd_violations(args: argparse.Namespace) -> int:
 
 def _cmd_suspend(args: argparse.Namespace) -> int:
     store = _open_store(args.store)
-    now = datetime.now(timezone.utc)
-    until = now + args.duration if args.duration else None
     try:
-        store.suspend(args.customer, reason=args.reason, until=until, now=now)
+        until = drive(
+            suspend(args.customer, reason=args.reason, duration=args.duration, by="cli"),
+            on_store(store),
+        )
     finally:
         store.close()
-    structlog.get_logger("safe_openai").warning(
-        "safe_openai.customer_suspended", customer_id=args.customer, reason=args.reason, by="cli"
-    )
     print(f"suspended {args.customer}" + (f" until {until.isoformat()}" if until else ""))
     return 0
 
@@ -185,13 +184,12 @@ def _cmd_suspend(args: argparse.Namespace) -> int:
 def _cmd_unsuspend(args: argparse.Namespace) -> int:
     store = _open_store(args.store)
     try:
-        lifted = store.unsuspend(args.customer)
+        lifted = drive(
+            unsuspend(args.customer, by="cli"),
+            on_store(store),
+        )
     finally:
         store.close()
-    if lifted:
-        structlog.get_logger("safe_openai").warning(
-            "safe_openai.customer_unsuspended", customer_id=args.customer, by="cli"
-        )
     print(f"unsuspended {args.customer}" if lifted else f"{args.customer} was not suspended")
     return 0
 

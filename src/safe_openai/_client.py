@@ -8,10 +8,13 @@ own retry loop, so it runs once however often the SDK retries. The decisions liv
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import weakref
 from collections.abc import Mapping
 from contextvars import ContextVar
+from datetime import datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx2
@@ -22,10 +25,11 @@ from openai._models import FinalRequestOptions
 from openai._response import APIResponse, AsyncAPIResponse
 from typing_extensions import Self, override
 
-from ._extract import body_from_content, normalize_path
+from ._extract import body_from_content, is_guarded, normalize_path
 from ._guard import (
     Call,
     Command,
+    DrainSpool,
     GuardState,
     Moderate,
     Spool,
@@ -34,6 +38,8 @@ from ._guard import (
     begin,
     drive,
     finish,
+    suspend,
+    unsuspend,
 )
 from ._identity import resolve_secret, validate_customer_id
 from ._moderation import AsyncOpenAIModerator, OpenAIModerator, VerdictCache
@@ -46,7 +52,9 @@ from .errors import (
     UnguardedPathError,
 )
 from .policy import DefaultPolicy, Policy
-from .stores import async_store_from_url, store_from_url
+from .stores import Spool as LocalSpool
+from .stores import async_store_from_url, default_store_url, store_from_url
+from .stores._spool import default_spool_dir
 from .usage import Outcome, PriceTable, TokenUsage, token_usage_from_payload
 
 if TYPE_CHECKING:
@@ -121,15 +129,21 @@ def _setup_state(
             "policy must be a safe_openai.Policy (subclass it or use DefaultPolicy)."
         )
     secret = resolve_secret(identifier_secret)
+    owns_store = store is None or isinstance(store, str)
     if store is None or isinstance(store, str):
-        store = async_store_from_url(store) if is_async else store_from_url(store)
+        url = store or default_store_url()
+        store = async_store_from_url(url) if is_async else store_from_url(url)
     elif _is_async_store(store) != is_async:
         kind = "an async" if is_async else "a sync"
         raise ConfigurationError(f"This client needs {kind} usage store.")
+    else:
+        url = f"{type(store).__module__}.{type(store).__qualname__}:{getattr(store, 'url', '')}"
     if spool is None:
-        from .stores._spool import Spool as LocalSpool
-
-        spool = LocalSpool()
+        # One spool directory per store, so a drain never writes one store's records into
+        # another's when several applications share a machine.
+        spool = LocalSpool(default_spool_dir() / hashlib.sha256(url.encode()).hexdigest()[:16])
+    elif spool is False:
+        spool = None
     return GuardState(
         policy=policy,
         store=store,
@@ -138,8 +152,23 @@ def _setup_state(
         moderation_model=getattr(moderator, "model", None) or policy.moderation_model,
         prices=prices or PriceTable(),
         cache=VerdictCache(),
-        spool=spool or None,
+        spool=spool,
+        # records a crashed or disconnected process left behind are written back on the
+        # first successful write
+        spool_dirty=spool is not None and _spool_waiting(spool),
+        owns_store=owns_store,
     )
+
+
+def _spool_waiting(spool: Any) -> bool:
+    """Whether a spool holds files to write back (a directory listing; no file is read)."""
+    directory = getattr(spool, "directory", None)
+    if not isinstance(directory, Path):
+        return len(spool) > 0
+    try:
+        return any(p.suffix in (".jsonl", ".draining") for p in directory.iterdir())
+    except OSError:
+        return False
 
 
 class SafeClient(openai.OpenAI):
@@ -152,8 +181,9 @@ class SafeClient(openai.OpenAI):
             ``SAFE_OPENAI_IDENTIFIER_SECRET``).
         moderator: Replaces the OpenAI moderation endpoint (any object with ``moderate``).
         prices: The price table for costs (default: the table shipped with the package).
-        spool: Where usage records wait when the store is down (default: a local spool
-            directory; ``False`` disables it).
+        spool: A :class:`~safe_openai.stores.Spool` where usage records wait while the store is
+            unreachable (default: one in ``SAFE_OPENAI_SPOOL_DIR`` or the user cache
+            directory; ``False`` disables it, and such records are then logged and lost).
         **openai_kwargs: Everything ``openai.OpenAI`` accepts.
 
     Raises:
@@ -176,6 +206,7 @@ class SafeClient(openai.OpenAI):
     ) -> None:
         state: GuardState | None = openai_kwargs.pop(_STATE_KWARG, None)
         bound: str | None = openai_kwargs.pop(_CUSTOMER_KWARG, None)
+        root = state is None  # copies share the root's state and never close its store
         super().__init__(**openai_kwargs)
         if state is None:
             if moderator is not None and inspect.iscoroutinefunction(
@@ -195,6 +226,16 @@ class SafeClient(openai.OpenAI):
                 state.moderator = OpenAIModerator(self, model=state.moderation_model)
         self._safe = state
         self._safe_customer = bound
+        self._safe_root = root
+
+    @override
+    def close(self) -> None:
+        """Close the HTTP client, and the store if this client opened it from a URL."""
+        try:
+            super().close()
+        finally:
+            if self._safe_root and self._safe.owns_store:
+                self._safe.store.close()
 
     @property
     def store(self) -> UsageStore:
@@ -216,6 +257,30 @@ class SafeClient(openai.OpenAI):
         """A client bound to one end customer, sharing this client's connections and state."""
         return self.copy(_extra_kwargs={_CUSTOMER_KWARG: validate_customer_id(customer_id)})
 
+    def suspend(
+        self, customer_id: str, *, reason: str, duration: timedelta | None = None
+    ) -> datetime | None:
+        """Suspend a customer: their guarded calls raise ``CustomerSuspended`` until it ends.
+
+        Args:
+            customer_id: The customer.
+            reason: Why (kept in the store and logged).
+            duration: How long; ``None`` until :meth:`unsuspend`.
+
+        Returns:
+            When the suspension ends, or ``None``.
+        """
+        until: datetime | None = drive(
+            suspend(validate_customer_id(customer_id), reason=reason, duration=duration, by="api"),
+            self._execute,
+        )
+        return until
+
+    def unsuspend(self, customer_id: str) -> bool:
+        """Lift a customer's suspension. Returns whether one was in force."""
+        lifted: bool = drive(unsuspend(customer_id, by="api"), self._execute)
+        return lifted
+
     @override
     def copy(self, **kwargs: Any) -> Self:
         """``openai.OpenAI.copy`` that keeps the guard, the store and the bound customer."""
@@ -235,9 +300,9 @@ class SafeClient(openai.OpenAI):
         stream: bool = False,
         stream_cls: Any = None,
     ) -> Any:
-        if options.method.lower() != "post":
-            return super().request(cast_to, options, stream=stream, stream_cls=stream_cls)
         path = normalize_path(options.url)
+        if not is_guarded(options.method, path):
+            return super().request(cast_to, options, stream=stream, stream_cls=stream_cls)
         options, body = _fold_body(options)
         call = drive(
             begin(self._safe, bound_customer=self._safe_customer, path=path, body=body),
@@ -332,6 +397,11 @@ class SafeClient(openai.OpenAI):
         if isinstance(command, Spool):
             _spool(state, command)
             return None
+        if isinstance(command, DrainSpool):
+            if state.spool is None:
+                return 0
+            state.spool.drain(state.store)
+            return int(_spool_waiting(state.spool))
         raise TypeError(f"unknown command {command!r}")
 
 
@@ -358,6 +428,7 @@ class AsyncSafeClient(openai.AsyncOpenAI):
     ) -> None:
         state: GuardState | None = openai_kwargs.pop(_STATE_KWARG, None)
         bound: str | None = openai_kwargs.pop(_CUSTOMER_KWARG, None)
+        root = state is None  # copies share the root's state and never close its store
         super().__init__(**openai_kwargs)
         if state is None:
             state = _setup_state(
@@ -373,6 +444,16 @@ class AsyncSafeClient(openai.AsyncOpenAI):
                 state.moderator = AsyncOpenAIModerator(self, model=state.moderation_model)
         self._safe = state
         self._safe_customer = bound
+        self._safe_root = root
+
+    @override
+    async def close(self) -> None:
+        """Close the HTTP client, and the store if this client opened it from a URL."""
+        try:
+            await super().close()
+        finally:
+            if self._safe_root and self._safe.owns_store:
+                await self._safe.store.close()
 
     @property
     def store(self) -> AsyncUsageStore:
@@ -394,6 +475,21 @@ class AsyncSafeClient(openai.AsyncOpenAI):
         """A client bound to one end customer, sharing this client's connections and state."""
         return self.copy(_extra_kwargs={_CUSTOMER_KWARG: validate_customer_id(customer_id)})
 
+    async def suspend(
+        self, customer_id: str, *, reason: str, duration: timedelta | None = None
+    ) -> datetime | None:
+        """Suspend a customer (see :meth:`SafeClient.suspend`)."""
+        until: datetime | None = await adrive(
+            suspend(validate_customer_id(customer_id), reason=reason, duration=duration, by="api"),
+            self._execute,
+        )
+        return until
+
+    async def unsuspend(self, customer_id: str) -> bool:
+        """Lift a customer's suspension. Returns whether one was in force."""
+        lifted: bool = await adrive(unsuspend(customer_id, by="api"), self._execute)
+        return lifted
+
     @override
     def copy(self, **kwargs: Any) -> Self:
         """``openai.AsyncOpenAI.copy`` that keeps the guard, the store and the bound customer."""
@@ -413,9 +509,9 @@ class AsyncSafeClient(openai.AsyncOpenAI):
         stream: bool = False,
         stream_cls: Any = None,
     ) -> Any:
-        if options.method.lower() != "post":
-            return await super().request(cast_to, options, stream=stream, stream_cls=stream_cls)
         path = normalize_path(options.url)
+        if not is_guarded(options.method, path):
+            return await super().request(cast_to, options, stream=stream, stream_cls=stream_cls)
         options, body = _fold_body(options)
         call = await adrive(
             begin(self._safe, bound_customer=self._safe_customer, path=path, body=body),
@@ -512,6 +608,11 @@ class AsyncSafeClient(openai.AsyncOpenAI):
         if isinstance(command, Spool):
             _spool(state, command)
             return None
+        if isinstance(command, DrainSpool):
+            if state.spool is None:
+                return 0
+            await state.spool.adrain(state.store)
+            return int(_spool_waiting(state.spool))
         raise TypeError(f"unknown command {command!r}")
 
 

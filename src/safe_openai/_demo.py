@@ -10,7 +10,7 @@ from typing import Any
 
 from ._cli import format_report_table
 from ._client import SafeClient
-from .errors import SafeOpenAIError
+from .errors import ModerationBlocked, SafeOpenAIError
 from .policy import DefaultPolicy, Quota
 from .testing import FakeOpenAI
 
@@ -61,9 +61,8 @@ def run_demo(store_url: str | None = None) -> int:
             outcome = "ok"
         except SafeOpenAIError as exc:
             outcome = f"{type(exc).__name__}: {exc.user_message}"
-            categories = getattr(exc, "categories", ())
-            if categories:
-                scores = ", ".join(f"{c} {exc.scores.get(c, 0):.2f}" for c in categories)  # type: ignore[attr-defined]
+            if isinstance(exc, ModerationBlocked):
+                scores = ", ".join(f"{c} {exc.scores.get(c, 0):.2f}" for c in exc.categories)
                 outcome += f" [{scores}]"
         print(f"{customer:<10} {label:<26} -> {outcome}")
         print(f"{'':<10} sent: {_sent(fake, before)}")
@@ -78,7 +77,7 @@ def run_demo(store_url: str | None = None) -> int:
     attempt(
         "globex",
         "responses stream",
-        lambda c: list(c.responses.create(model="gpt-4o-mini", input="Draft a haiku.", stream=True)),
+        lambda c: list(c.responses.create(model="gpt-4o-mini", input="A haiku.", stream=True)),
     )
     attempt(
         "globex",

@@ -320,6 +320,7 @@ ENDPOINTS: dict[str, EndpointSpec] = {
     "/audio/speech": EndpointSpec("audio.speech", _prompt_like("input", "instructions")),
     "/audio/transcriptions": EndpointSpec("audio.transcriptions", _audio_in),
     "/audio/translations": EndpointSpec("audio.translations", _audio_in),
+    "/decisions": EndpointSpec("decisions", _responses, "safety_identifier"),
     "/conversations": EndpointSpec("conversations", _conversation),
     "/conversations/{}/items": EndpointSpec("conversations.items", _conversation),
     "/videos": EndpointSpec("videos", _prompt_like("prompt")),
@@ -375,6 +376,15 @@ def resolve_endpoint(path: str) -> EndpointSpec | None:
 def is_unguarded_content_path(path: str) -> bool:
     """Whether ``path`` sends content to a model through a route the guard does not cover."""
     return any(path.startswith(prefix) for prefix in UNGUARDED_CONTENT_PATHS)
+
+
+def is_guarded(method: str, path: str) -> bool:
+    """Whether a request goes through the guard: a POST to a model endpoint, or to a content
+    path the guard refuses. Everything else (reads, deletes, uploads, admin) passes untouched.
+    """
+    return method.lower() == "post" and (
+        resolve_endpoint(path) is not None or is_unguarded_content_path(path)
+    )
 
 
 def extract(spec: EndpointSpec, body: Mapping[str, Any], roles: frozenset[str]) -> Extraction:

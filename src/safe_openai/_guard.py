@@ -46,6 +46,7 @@ from .usage import Outcome, PriceTable, TokenUsage, UsageRecord, estimate_tokens
 
 __all__ = [
     "Call",
+    "DrainSpool",
     "GuardState",
     "Moderate",
     "StoreCall",
@@ -53,6 +54,9 @@ __all__ = [
     "begin",
     "drive",
     "finish",
+    "on_store",
+    "suspend",
+    "unsuspend",
 ]
 
 log = structlog.get_logger("safe_openai")
@@ -84,7 +88,15 @@ class Spool:
     reservation_id: str | None
 
 
-Command = StoreCall | Moderate | Spool
+@dataclass(frozen=True, slots=True)
+class DrainSpool:
+    """Command: the store took a write again; write back what the spool kept.
+
+    Answered with how many records are still waiting afterwards.
+    """
+
+
+Command = StoreCall | Moderate | Spool | DrainSpool
 Flow = Generator[Command, Any, T]
 
 
@@ -101,7 +113,6 @@ class GuardState:
         prices: The price table for usage costs.
         cache: Moderation results by content hash.
         spool: Where records go when the store cannot take them (``None``: log and drop).
-        log_content: Log content hashes' source text too (off: never log prompt text).
     """
 
     policy: Policy
@@ -112,8 +123,11 @@ class GuardState:
     prices: PriceTable
     cache: VerdictCache = field(default_factory=VerdictCache)
     spool: Any = None
-    log_content: bool = False
     known_identifiers: set[tuple[str, str]] = field(default_factory=set)
+    #: The spool holds records to write back once the store answers again.
+    spool_dirty: bool = False
+    #: The store was opened from a URL by the client, which closes it.
+    owns_store: bool = False
 
 
 @dataclass(slots=True)
@@ -271,12 +285,13 @@ def begin(
         if not (isinstance(options, Mapping) and options.get("include_usage") is True):
             body["stream_options"] = {**(options or {}), "include_usage": True}
             call.hide_usage_chunk = True
+    if customer_id is not None and spec.identity_field is not None:
+        log.debug("safe_openai.request_tagged", customer_id=customer_id, field=spec.identity_field)
     log.debug(
         "safe_openai.request_allowed",
         customer_id=customer_id,
         endpoint=path,
         model=call.model,
-        tagged=customer_id is not None and spec.identity_field is not None,
     )
     return call
 
@@ -313,7 +328,7 @@ def _moderate(
                 action="fail_closed",
             )
             yield from _release(call)
-            yield from _refuse(state, call, "error")
+            yield from _refuse(state, call, "denied")  # refused, never sent
             raise
         for i, result in zip(missing, fresh, strict=True):
             results[i] = result
@@ -325,13 +340,17 @@ def _moderate(
     if call.reservation is not None:
         yield from _release(call)
     yield from _refuse(state, call, "blocked")
+    worst = max(
+        range(len(judged)),
+        key=lambda i: max((judged[i].scores.get(c, 0.0) for c in verdict.categories), default=0.0),
+    )
     log.warning(
         "safe_openai.request_blocked",
         customer_id=call.customer_id,
         endpoint=call.endpoint,
         categories=list(verdict.categories),
         top_score=round(verdict.top_score, 4),
-        content_hash=keys[0].hex()[:16],
+        content_hash=keys[worst].hex()[:16],
     )
     if call.customer_id is not None:
         violation = Violation(
@@ -383,6 +402,31 @@ def record_violation(state: GuardState, violation: Violation) -> Flow[bool]:
         until=until.isoformat() if until else None,
     )
     return True
+
+
+def suspend(
+    customer_id: str, *, reason: str, duration: timedelta | None, by: str
+) -> Flow[datetime | None]:
+    """Suspend a customer now (for ``duration``, or until lifted). Returns when it ends."""
+    now = _now()
+    until = now + duration if duration is not None else None
+    yield StoreCall("suspend", (customer_id,), {"reason": reason, "until": until, "now": now})
+    log.warning(
+        "safe_openai.customer_suspended",
+        customer_id=customer_id,
+        reason=reason,
+        until=until.isoformat() if until else None,
+        by=by,
+    )
+    return until
+
+
+def unsuspend(customer_id: str, *, by: str) -> Flow[bool]:
+    """Lift a customer's suspension. Returns whether one was in force."""
+    lifted = yield StoreCall("unsuspend", (customer_id,))
+    if lifted:
+        log.warning("safe_openai.customer_unsuspended", customer_id=customer_id, by=by)
+    return bool(lifted)
 
 
 def _human(span: timedelta) -> str:
@@ -446,6 +490,17 @@ def _write(state: GuardState, call: Call, record: UsageRecord) -> Flow[None]:
             spooled=state.spool is not None,
         )
         yield Spool(record, reservation.id if reservation else None)
+        state.spool_dirty = state.spool is not None
+        return
+    if state.spool_dirty:
+        state.spool_dirty = False
+        try:
+            left = yield DrainSpool()
+        except Exception:
+            left = 1
+            log.warning("safe_openai.spool_drain_failed")
+        # a drain that stopped part-way keeps the rest for the next successful write
+        state.spool_dirty = bool(left)
 
 
 def finish(
@@ -523,6 +578,17 @@ def apply_decision(spec: EndpointSpec, body: dict[str, Any], decision: Decision)
             body["instructions"] = (
                 f"{instruction}\n\n{given}" if isinstance(given, str) and given else instruction
             )
+
+
+def on_store(store: Any) -> Callable[[Command], Any]:
+    """An executor for flows that only talk to a sync store (the command line)."""
+
+    def execute(command: Command) -> Any:
+        if not isinstance(command, StoreCall):
+            raise TypeError(f"only store commands can run here, not {command!r}")
+        return getattr(store, command.method)(*command.args, **command.kwargs)
+
+    return execute
 
 
 def drive(flow: Flow[T], execute: Callable[[Command], Any]) -> T:

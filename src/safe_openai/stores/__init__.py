@@ -23,6 +23,7 @@ from typing import Any, Protocol, runtime_checkable
 from ..errors import ConfigurationError
 from ..policy import Quota
 from ..usage import UsageRecord
+from ._spool import Spool
 from ._types import CustomerReport, QuotaDemand, Reservation, Suspension, Violation
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "CustomerReport",
     "QuotaDemand",
     "Reservation",
+    "Spool",
     "Suspension",
     "UsageStore",
     "Violation",

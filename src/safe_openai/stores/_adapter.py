@@ -16,6 +16,9 @@ __all__ = ["AsyncAdapter"]
 
 T = TypeVar("T")
 
+# Releases of reservations whose caller was cancelled, kept alive until they finish.
+_RELEASES: set[asyncio.Future[None]] = set()
+
 
 class AsyncAdapter:
     """Serve the :class:`~safe_openai.stores.AsyncUsageStore` contract from a sync store.
@@ -40,7 +43,27 @@ class AsyncAdapter:
     async def reserve(
         self, customer_id: str, quota: Quota, demand: QuotaDemand, *, now: datetime
     ) -> Reservation:
-        return await self._call(self.sync.reserve, customer_id, quota, demand, now=now)
+        if not self.run_in_thread:
+            return self.sync.reserve(customer_id, quota, demand, now=now)  # type: ignore[no-any-return]
+        work = asyncio.ensure_future(
+            asyncio.to_thread(self.sync.reserve, customer_id, quota, demand, now=now)
+        )
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            # The caller went away while the thread was reserving: give the capacity back
+            # instead of holding it until the reservation expires.
+            work.add_done_callback(self._release_abandoned)
+            raise
+
+    def _release_abandoned(self, work: asyncio.Future[Reservation]) -> None:
+        if work.cancelled() or work.exception() is not None:
+            return
+        reservation = work.result()
+        if reservation.admitted:
+            task = asyncio.ensure_future(asyncio.to_thread(self.sync.release, reservation))
+            _RELEASES.add(task)
+            task.add_done_callback(_RELEASES.discard)
 
     async def commit(self, reservation: Reservation, record: UsageRecord) -> None:
         await self._call(self.sync.commit, reservation, record)

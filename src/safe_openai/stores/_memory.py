@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import uuid
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -19,9 +20,9 @@ from ._types import (
     Violation,
     WindowEntry,
     add_to_report,
+    earliest_entry,
     evaluate_quota,
     finish_report,
-    month_start,
 )
 
 __all__ = ["AsyncMemoryStore", "MemoryStore"]
@@ -52,7 +53,7 @@ class MemoryStore:
         self, customer_id: str, quota: Quota, demand: QuotaDemand, *, now: datetime
     ) -> Reservation:
         with self._lock:
-            since = month_start(now)
+            since = earliest_entry(now)
             stale = now - RESERVATION_TTL
             entries = [
                 WindowEntry(r.created_at, r.tokens.total_tokens, r.cost_usd or 0.0)
@@ -68,6 +69,8 @@ class MemoryStore:
             if limit is not None:
                 return Reservation("", customer_id, False, limit, retry_after)
             reservation_id = uuid.uuid4().hex
+            for key in [k for k, (_, entry) in self._pending.items() if entry.at <= stale]:
+                del self._pending[key]  # abandoned by a caller that never came back
             self._pending[reservation_id] = (
                 customer_id,
                 WindowEntry(now, demand.tokens, demand.cost_usd),
@@ -77,7 +80,7 @@ class MemoryStore:
     def commit(self, reservation: Reservation, record: UsageRecord) -> None:
         with self._lock:
             self._pending.pop(reservation.id, None)
-            self._records.setdefault(record.record_id or uuid.uuid4().hex, record)
+            self._keep(record)
 
     def release(self, reservation: Reservation) -> None:
         with self._lock:
@@ -85,7 +88,13 @@ class MemoryStore:
 
     def record_usage(self, record: UsageRecord) -> None:
         with self._lock:
-            self._records.setdefault(record.record_id or uuid.uuid4().hex, record)
+            self._keep(record)
+
+    def _keep(self, record: UsageRecord) -> None:
+        """Store a record once per ``record_id`` (one is made up when it has none)."""
+        if not record.record_id:
+            record = replace(record, record_id=uuid.uuid4().hex)
+        self._records.setdefault(record.record_id, record)
 
     def usage_records(
         self, *, customer_id: str | None = None, since: datetime | None = None, limit: int = 1000

@@ -4,8 +4,10 @@ Quota semantics (the contract every backend implements exactly):
 
 - Everything is timestamped at the *start* of a call: pending reservations at reservation time,
   usage records at their ``created_at``.
-- Windows at ``now``: the minute window is ``(now - 60 s, now]``; the day window starts at UTC
-  midnight; the month window at 00:00 UTC on the first of the month.
+- Windows at ``now``: the minute window is every entry after ``now - 60 s`` (it slides across
+  day and month boundaries); the day window starts at UTC midnight; the month window at 00:00
+  UTC on the first of the month. Entries stamped up to :data:`CLOCK_SKEW` after ``now`` count
+  (a concurrent caller read the clock later but reserved first).
 - Usage in a window is the sum over usage records that reached the model
   (:attr:`UsageRecord.counts_as_request`) plus every live pending reservation (younger than
   :data:`RESERVATION_TTL`) in that window: requests count 1 each, tokens count
@@ -35,6 +37,7 @@ __all__ = [
     "WindowEntry",
     "add_to_report",
     "day_start",
+    "earliest_entry",
     "evaluate_quota",
     "finish_report",
     "month_start",
@@ -43,6 +46,8 @@ __all__ = [
 #: A pending reservation older than this is treated as abandoned (its process died).
 RESERVATION_TTL = timedelta(minutes=10)
 MINUTE = 60.0
+#: How far after ``now`` an entry may be stamped and still count (clock skew between hosts).
+CLOCK_SKEW = timedelta(seconds=60)
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,8 +165,13 @@ def _next_month(now: datetime) -> datetime:
 
 
 def window_starts(now: datetime) -> tuple[datetime, datetime]:
-    """The earliest instant any window at ``now`` can reach back to: (minute, month)."""
+    """Where the windows at ``now`` start: (minute window, month)."""
     return now - timedelta(seconds=MINUTE), month_start(now)
+
+
+def earliest_entry(now: datetime) -> datetime:
+    """The oldest instant an entry can matter to :func:`evaluate_quota` at ``now``."""
+    return min(window_starts(now))
 
 
 def evaluate_quota(
@@ -173,7 +183,7 @@ def evaluate_quota(
         quota: The customer's limits.
         demand: What the new call may consume.
         entries: Usage records that reached the model and live pending reservations, at least
-            those since the start of the month (older ones are ignored).
+            those since :func:`window_starts` (older ones are ignored).
         now: The current time (UTC).
 
     Returns:
@@ -182,16 +192,22 @@ def evaluate_quota(
     minute_from = now - timedelta(seconds=MINUTE)
     today = day_start(now)
     this_month = month_start(now)
+    horizon = now + CLOCK_SKEW
     minute: list[WindowEntry] = []
     day_tokens = 0
     month_cost = 0.0
     for entry in entries:
-        if entry.at < this_month or entry.at > now:
+        # Entries stamped a little after ``now`` (a concurrent caller read the clock later but
+        # reserved first, or another host's clock runs ahead) count: skipping them would let
+        # concurrent callers overshoot. Entries beyond the skew allowance are clock errors.
+        if entry.at > horizon:
             continue
-        month_cost += entry.cost_usd
+        if entry.at >= this_month:
+            month_cost += entry.cost_usd
         if entry.at >= today:
             day_tokens += entry.tokens
         if entry.at > minute_from:
+            # The minute window slides across day and month boundaries.
             minute.append(entry)
     minute.sort(key=lambda e: e.at)
 
@@ -222,7 +238,11 @@ def evaluate_quota(
         if demand.tokens > quota.tokens_per_day:
             return "tokens_per_day", None
         return "tokens_per_day", (today + timedelta(days=1) - now).total_seconds()
-    if quota.usd_per_month is not None and month_cost + demand.cost_usd > quota.usd_per_month:
+    # Costs are summed floats: compare at the report's precision so 0.1 + 0.2 fits in 0.3.
+    if (
+        quota.usd_per_month is not None
+        and round(month_cost + demand.cost_usd - quota.usd_per_month, 9) > 0
+    ):
         if demand.cost_usd > quota.usd_per_month:
             return "usd_per_month", None
         return "usd_per_month", (_next_month(now) - now).total_seconds()

@@ -1,0 +1,1034 @@
+"""The Redis store: quotas and rate windows shared by every replica that talks to one Redis.
+
+Open it with ``store_from_url("redis://host:6379/0", prefix="myapp")`` (``rediss://`` for TLS);
+every other keyword is passed to ``redis.Redis.from_url`` (``socket_timeout``, ``retry``, ...).
+
+Durability: what the application must configure
+-----------------------------------------------
+
+Usage history, violations, suspensions and identifier maps live only in Redis, so Redis must be
+run as a database, not as a cache:
+
+- ``appendonly yes`` (AOF). ``appendfsync everysec`` loses at most about a second of writes on a
+  power cut; ``appendfsync always`` loses none, at a throughput cost. RDB snapshots alone lose
+  everything written since the last snapshot.
+- ``maxmemory-policy noeviction``. Under any LRU/LFU/random policy Redis may silently evict
+  usage history or a quota window when memory runs short, which under-counts usage and lets a
+  customer past a budget. With ``noeviction`` a full Redis refuses writes instead; the library
+  raises :class:`~safe_openai.StoreError` and the client can spool usage locally
+  (:class:`~safe_openai.stores._spool.Spool`).
+- Replication is asynchronous: a failover may lose the last writes acknowledged by the old
+  primary. Quota windows recover within a minute; spool replays are idempotent by record id.
+
+Key layout
+----------
+
+Every key starts with the ``prefix`` (default ``safe_openai``). All keys of one customer carry
+the hash tag ``{<customer>}`` so they fall in one cluster slot, and each Lua script touches the
+keys of a single customer only. In the tag, ``%``, ``{`` and ``}`` are percent-encoded and the
+anonymous customer ``""`` is written ``%``, since an empty tag would not pin a slot::
+
+    P:{C}:rec            hash   record key -> usage record JSON             durable
+    P:{C}:recs           zset   record key, scored by created_at (us)       durable
+    P:{C}:sums           hash   "<YYYYMMDD>:<column>" -> daily report sums  durable
+    P:{C}:viol           zset   violation JSON, scored by created_at (us)   durable
+    P:{C}:susp           hash   since / until / reason                      durable
+    P:{C}:win            zset   "<tokens>|<cost>|<record key>" of calls     TTL 3 min
+                                that reached the model, scored by start
+                                time (us): the sliding 60 s window
+    P:{C}:pending        hash   reservation id -> "<at us>|<tokens>|<cost>" TTL 11 min
+    P:{C}:day:<YYYYMMDD> string tokens of that UTC day                      TTL to day end + 1 day
+    P:{C}:month:<YYYYMM> string cost of that UTC month                      TTL to month end + 1 day
+    P:customers          set    every customer id seen                      durable
+    P:suspended          set    customers with a suspension record          durable
+    P:ident:<identifier> string customer id                                 durable
+    P:request:<id>       string customer id                                 durable
+    P:event:<id>         string webhook event claim                         TTL 7 days
+
+Quota decisions follow :func:`~safe_openai.stores._types.evaluate_quota` exactly, in one Lua
+script: times travel as integer microseconds since the epoch (exact in a Lua double), so the
+``retry_after`` values are the same floats the reference computes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import Generator, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any, TypeVar
+
+import redis
+import redis.asyncio
+import redis.exceptions
+
+from ..errors import ConfigurationError, StoreError
+from ..policy import Quota
+from ..usage import UsageRecord
+from ._types import (
+    CLOCK_SKEW,
+    MINUTE,
+    RESERVATION_TTL,
+    CustomerReport,
+    QuotaDemand,
+    Reservation,
+    Suspension,
+    Violation,
+    add_to_report,
+    day_start,
+    finish_report,
+    month_start,
+)
+
+__all__ = ["DEFAULT_PREFIX", "AsyncRedisStore", "RedisStore"]
+
+T = TypeVar("T")
+
+#: The key prefix used when none is given.
+DEFAULT_PREFIX = "safe_openai"
+
+_US = 1_000_000
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+#: The minute window keeps entries this long after they start: the 60 s window plus room for
+#: replicas whose clocks run behind.
+_WINDOW_KEEP_US = 120 * _US
+_WINDOW_TTL_S = 180
+_PENDING_TTL_S = int(RESERVATION_TTL.total_seconds()) + 60
+#: Webhook deliveries are retried for about three days; a week covers that with room to spare.
+_EVENT_CLAIM_TTL_S = 7 * 24 * 3600
+_BUCKET_GRACE = timedelta(days=1)
+#: Customers handled per pipelined round trip when a call spans every customer.
+_SCAN_BATCH = 500
+
+# --------------------------------------------------------------------------------------------
+# Lua. Every script reads and writes the keys of one customer only (one cluster slot).
+
+_LUA_HMGET_ALL = """
+local function hmget_all(key, ids)
+  local out = {}
+  -- unpack() of a long list overflows the Lua stack, so fetch in chunks
+  for i = 1, #ids, 500 do
+    local chunk = redis.call('HMGET', key, unpack(ids, i, math.min(i + 499, #ids)))
+    for _, v in ipairs(chunk) do out[#out + 1] = v end
+  end
+  return out
+end
+"""
+
+# KEYS: win, pending, day, month
+# ARGV: now, minute_from, today, next_day, month_start, next_month, stale, keep_from,
+#       rpm, tpm, tpd, usd ('' = unlimited), demand tokens, demand cost, reservation id,
+#       pending TTL, horizon (now + CLOCK_SKEW)
+_RESERVE_LUA = """
+local now = tonumber(ARGV[1])
+local minute_from = tonumber(ARGV[2])
+local today = tonumber(ARGV[3])
+local next_day = tonumber(ARGV[4])
+local month = tonumber(ARGV[5])
+local next_month = tonumber(ARGV[6])
+local stale = tonumber(ARGV[7])
+local rpm = tonumber(ARGV[9])
+local tpm = tonumber(ARGV[10])
+local tpd = tonumber(ARGV[11])
+local usd = tonumber(ARGV[12])
+local demand_tokens = tonumber(ARGV[13])
+local demand_cost = tonumber(ARGV[14])
+local horizon = tonumber(ARGV[17])
+local MINUTE = 60000000
+
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[8])
+-- committed usage of now's day and month; corrected below for entries of the minute window
+-- structure that the buckets hold but the reference does not count, or the reverse
+local day_tokens = tonumber(redis.call('GET', KEYS[3]) or '0')
+local month_cost = tonumber(redis.call('GET', KEYS[4]) or '0')
+local minute = {}
+
+local committed = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[2], '+inf', 'WITHSCORES')
+for i = 1, #committed, 2 do
+  local at = tonumber(committed[i + 1])
+  local tokens, cost = string.match(committed[i], '^(%d+)|([^|]*)|')
+  tokens = tonumber(tokens)
+  cost = tonumber(cost)
+  if at > horizon then
+    -- beyond the clock-skew allowance: a clock error the reference ignores, but the buckets
+    -- of its own day and month hold it
+    if at >= today and at < next_day then day_tokens = day_tokens - tokens end
+    if at >= month and at < next_month then month_cost = month_cost - cost end
+  else
+    -- the minute window slides across day and month boundaries, and takes entries stamped
+    -- a little after `now` (a caller that read the clock later but reserved first)
+    minute[#minute + 1] = {at, tokens}
+    -- stamped in the next day or month (a clock running ahead): counted, not in the buckets
+    if at >= next_day then day_tokens = day_tokens + tokens end
+    if at >= next_month then month_cost = month_cost + cost end
+  end
+end
+
+local pending = redis.call('HGETALL', KEYS[2])
+for i = 1, #pending, 2 do
+  local at, tokens, cost = string.match(pending[i + 1], '^([^|]*)|([^|]*)|(.*)$')
+  at = tonumber(at)
+  tokens = tonumber(tokens)
+  if at <= stale then
+    -- abandoned by a process that died between reserve and commit
+    redis.call('HDEL', KEYS[2], pending[i])
+  elseif at <= horizon then
+    if at >= month then month_cost = month_cost + tonumber(cost) end
+    if at >= today then day_tokens = day_tokens + tokens end
+    if at > minute_from then minute[#minute + 1] = {at, tokens} end
+  end
+end
+table.sort(minute, function(a, b) return a[1] < b[1] end)
+
+local function wait(until_us)
+  local left = until_us - now
+  if left < 0 then left = 0 end
+  return left
+end
+
+if rpm and #minute + 1 > rpm then
+  if rpm < 1 then return {0, 'requests_per_minute', -1} end
+  return {0, 'requests_per_minute', wait(minute[#minute + 1 - rpm][1] + MINUTE)}
+end
+if tpm then
+  local used = 0
+  for _, e in ipairs(minute) do used = used + e[2] end
+  if used + demand_tokens > tpm then
+    if demand_tokens > tpm then return {0, 'tokens_per_minute', -1} end
+    local excess = used + demand_tokens - tpm
+    local freed = 0
+    local frees_at = now
+    for _, e in ipairs(minute) do
+      freed = freed + e[2]
+      frees_at = e[1] + MINUTE
+      if freed >= excess then break end
+    end
+    return {0, 'tokens_per_minute', wait(frees_at)}
+  end
+end
+if tpd and day_tokens + demand_tokens > tpd then
+  if demand_tokens > tpd then return {0, 'tokens_per_day', -1} end
+  return {0, 'tokens_per_day', next_day - now}
+end
+-- compared at the report's precision, as the reference does: round(x, 9) in Python is the
+-- double nearest the correctly rounded 9-decimal string, which is what %.9f gives here
+if usd and tonumber(string.format('%.9f', month_cost + demand_cost)) > usd then
+  if demand_cost > usd then return {0, 'usd_per_month', -1} end
+  return {0, 'usd_per_month', next_month - now}
+end
+redis.call('HSET', KEYS[2], ARGV[15], ARGV[1] .. '|' .. ARGV[13] .. '|' .. ARGV[14])
+redis.call('EXPIRE', KEYS[2], ARGV[16])
+return {1}
+"""
+
+# KEYS: pending, rec, recs, win, day, month, sums
+# ARGV: reservation id ('' = none), record key, record JSON, created_at, counts (1/0), tokens,
+#       cost, day TTL, month TTL, window TTL, day label, then (column, increment) pairs
+_RECORD_LUA = """
+if ARGV[1] ~= '' then redis.call('HDEL', KEYS[1], ARGV[1]) end
+if redis.call('HSETNX', KEYS[2], ARGV[2], ARGV[3]) == 0 then return 0 end
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[2])
+if ARGV[5] == '1' then
+  redis.call('ZADD', KEYS[4], ARGV[4], ARGV[6] .. '|' .. ARGV[7] .. '|' .. ARGV[2])
+  redis.call('EXPIRE', KEYS[4], ARGV[10])
+  redis.call('INCRBY', KEYS[5], ARGV[6])
+  redis.call('EXPIRE', KEYS[5], ARGV[8])
+  -- summed as doubles in call order, as the reference does; %.17g keeps every bit
+  -- (INCRBYFLOAT would round through long double and a 17-digit string)
+  local cost = tonumber(redis.call('GET', KEYS[6]) or '0') + tonumber(ARGV[7])
+  redis.call('SET', KEYS[6], string.format('%.17g', cost), 'EX', ARGV[9])
+end
+for i = 12, #ARGV, 2 do
+  local column = ARGV[11] .. ':' .. ARGV[i]
+  local total = tonumber(redis.call('HGET', KEYS[7], column) or '0') + tonumber(ARGV[i + 1])
+  redis.call('HSET', KEYS[7], column, string.format('%.17g', total))
+end
+return 1
+"""
+
+# KEYS: sums, recs, rec, viol, susp
+# ARGV: since day label ('' = everything), since (us), end of since's day (us), violations from
+_REPORT_LUA = (
+    _LUA_HMGET_ALL
+    + """
+local since_day = tonumber(ARGV[1])
+local totals, columns = {}, {}
+local flat = redis.call('HGETALL', KEYS[1])
+for i = 1, #flat, 2 do
+  local day, column = string.match(flat[i], '^(%d+):(.+)$')
+  -- whole days after the day of `since` come from the daily sums
+  if since_day == nil or tonumber(day) > since_day then
+    if totals[column] == nil then
+      totals[column] = 0
+      columns[#columns + 1] = column
+    end
+    totals[column] = totals[column] + tonumber(flat[i + 1])
+  end
+end
+local sums = {}
+for _, column in ipairs(columns) do
+  sums[#sums + 1] = column
+  sums[#sums + 1] = string.format('%.17g', totals[column])
+end
+-- the day of `since` itself is summed record by record
+local partial = {}
+if since_day ~= nil then
+  local ids = redis.call('ZRANGEBYSCORE', KEYS[2], ARGV[2], '(' .. ARGV[3])
+  partial = hmget_all(KEYS[3], ids)
+end
+local violations = redis.call('ZCOUNT', KEYS[4], ARGV[4], '+inf')
+local susp = redis.call('HMGET', KEYS[5], 'since', 'until')
+return {sums, partial, violations, susp}
+"""
+)
+
+# KEYS: recs, rec. ARGV: since score ('-inf' = everything), limit
+_RECORDS_LUA = (
+    _LUA_HMGET_ALL
+    + """
+local ids = redis.call('ZREVRANGEBYSCORE', KEYS[1], '+inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+return hmget_all(KEYS[2], ids)
+"""
+)
+
+
+@dataclass(frozen=True)
+class _Script:
+    source: str
+    sha: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
+
+
+_RESERVE = _Script(_RESERVE_LUA)
+_RECORD = _Script(_RECORD_LUA)
+_REPORT = _Script(_REPORT_LUA)
+_RECORDS = _Script(_RECORDS_LUA)
+
+# --------------------------------------------------------------------------------------------
+# Commands. An operation is a generator that yields batches of commands (one pipelined round
+# trip each) and receives their replies, so the sync and async stores share every decision and
+# differ only in how they send a batch. A batch holding a script must be safe to send twice:
+# after NOSCRIPT the driver loads the scripts and resends the batch.
+
+
+@dataclass(frozen=True)
+class _Cmd:
+    """A redis-py client method call: ``getattr(pipeline, name)(*args, **kwargs)``."""
+
+    name: str
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Eval:
+    script: _Script
+    keys: tuple[str, ...]
+    args: tuple[str | int, ...]
+
+
+_Batch = list[_Cmd | _Eval]
+_Op = Generator[_Batch, list[Any], T]
+
+
+def _cmd(name: str, *args: Any, **kwargs: Any) -> _Cmd:
+    return _Cmd(name, args, kwargs)
+
+
+def _queue(pipe: Any, batch: _Batch) -> None:
+    for item in batch:
+        if isinstance(item, _Eval):
+            pipe.evalsha(item.script.sha, len(item.keys), *item.keys, *item.args)
+        else:
+            getattr(pipe, item.name)(*item.args, **item.kwargs)
+
+
+def _scripts_in(batch: _Batch) -> list[_Script]:
+    return list(
+        {item.script.sha: item.script for item in batch if isinstance(item, _Eval)}.values()
+    )
+
+
+@contextmanager
+def _store_errors() -> Iterator[None]:
+    try:
+        yield
+    except redis.exceptions.RedisError as exc:
+        raise StoreError(f"The Redis usage store failed: {type(exc).__name__}: {exc}") from exc
+
+
+# --------------------------------------------------------------------------------------------
+# Serialisation
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _utc(moment: datetime) -> datetime:
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(timezone.utc)
+
+
+def _us(moment: datetime) -> int:
+    """Microseconds since the epoch: exact in a Lua double and in a sorted-set score."""
+    return (_utc(moment) - _EPOCH) // timedelta(microseconds=1)
+
+
+def _day_label(moment: datetime) -> str:
+    return _utc(moment).strftime("%Y%m%d")
+
+
+def _month_label(moment: datetime) -> str:
+    return _utc(moment).strftime("%Y%m")
+
+
+def _next_month_start(moment: datetime) -> datetime:
+    start = month_start(moment)
+    return (start + timedelta(days=32)).replace(day=1)
+
+
+def _ttl_seconds(until: datetime, moment: datetime) -> int:
+    """Seconds from ``moment`` to ``until`` plus a day's grace, at least one second.
+
+    Measured from the record's own time rather than the wall clock, so a record replayed late
+    or written with a test clock still gets a window that outlives its bucket.
+    """
+    return max(1, int((until - _utc(moment) + _BUCKET_GRACE).total_seconds()) + 1)
+
+
+def _float(value: float | int | None) -> str:
+    return repr(float(value or 0.0))
+
+
+def _limit(value: float | int | None) -> str:
+    return "" if value is None else repr(value)
+
+
+def _violation_json(violation: Violation) -> str:
+    return json.dumps(
+        {
+            # makes two otherwise identical violations two sorted-set members
+            "id": uuid.uuid4().hex,
+            "customer_id": violation.customer_id,
+            "created_at": violation.created_at.isoformat(),
+            "source": violation.source,
+            "categories": list(violation.categories),
+            "top_score": violation.top_score,
+            "endpoint": violation.endpoint,
+            "detail": violation.detail,
+        },
+        separators=(",", ":"),
+    )
+
+
+def _violation_from_json(raw: Any) -> Violation:
+    data = json.loads(_text(raw))
+    return Violation(
+        customer_id=data["customer_id"],
+        created_at=datetime.fromisoformat(data["created_at"]),
+        source=data["source"],
+        categories=tuple(data["categories"]),
+        top_score=data["top_score"],
+        endpoint=data["endpoint"],
+        detail=data["detail"],
+    )
+
+
+def _suspension(customer_id: str, since: Any, until: Any, reason: Any) -> Suspension | None:
+    if since is None:
+        return None
+    until_text = _text(until) if until is not None else ""
+    return Suspension(
+        customer_id=customer_id,
+        since=datetime.fromisoformat(_text(since)),
+        until=datetime.fromisoformat(until_text) if until_text else None,
+        reason=_text(reason) if reason is not None else "",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Key layout
+
+
+def _tag(customer_id: str) -> str:
+    escaped = customer_id.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
+    return escaped or "%"
+
+
+@dataclass(frozen=True)
+class _Keys:
+    prefix: str
+
+    def of(self, customer_id: str, name: str) -> str:
+        return f"{self.prefix}:{{{_tag(customer_id)}}}:{name}"
+
+    @property
+    def customers(self) -> str:
+        return f"{self.prefix}:customers"
+
+    @property
+    def suspended(self) -> str:
+        return f"{self.prefix}:suspended"
+
+    def identifier(self, identifier: str) -> str:
+        return f"{self.prefix}:ident:{identifier}"
+
+    def request(self, request_id: str) -> str:
+        return f"{self.prefix}:request:{request_id}"
+
+    def event(self, event_id: str) -> str:
+        return f"{self.prefix}:event:{event_id}"
+
+
+def _check_prefix(prefix: str) -> str:
+    if not prefix or "{" in prefix or "}" in prefix:
+        raise ConfigurationError(
+            "The Redis key prefix must be non-empty and free of '{' and '}' (they would move "
+            "every key into one cluster slot)."
+        )
+    return prefix
+
+
+# --------------------------------------------------------------------------------------------
+# Operations (shared by both stores)
+
+
+def _reserve(
+    keys: _Keys, customer_id: str, quota: Quota, demand: QuotaDemand, now: datetime
+) -> _Op[Reservation]:
+    now = _utc(now)
+    now_us = _us(now)
+    reservation_id = uuid.uuid4().hex
+    (reply,) = yield [
+        _Eval(
+            _RESERVE,
+            (
+                keys.of(customer_id, "win"),
+                keys.of(customer_id, "pending"),
+                keys.of(customer_id, f"day:{_day_label(now)}"),
+                keys.of(customer_id, f"month:{_month_label(now)}"),
+            ),
+            (
+                now_us,
+                now_us - int(MINUTE) * _US,
+                _us(day_start(now)),
+                _us(day_start(now) + timedelta(days=1)),
+                _us(month_start(now)),
+                _us(_next_month_start(now)),
+                _us(now - RESERVATION_TTL),
+                now_us - _WINDOW_KEEP_US,
+                _limit(quota.requests_per_minute),
+                _limit(quota.tokens_per_minute),
+                _limit(quota.tokens_per_day),
+                _limit(quota.usd_per_month),
+                int(demand.tokens),
+                _float(demand.cost_usd),
+                reservation_id,
+                _PENDING_TTL_S,
+                _us(now + CLOCK_SKEW),
+            ),
+        )
+    ]
+    if int(reply[0]) == 1:
+        return Reservation(reservation_id, customer_id, True)
+    retry_us = int(reply[2])
+    # integer microseconds / 10**6 is exactly how timedelta.total_seconds() rounds
+    retry_after = None if retry_us < 0 else retry_us / _US
+    return Reservation("", customer_id, False, _text(reply[1]), retry_after)
+
+
+def _record(keys: _Keys, record: UsageRecord, reservation_id: str) -> _Op[None]:
+    customer = record.customer_id
+    at = _utc(record.created_at)
+    # a record without an id gets one, as in the SQL stores, and is read back with it
+    key = record.record_id or uuid.uuid4().hex
+    sums: dict[str, dict[str, float | int]] = {}
+    add_to_report(sums, record)
+    columns = [(name, value) for name, value in sums[customer].items() if value]
+    columns.append(("records", 1))
+    yield [
+        # the set of customers lives in another slot, so it is kept outside the script; a
+        # customer listed with nothing written yet shows in no report
+        _cmd("sadd", keys.customers, customer),
+        _Eval(
+            _RECORD,
+            (
+                keys.of(customer, "pending"),
+                keys.of(customer, "rec"),
+                keys.of(customer, "recs"),
+                keys.of(customer, "win"),
+                keys.of(customer, f"day:{_day_label(at)}"),
+                keys.of(customer, f"month:{_month_label(at)}"),
+                keys.of(customer, "sums"),
+            ),
+            (
+                reservation_id,
+                key,
+                json.dumps({**record.to_dict(), "record_id": key}, separators=(",", ":")),
+                _us(at),
+                "1" if record.counts_as_request else "0",
+                record.tokens.total_tokens,
+                _float(record.cost_usd),
+                _ttl_seconds(day_start(at) + timedelta(days=1), at),
+                _ttl_seconds(_next_month_start(at), at),
+                _WINDOW_TTL_S,
+                _day_label(at),
+                *(part for name, value in columns for part in (name, _float(value))),
+            ),
+        ),
+    ]
+
+
+def _commit(keys: _Keys, reservation: Reservation, record: UsageRecord) -> _Op[None]:
+    if reservation.id and reservation.customer_id != record.customer_id:
+        # two customers are two slots: drop the hold first, then write the record
+        yield [_cmd("hdel", keys.of(reservation.customer_id, "pending"), reservation.id)]
+        yield from _record(keys, record, "")
+    else:
+        yield from _record(keys, record, reservation.id)
+
+
+def _release(keys: _Keys, reservation: Reservation) -> _Op[None]:
+    if reservation.id:
+        yield [_cmd("hdel", keys.of(reservation.customer_id, "pending"), reservation.id)]
+
+
+def _customers(keys: _Keys, only: str | None) -> Generator[_Batch, list[Any], list[list[str]]]:
+    """Every known customer (or just ``only``), in batches for pipelining."""
+    if only is not None:
+        return [[only]]
+    seen: set[str] = set()
+    cursor: int = 0
+    while True:
+        ((cursor, members),) = yield [_cmd("sscan", keys.customers, cursor, count=_SCAN_BATCH)]
+        seen.update(_text(m) for m in members)
+        if int(cursor) == 0:
+            break
+    ordered = sorted(seen)
+    return [ordered[i : i + _SCAN_BATCH] for i in range(0, len(ordered), _SCAN_BATCH)]
+
+
+def _usage_records(
+    keys: _Keys, customer_id: str | None, since: datetime | None, limit: int
+) -> _Op[list[UsageRecord]]:
+    if limit <= 0:
+        return []
+    since_score = "-inf" if since is None else str(_us(since))
+    found: list[UsageRecord] = []
+    for batch in (yield from _customers(keys, customer_id)):
+        replies = yield [
+            _Eval(_RECORDS, (keys.of(c, "recs"), keys.of(c, "rec")), (since_score, limit))
+            for c in batch
+        ]
+        for reply in replies:
+            found += (UsageRecord.from_dict(json.loads(_text(raw))) for raw in reply if raw)
+        found.sort(key=lambda r: r.created_at, reverse=True)
+        del found[limit:]
+    return found
+
+
+def _usage_report(
+    keys: _Keys, since: datetime | None, customer_id: str | None
+) -> _Op[list[CustomerReport]]:
+    if since is None:
+        args: tuple[str | int, ...] = ("", 0, 0, "-inf")
+    else:
+        since_day = day_start(since)
+        args = (_day_label(since), _us(since), _us(since_day + timedelta(days=1)), _us(since))
+    sums: dict[str, dict[str, float | int]] = {}
+    violations: dict[str, int] = {}
+    suspended: set[str] = set()
+    now = datetime.now(timezone.utc)
+    for batch in (yield from _customers(keys, customer_id)):
+        replies = yield [
+            _Eval(
+                _REPORT,
+                tuple(keys.of(c, name) for name in ("sums", "recs", "rec", "viol", "susp")),
+                args,
+            )
+            for c in batch
+        ]
+        for customer, (flat, partial, violation_count, susp) in zip(batch, replies, strict=True):
+            columns = {_text(flat[i]): float(_text(flat[i + 1])) for i in range(0, len(flat), 2)}
+            if columns.pop("records", 0) or partial:
+                row = sums.setdefault(customer, {})
+                for name, value in columns.items():
+                    row[name] = value if name == "cost_usd" else int(value)
+                if partial:
+                    # add_to_report only adds to columns that exist, so give it every one
+                    scratch: dict[str, dict[str, float | int]] = {}
+                    for raw in partial:
+                        if raw:
+                            add_to_report(scratch, UsageRecord.from_dict(json.loads(_text(raw))))
+                    for name, value in scratch.get(customer, {}).items():
+                        row[name] = row.get(name, 0) + value
+            if int(violation_count):
+                violations[customer] = int(violation_count)
+            suspension = _suspension(customer, susp[0], susp[1], "")
+            if suspension is not None and suspension.active_at(now):
+                suspended.add(customer)
+    return finish_report(sums, violations, suspended)
+
+
+def _record_violation(keys: _Keys, violation: Violation) -> _Op[None]:
+    yield [
+        _cmd("sadd", keys.customers, violation.customer_id),
+        _cmd(
+            "zadd",
+            keys.of(violation.customer_id, "viol"),
+            {_violation_json(violation): _us(violation.created_at)},
+        ),
+    ]
+
+
+def _count_violations(keys: _Keys, customer_id: str, since: datetime) -> _Op[int]:
+    (count,) = yield [_cmd("zcount", keys.of(customer_id, "viol"), _us(since), "+inf")]
+    return int(count)
+
+
+def _violations(
+    keys: _Keys, customer_id: str | None, since: datetime | None, limit: int
+) -> _Op[list[Violation]]:
+    if limit <= 0:
+        return []
+    low = "-inf" if since is None else _us(since)
+    found: list[Violation] = []
+    for batch in (yield from _customers(keys, customer_id)):
+        replies = yield [
+            _cmd("zrevrangebyscore", keys.of(c, "viol"), "+inf", low, start=0, num=limit)
+            for c in batch
+        ]
+        for reply in replies:
+            found += (_violation_from_json(raw) for raw in reply)
+        found.sort(key=lambda v: v.created_at, reverse=True)
+        del found[limit:]
+    return found
+
+
+def _suspend(
+    keys: _Keys, customer_id: str, reason: str, until: datetime | None, now: datetime
+) -> _Op[None]:
+    # the listing sets first: a listed customer without a suspension hash is skipped, while a
+    # suspension missing from the listing would hide from `suspensions()`
+    yield [
+        _cmd("sadd", keys.customers, customer_id),
+        _cmd("sadd", keys.suspended, customer_id),
+        _cmd(
+            "hset",
+            keys.of(customer_id, "susp"),
+            mapping={
+                "since": now.isoformat(),
+                "until": until.isoformat() if until is not None else "",
+                "reason": reason,
+            },
+        ),
+    ]
+
+
+def _unsuspend(keys: _Keys, customer_id: str) -> _Op[bool]:
+    deleted, _ = yield [
+        _cmd("delete", keys.of(customer_id, "susp")),
+        _cmd("srem", keys.suspended, customer_id),
+    ]
+    return int(deleted) > 0
+
+
+_SUSPENSION_FIELDS = ("since", "until", "reason")
+
+
+def _get_suspension(keys: _Keys, customer_id: str, now: datetime) -> _Op[Suspension | None]:
+    (fields,) = yield [_cmd("hmget", keys.of(customer_id, "susp"), list(_SUSPENSION_FIELDS))]
+    found = _suspension(customer_id, *fields)
+    return found if found is not None and found.active_at(now) else None
+
+
+def _suspensions(keys: _Keys, now: datetime) -> _Op[list[Suspension]]:
+    (members,) = yield [_cmd("smembers", keys.suspended)]
+    customers = sorted(_text(m) for m in members)
+    found: list[Suspension] = []
+    for start in range(0, len(customers), _SCAN_BATCH):
+        batch = customers[start : start + _SCAN_BATCH]
+        replies = yield [_cmd("hmget", keys.of(c, "susp"), list(_SUSPENSION_FIELDS)) for c in batch]
+        for customer, fields in zip(batch, replies, strict=True):
+            suspension = _suspension(customer, *fields)
+            if suspension is not None and suspension.active_at(now):
+                found.append(suspension)
+    return found
+
+
+def _set(key: str, value: str) -> _Op[None]:
+    yield [_cmd("set", key, value)]
+
+
+def _get(key: str) -> _Op[str | None]:
+    (value,) = yield [_cmd("get", key)]
+    return None if value is None else _text(value)
+
+
+def _claim_event(keys: _Keys, event_id: str) -> _Op[bool]:
+    (claimed,) = yield [_cmd("set", keys.event(event_id), "1", nx=True, ex=_EVENT_CLAIM_TTL_S)]
+    return bool(claimed)
+
+
+# --------------------------------------------------------------------------------------------
+# The stores
+
+
+class RedisStore:
+    """A usage store in Redis, shared by every process and host that uses the same Redis.
+
+    Quota reservations are one atomic Lua script each, so concurrent requests on any number of
+    replicas never overshoot a limit. See the module documentation for the persistence Redis
+    needs and the key layout.
+
+    Args:
+        client: A ``redis.Redis`` client (``decode_responses`` either way).
+        prefix: Namespace of every key, so several applications can share one Redis.
+        owns_client: Whether :meth:`close` closes ``client``.
+    """
+
+    def __init__(
+        self, client: redis.Redis, *, prefix: str = DEFAULT_PREFIX, owns_client: bool = False
+    ) -> None:
+        self.client = client
+        self.prefix = _check_prefix(prefix)
+        self._keys = _Keys(self.prefix)
+        self._owns_client = owns_client
+
+    @classmethod
+    def from_url(cls, url: str, *, prefix: str = DEFAULT_PREFIX, **options: Any) -> RedisStore:
+        """Open a store from a ``redis://`` or ``rediss://`` URL.
+
+        Args:
+            url: The Redis URL, e.g. ``redis://localhost:6379/0``.
+            prefix: Namespace of every key.
+            **options: Passed to ``redis.Redis.from_url`` (``socket_timeout``, ``retry``, ...).
+        """
+        _check_prefix(prefix)
+        return cls(redis.Redis.from_url(url, **options), prefix=prefix, owns_client=True)
+
+    def _send(self, batch: _Batch) -> list[Any]:
+        pipe = self.client.pipeline(transaction=False)
+        _queue(pipe, batch)
+        try:
+            return pipe.execute()
+        except redis.exceptions.NoScriptError:
+            # first use on this server, or its script cache was flushed
+            for script in _scripts_in(batch):
+                self.client.script_load(script.source)
+            pipe = self.client.pipeline(transaction=False)
+            _queue(pipe, batch)
+            return pipe.execute()
+
+    def _run(self, op: _Op[T]) -> T:
+        with _store_errors():
+            try:
+                batch = next(op)
+                while True:
+                    batch = op.send(self._send(batch))
+            except StopIteration as done:
+                result: T = done.value
+                return result
+
+    def reserve(
+        self, customer_id: str, quota: Quota, demand: QuotaDemand, *, now: datetime
+    ) -> Reservation:
+        return self._run(_reserve(self._keys, customer_id, quota, demand, now))
+
+    def commit(self, reservation: Reservation, record: UsageRecord) -> None:
+        self._run(_commit(self._keys, reservation, record))
+
+    def release(self, reservation: Reservation) -> None:
+        self._run(_release(self._keys, reservation))
+
+    def record_usage(self, record: UsageRecord) -> None:
+        self._run(_record(self._keys, record, ""))
+
+    def usage_records(
+        self, *, customer_id: str | None = None, since: datetime | None = None, limit: int = 1000
+    ) -> list[UsageRecord]:
+        return self._run(_usage_records(self._keys, customer_id, since, limit))
+
+    def usage_report(
+        self, *, since: datetime | None = None, customer_id: str | None = None
+    ) -> list[CustomerReport]:
+        return self._run(_usage_report(self._keys, since, customer_id))
+
+    def record_violation(self, violation: Violation) -> None:
+        self._run(_record_violation(self._keys, violation))
+
+    def count_violations(self, customer_id: str, *, since: datetime) -> int:
+        return self._run(_count_violations(self._keys, customer_id, since))
+
+    def violations(
+        self, *, customer_id: str | None = None, since: datetime | None = None, limit: int = 1000
+    ) -> list[Violation]:
+        return self._run(_violations(self._keys, customer_id, since, limit))
+
+    def suspend(
+        self, customer_id: str, *, reason: str, until: datetime | None, now: datetime
+    ) -> None:
+        self._run(_suspend(self._keys, customer_id, reason, until, now))
+
+    def unsuspend(self, customer_id: str) -> bool:
+        return self._run(_unsuspend(self._keys, customer_id))
+
+    def suspension(self, customer_id: str, *, now: datetime) -> Suspension | None:
+        return self._run(_get_suspension(self._keys, customer_id, now))
+
+    def suspensions(self, *, now: datetime) -> list[Suspension]:
+        return self._run(_suspensions(self._keys, now))
+
+    def remember_identifier(self, identifier: str, customer_id: str) -> None:
+        self._run(_set(self._keys.identifier(identifier), customer_id))
+
+    def customer_for_identifier(self, identifier: str) -> str | None:
+        return self._run(_get(self._keys.identifier(identifier)))
+
+    def remember_request(self, request_id: str, customer_id: str) -> None:
+        self._run(_set(self._keys.request(request_id), customer_id))
+
+    def customer_for_request(self, request_id: str) -> str | None:
+        return self._run(_get(self._keys.request(request_id)))
+
+    def claim_event(self, event_id: str) -> bool:
+        return self._run(_claim_event(self._keys, event_id))
+
+    def close(self) -> None:
+        """Close the client when this store opened it."""
+        if self._owns_client:
+            with _store_errors():
+                self.client.close()
+
+
+class AsyncRedisStore:
+    """The asyncio twin of :class:`RedisStore` (``redis.asyncio``), same keys and scripts.
+
+    Args:
+        client: A ``redis.asyncio.Redis`` client.
+        prefix: Namespace of every key.
+        owns_client: Whether :meth:`close` closes ``client``.
+    """
+
+    def __init__(
+        self,
+        client: redis.asyncio.Redis,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        owns_client: bool = False,
+    ) -> None:
+        self.client = client
+        self.prefix = _check_prefix(prefix)
+        self._keys = _Keys(self.prefix)
+        self._owns_client = owns_client
+
+    @classmethod
+    def from_url(cls, url: str, *, prefix: str = DEFAULT_PREFIX, **options: Any) -> AsyncRedisStore:
+        """Open a store from a ``redis://`` or ``rediss://`` URL (connects on first use).
+
+        Args:
+            url: The Redis URL.
+            prefix: Namespace of every key.
+            **options: Passed to ``redis.asyncio.Redis.from_url``.
+        """
+        _check_prefix(prefix)
+        return cls(redis.asyncio.Redis.from_url(url, **options), prefix=prefix, owns_client=True)
+
+    async def _send(self, batch: _Batch) -> list[Any]:
+        pipe = self.client.pipeline(transaction=False)
+        _queue(pipe, batch)
+        try:
+            return await pipe.execute()
+        except redis.exceptions.NoScriptError:
+            for script in _scripts_in(batch):
+                await self.client.script_load(script.source)
+            pipe = self.client.pipeline(transaction=False)
+            _queue(pipe, batch)
+            return await pipe.execute()
+
+    async def _run(self, op: _Op[T]) -> T:
+        with _store_errors():
+            try:
+                batch = next(op)
+                while True:
+                    batch = op.send(await self._send(batch))
+            except StopIteration as done:
+                result: T = done.value
+                return result
+
+    async def reserve(
+        self, customer_id: str, quota: Quota, demand: QuotaDemand, *, now: datetime
+    ) -> Reservation:
+        return await self._run(_reserve(self._keys, customer_id, quota, demand, now))
+
+    async def commit(self, reservation: Reservation, record: UsageRecord) -> None:
+        await self._run(_commit(self._keys, reservation, record))
+
+    async def release(self, reservation: Reservation) -> None:
+        await self._run(_release(self._keys, reservation))
+
+    async def record_usage(self, record: UsageRecord) -> None:
+        await self._run(_record(self._keys, record, ""))
+
+    async def usage_records(
+        self, *, customer_id: str | None = None, since: datetime | None = None, limit: int = 1000
+    ) -> list[UsageRecord]:
+        return await self._run(_usage_records(self._keys, customer_id, since, limit))
+
+    async def usage_report(
+        self, *, since: datetime | None = None, customer_id: str | None = None
+    ) -> list[CustomerReport]:
+        return await self._run(_usage_report(self._keys, since, customer_id))
+
+    async def record_violation(self, violation: Violation) -> None:
+        await self._run(_record_violation(self._keys, violation))
+
+    async def count_violations(self, customer_id: str, *, since: datetime) -> int:
+        return await self._run(_count_violations(self._keys, customer_id, since))
+
+    async def violations(
+        self, *, customer_id: str | None = None, since: datetime | None = None, limit: int = 1000
+    ) -> list[Violation]:
+        return await self._run(_violations(self._keys, customer_id, since, limit))
+
+    async def suspend(
+        self, customer_id: str, *, reason: str, until: datetime | None, now: datetime
+    ) -> None:
+        await self._run(_suspend(self._keys, customer_id, reason, until, now))
+
+    async def unsuspend(self, customer_id: str) -> bool:
+        return await self._run(_unsuspend(self._keys, customer_id))
+
+    async def suspension(self, customer_id: str, *, now: datetime) -> Suspension | None:
+        return await self._run(_get_suspension(self._keys, customer_id, now))
+
+    async def suspensions(self, *, now: datetime) -> list[Suspension]:
+        return await self._run(_suspensions(self._keys, now))
+
+    async def remember_identifier(self, identifier: str, customer_id: str) -> None:
+        await self._run(_set(self._keys.identifier(identifier), customer_id))
+
+    async def customer_for_identifier(self, identifier: str) -> str | None:
+        return await self._run(_get(self._keys.identifier(identifier)))
+
+    async def remember_request(self, request_id: str, customer_id: str) -> None:
+        await self._run(_set(self._keys.request(request_id), customer_id))
+
+    async def customer_for_request(self, request_id: str) -> str | None:
+        return await self._run(_get(self._keys.request(request_id)))
+
+    async def claim_event(self, event_id: str) -> bool:
+        return await self._run(_claim_event(self._keys, event_id))
+
+    async def close(self) -> None:
+        """Close the client when this store opened it."""
+        if self._owns_client:
+            with _store_errors():
+                await self.client.aclose()
