@@ -11,11 +11,12 @@ from __future__ import annotations
 import hashlib
 import inspect
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import httpx2
 import openai
@@ -30,6 +31,7 @@ from ._guard import (
     Call,
     Command,
     DrainSpool,
+    Flow,
     GuardState,
     Moderate,
     Spool,
@@ -171,7 +173,76 @@ def _spool_waiting(spool: Any) -> bool:
         return False
 
 
-class SafeClient(openai.OpenAI):
+class _Guarded:
+    """What both clients add to the SDK's: the shared state, the bound customer, copies that
+    keep both, and the steps of a guarded call that involve no I/O.
+    """
+
+    _safe: GuardState
+    _safe_customer: str | None
+    _safe_root: bool
+
+    def _adopt(self, state: GuardState, customer_id: str | None, *, root: bool) -> None:
+        self._safe = state
+        self._safe_customer = customer_id
+        # Copies share the root's state; only the root closes a store it opened.
+        self._safe_root = root
+
+    @property
+    def spool(self) -> LocalSpool | None:
+        """The local spool usage records wait in while the store is unreachable."""
+        spool: LocalSpool | None = self._safe.spool
+        return spool
+
+    @property
+    def policy(self) -> Policy:
+        """The policy in force."""
+        return self._safe.policy
+
+    @property
+    def customer_id(self) -> str | None:
+        """The customer this client is bound to, if any."""
+        return self._safe_customer
+
+    def for_customer(self, customer_id: str) -> Self:
+        """A client bound to one end customer, sharing this client's connections and state."""
+        return self.copy(_extra_kwargs={_CUSTOMER_KWARG: validate_customer_id(customer_id)})
+
+    def copy(self, **kwargs: Any) -> Self:
+        """The SDK's ``copy`` that keeps the guard, the store and the bound customer.
+
+        Libraries copy clients with any mix of arguments (``http_client=client._client``,
+        ``_extra_kwargs={}``, ``max_retries=...``): the state rides along whatever is given.
+        """
+        extra = dict(kwargs.pop("_extra_kwargs", None) or {})
+        extra[_STATE_KWARG] = self._safe
+        extra.setdefault(_CUSTOMER_KWARG, self._safe_customer)
+        copied: Self = cast(Any, super()).copy(_extra_kwargs=extra, **kwargs)
+        return copied
+
+    # The SDK binds ``with_options`` to its own ``copy``; rebind it or copies lose the guard.
+    with_options = copy
+
+    def _begin(
+        self, options: FinalRequestOptions
+    ) -> tuple[FinalRequestOptions, Flow[Call | None]] | None:
+        """The folded options and the guard's flow for a call, or ``None`` to pass it through."""
+        path = normalize_path(options.url)
+        if not is_guarded(options.method, path):
+            return None
+        options, body = _fold_body(options)
+        flow = begin(self._safe, bound_customer=self._safe_customer, path=path, body=body)
+        return options, flow
+
+    def _finish_flow(
+        self, call: Call, outcome: Outcome, usage: TokenUsage | None, rid: str | None, chars: int
+    ) -> Flow[None]:
+        return finish(
+            self._safe, call, outcome=outcome, usage=usage, request_id=rid, output_chars=chars
+        )
+
+
+class SafeClient(_Guarded, openai.OpenAI):
     """A drop-in ``openai.OpenAI`` that guards every model call for one end customer.
 
     Args:
@@ -190,9 +261,6 @@ class SafeClient(openai.OpenAI):
         ConfigurationError: No identifier secret, or a store or policy of the wrong kind.
     """
 
-    _safe: GuardState
-    _safe_customer: str | None
-
     def __init__(
         self,
         *,
@@ -206,12 +274,10 @@ class SafeClient(openai.OpenAI):
     ) -> None:
         state: GuardState | None = openai_kwargs.pop(_STATE_KWARG, None)
         bound: str | None = openai_kwargs.pop(_CUSTOMER_KWARG, None)
-        root = state is None  # copies share the root's state and never close its store
         super().__init__(**openai_kwargs)
+        root = state is None
         if state is None:
-            if moderator is not None and inspect.iscoroutinefunction(
-                getattr(moderator, "moderate", None)
-            ):
+            if inspect.iscoroutinefunction(getattr(moderator, "moderate", None)):
                 raise ConfigurationError("SafeClient needs a sync moderator.")
             state = _setup_state(
                 policy=policy,
@@ -224,9 +290,13 @@ class SafeClient(openai.OpenAI):
             )
             if state.moderator is None:
                 state.moderator = OpenAIModerator(self, model=state.moderation_model)
-        self._safe = state
-        self._safe_customer = bound
-        self._safe_root = root
+        self._adopt(state, bound, root=root)
+
+    @property
+    def store(self) -> UsageStore:
+        """The usage store in use."""
+        store: UsageStore = self._safe.store
+        return store
 
     @override
     def close(self) -> None:
@@ -236,26 +306,6 @@ class SafeClient(openai.OpenAI):
         finally:
             if self._safe_root and self._safe.owns_store:
                 self._safe.store.close()
-
-    @property
-    def store(self) -> UsageStore:
-        """The usage store in use."""
-        store: UsageStore = self._safe.store
-        return store
-
-    @property
-    def policy(self) -> Policy:
-        """The policy in force."""
-        return self._safe.policy
-
-    @property
-    def customer_id(self) -> str | None:
-        """The customer this client is bound to, if any."""
-        return self._safe_customer
-
-    def for_customer(self, customer_id: str) -> Self:
-        """A client bound to one end customer, sharing this client's connections and state."""
-        return self.copy(_extra_kwargs={_CUSTOMER_KWARG: validate_customer_id(customer_id)})
 
     def suspend(
         self, customer_id: str, *, reason: str, duration: timedelta | None = None
@@ -270,26 +320,16 @@ class SafeClient(openai.OpenAI):
         Returns:
             When the suspension ends, or ``None``.
         """
-        until: datetime | None = drive(
-            suspend(validate_customer_id(customer_id), reason=reason, duration=duration, by="api"),
-            self._execute,
+        flow = suspend(
+            validate_customer_id(customer_id), reason=reason, duration=duration, by="api"
         )
+        until: datetime | None = drive(flow, self._execute)
         return until
 
     def unsuspend(self, customer_id: str) -> bool:
         """Lift a customer's suspension. Returns whether one was in force."""
         lifted: bool = drive(unsuspend(customer_id, by="api"), self._execute)
         return lifted
-
-    @override
-    def copy(self, **kwargs: Any) -> Self:
-        """``openai.OpenAI.copy`` that keeps the guard, the store and the bound customer."""
-        extra = dict(kwargs.pop("_extra_kwargs", None) or {})
-        extra[_STATE_KWARG] = self._safe
-        extra.setdefault(_CUSTOMER_KWARG, self._safe_customer)
-        return super().copy(_extra_kwargs=extra, **kwargs)
-
-    with_options = copy
 
     @override
     def request(
@@ -300,14 +340,11 @@ class SafeClient(openai.OpenAI):
         stream: bool = False,
         stream_cls: Any = None,
     ) -> Any:
-        path = normalize_path(options.url)
-        if not is_guarded(options.method, path):
-            return super().request(cast_to, options, stream=stream, stream_cls=stream_cls)
-        options, body = _fold_body(options)
-        call = drive(
-            begin(self._safe, bound_customer=self._safe_customer, path=path, body=body),
-            self._execute,
-        )
+        planned = self._begin(options)
+        call = None
+        if planned is not None:
+            options, flow = planned
+            call = drive(flow, self._execute)
         if call is None:
             return super().request(cast_to, options, stream=stream, stream_cls=stream_cls)
         tap: UsageTap | None = None
@@ -328,51 +365,29 @@ class SafeClient(openai.OpenAI):
         finally:
             _active_tap.reset(token)
         if tap is not None:
-            if not isinstance(result, openai.Stream):
-                weakref.finalize(result, tap.end_soon)
+            _end_unread_stream(result, tap)
             return result
-        if isinstance(result, LegacyAPIResponse):
-            usage, request_id = _json_usage(result.http_response), result.request_id
-        elif isinstance(result, APIResponse):
-            if "json" in result.http_response.headers.get("content-type", ""):
-                result.http_response.read()
-            usage, request_id = _json_usage(result.http_response), result.request_id
-        else:
-            usage = token_usage_from_payload(result)
-            request_id = getattr(result, "_request_id", None)
-        self._finish(call, "ok", usage, request_id, 0)
+        if isinstance(result, APIResponse) and _is_json(result.http_response):
+            result.http_response.read()  # small JSON bodies: read now to record their usage
+        self._finish(call, "ok", *_usage_of(result), 0)
         return result
+
+    @override
+    def _prepare_options(self, options: FinalRequestOptions) -> FinalRequestOptions:
+        refuse_websocket(self._safe, options.url)
+        return super()._prepare_options(options)
 
     @override
     def _build_request(
         self, options: FinalRequestOptions, *, retries_taken: int = 0
     ) -> httpx2.Request:
-        request = super()._build_request(options, retries_taken=retries_taken)
-        tap = _active_tap.get()
-        if tap is not None:
-            request.extensions[TAP_KEY] = tap
-        return request
+        return _with_tap(super()._build_request(options, retries_taken=retries_taken))
 
     def _finish(
-        self,
-        call: Call,
-        outcome: Outcome,
-        usage: TokenUsage | None,
-        request_id: str | None,
-        output_chars: int,
+        self, call: Call, outcome: Outcome, usage: TokenUsage | None, rid: str | None, chars: int
     ) -> None:
         try:
-            drive(
-                finish(
-                    self._safe,
-                    call,
-                    outcome=outcome,
-                    usage=usage,
-                    request_id=request_id,
-                    output_chars=output_chars,
-                ),
-                self._execute,
-            )
+            drive(self._finish_flow(call, outcome, usage, rid, chars), self._execute)
         except Exception:
             # Recording must never break the caller's response; _write already spooled.
             log.exception("safe_openai.usage_record_failed", customer_id=call.customer_id)
@@ -380,40 +395,24 @@ class SafeClient(openai.OpenAI):
     def _execute(self, command: Command) -> Any:
         state = self._safe
         if isinstance(command, StoreCall):
-            try:
+            with _store_errors(command):
                 return getattr(state.store, command.method)(*command.args, **command.kwargs)
-            except SafeOpenAIError:
-                raise
-            except Exception as exc:
-                raise StoreError(f"The usage store failed on {command.method}.") from exc
         if isinstance(command, Moderate):
-            try:
-                results = state.moderator.moderate(list(command.inputs))
-            except SafeOpenAIError:
-                raise
-            except Exception as exc:
-                raise ModerationUnavailable("The moderator failed.") from exc
-            return list(results)
-        if isinstance(command, Spool):
-            _spool(state, command)
-            return None
+            with _moderator_errors():
+                return list(state.moderator.moderate(list(command.inputs)))
         if isinstance(command, DrainSpool):
-            if state.spool is None:
-                return 0
-            state.spool.drain(state.store)
-            return int(_spool_waiting(state.spool))
-        raise TypeError(f"unknown command {command!r}")
+            if state.spool is not None:
+                state.spool.drain(state.store)
+            return _left_in_spool(state)
+        return _run_local(state, command)
 
 
-class AsyncSafeClient(openai.AsyncOpenAI):
+class AsyncSafeClient(_Guarded, openai.AsyncOpenAI):
     """A drop-in ``openai.AsyncOpenAI`` that guards every model call for one end customer.
 
     Takes the same arguments as :class:`SafeClient`; the store must be an async store (or a
     URL) and the moderator may be sync or async.
     """
-
-    _safe: GuardState
-    _safe_customer: str | None
 
     def __init__(
         self,
@@ -428,8 +427,8 @@ class AsyncSafeClient(openai.AsyncOpenAI):
     ) -> None:
         state: GuardState | None = openai_kwargs.pop(_STATE_KWARG, None)
         bound: str | None = openai_kwargs.pop(_CUSTOMER_KWARG, None)
-        root = state is None  # copies share the root's state and never close its store
         super().__init__(**openai_kwargs)
+        root = state is None
         if state is None:
             state = _setup_state(
                 policy=policy,
@@ -442,9 +441,13 @@ class AsyncSafeClient(openai.AsyncOpenAI):
             )
             if state.moderator is None:
                 state.moderator = AsyncOpenAIModerator(self, model=state.moderation_model)
-        self._safe = state
-        self._safe_customer = bound
-        self._safe_root = root
+        self._adopt(state, bound, root=root)
+
+    @property
+    def store(self) -> AsyncUsageStore:
+        """The usage store in use."""
+        store: AsyncUsageStore = self._safe.store
+        return store
 
     @override
     async def close(self) -> None:
@@ -455,50 +458,20 @@ class AsyncSafeClient(openai.AsyncOpenAI):
             if self._safe_root and self._safe.owns_store:
                 await self._safe.store.close()
 
-    @property
-    def store(self) -> AsyncUsageStore:
-        """The usage store in use."""
-        store: AsyncUsageStore = self._safe.store
-        return store
-
-    @property
-    def policy(self) -> Policy:
-        """The policy in force."""
-        return self._safe.policy
-
-    @property
-    def customer_id(self) -> str | None:
-        """The customer this client is bound to, if any."""
-        return self._safe_customer
-
-    def for_customer(self, customer_id: str) -> Self:
-        """A client bound to one end customer, sharing this client's connections and state."""
-        return self.copy(_extra_kwargs={_CUSTOMER_KWARG: validate_customer_id(customer_id)})
-
     async def suspend(
         self, customer_id: str, *, reason: str, duration: timedelta | None = None
     ) -> datetime | None:
         """Suspend a customer (see :meth:`SafeClient.suspend`)."""
-        until: datetime | None = await adrive(
-            suspend(validate_customer_id(customer_id), reason=reason, duration=duration, by="api"),
-            self._execute,
+        flow = suspend(
+            validate_customer_id(customer_id), reason=reason, duration=duration, by="api"
         )
+        until: datetime | None = await adrive(flow, self._execute)
         return until
 
     async def unsuspend(self, customer_id: str) -> bool:
         """Lift a customer's suspension. Returns whether one was in force."""
         lifted: bool = await adrive(unsuspend(customer_id, by="api"), self._execute)
         return lifted
-
-    @override
-    def copy(self, **kwargs: Any) -> Self:
-        """``openai.AsyncOpenAI.copy`` that keeps the guard, the store and the bound customer."""
-        extra = dict(kwargs.pop("_extra_kwargs", None) or {})
-        extra[_STATE_KWARG] = self._safe
-        extra.setdefault(_CUSTOMER_KWARG, self._safe_customer)
-        return super().copy(_extra_kwargs=extra, **kwargs)
-
-    with_options = copy
 
     @override
     async def request(
@@ -509,14 +482,11 @@ class AsyncSafeClient(openai.AsyncOpenAI):
         stream: bool = False,
         stream_cls: Any = None,
     ) -> Any:
-        path = normalize_path(options.url)
-        if not is_guarded(options.method, path):
-            return await super().request(cast_to, options, stream=stream, stream_cls=stream_cls)
-        options, body = _fold_body(options)
-        call = await adrive(
-            begin(self._safe, bound_customer=self._safe_customer, path=path, body=body),
-            self._execute,
-        )
+        planned = self._begin(options)
+        call = None
+        if planned is not None:
+            options, flow = planned
+            call = await adrive(flow, self._execute)
         if call is None:
             return await super().request(cast_to, options, stream=stream, stream_cls=stream_cls)
         tap: UsageTap | None = None
@@ -538,86 +508,122 @@ class AsyncSafeClient(openai.AsyncOpenAI):
         finally:
             _active_tap.reset(token)
         if tap is not None:
-            if not isinstance(result, openai.AsyncStream):
-                weakref.finalize(result, tap.end_soon)
+            _end_unread_stream(result, tap)
             return result
-        if isinstance(result, LegacyAPIResponse):
-            usage, request_id = _json_usage(result.http_response), result.request_id
-        elif isinstance(result, AsyncAPIResponse):
-            if "json" in result.http_response.headers.get("content-type", ""):
-                await result.http_response.aread()
-            usage, request_id = _json_usage(result.http_response), result.request_id
-        else:
-            usage = token_usage_from_payload(result)
-            request_id = getattr(result, "_request_id", None)
-        await self._finish(call, "ok", usage, request_id, 0)
+        if isinstance(result, AsyncAPIResponse) and _is_json(result.http_response):
+            await result.http_response.aread()  # small JSON bodies: read now to record usage
+        await self._finish(call, "ok", *_usage_of(result), 0)
         return result
+
+    @override
+    async def _prepare_options(self, options: FinalRequestOptions) -> FinalRequestOptions:
+        refuse_websocket(self._safe, options.url)
+        return await super()._prepare_options(options)
 
     @override
     def _build_request(
         self, options: FinalRequestOptions, *, retries_taken: int = 0
     ) -> httpx2.Request:
-        request = super()._build_request(options, retries_taken=retries_taken)
-        tap = _active_tap.get()
-        if tap is not None:
-            request.extensions[TAP_KEY] = tap
-        return request
+        return _with_tap(super()._build_request(options, retries_taken=retries_taken))
 
     async def _finish(
-        self,
-        call: Call,
-        outcome: Outcome,
-        usage: TokenUsage | None,
-        request_id: str | None,
-        output_chars: int,
+        self, call: Call, outcome: Outcome, usage: TokenUsage | None, rid: str | None, chars: int
     ) -> None:
         try:
-            await adrive(
-                finish(
-                    self._safe,
-                    call,
-                    outcome=outcome,
-                    usage=usage,
-                    request_id=request_id,
-                    output_chars=output_chars,
-                ),
-                self._execute,
-            )
+            await adrive(self._finish_flow(call, outcome, usage, rid, chars), self._execute)
         except Exception:
             log.exception("safe_openai.usage_record_failed", customer_id=call.customer_id)
 
     async def _execute(self, command: Command) -> Any:
         state = self._safe
         if isinstance(command, StoreCall):
-            try:
+            with _store_errors(command):
                 return await getattr(state.store, command.method)(*command.args, **command.kwargs)
-            except SafeOpenAIError:
-                raise
-            except Exception as exc:
-                raise StoreError(f"The usage store failed on {command.method}.") from exc
         if isinstance(command, Moderate):
-            try:
+            with _moderator_errors():
                 results = state.moderator.moderate(list(command.inputs))
                 if inspect.isawaitable(results):
                     results = await results
-            except SafeOpenAIError:
-                raise
-            except Exception as exc:
-                raise ModerationUnavailable("The moderator failed.") from exc
-            return list(results)
-        if isinstance(command, Spool):
-            _spool(state, command)
-            return None
+                return list(results)
         if isinstance(command, DrainSpool):
-            if state.spool is None:
-                return 0
-            await state.spool.adrain(state.store)
-            return int(_spool_waiting(state.spool))
+            if state.spool is not None:
+                await state.spool.adrain(state.store)
+            return _left_in_spool(state)
+        return _run_local(state, command)
+
+
+def _with_tap(request: httpx2.Request) -> httpx2.Request:
+    """Attach the tap of the streamed call being sent, for the stream built from its response."""
+    tap = _active_tap.get()
+    if tap is not None:
+        request.extensions[TAP_KEY] = tap
+    return request
+
+
+def _end_unread_stream(result: object, tap: UsageTap) -> None:
+    """A raw response whose stream is never parsed still records its usage (an estimate)."""
+    if not isinstance(result, (openai.Stream, openai.AsyncStream)):
+        weakref.finalize(result, tap.end_soon)
+
+
+def _is_json(response: httpx2.Response) -> bool:
+    return "json" in response.headers.get("content-type", "")
+
+
+def _usage_of(result: object) -> tuple[TokenUsage | None, str | None]:
+    """Token usage and request id of a non-streamed result, parsed or raw."""
+    if isinstance(result, (LegacyAPIResponse, APIResponse, AsyncAPIResponse)):
+        return _json_usage(result.http_response), result.request_id
+    return token_usage_from_payload(result), getattr(result, "_request_id", None)
+
+
+@contextmanager
+def _store_errors(command: StoreCall) -> Iterator[None]:
+    """Any store failure becomes a StoreError, with the cause chained."""
+    try:
+        yield
+    except SafeOpenAIError:
+        raise
+    except Exception as exc:
+        raise StoreError(f"The usage store failed on {command.method}.") from exc
+
+
+@contextmanager
+def _moderator_errors() -> Iterator[None]:
+    """Any moderator failure means moderation is unavailable (the policy then decides)."""
+    try:
+        yield
+    except SafeOpenAIError:
+        raise
+    except Exception as exc:
+        raise ModerationUnavailable("The moderator failed.") from exc
+
+
+def _left_in_spool(state: GuardState) -> int:
+    return int(state.spool is not None and _spool_waiting(state.spool))
+
+
+def _run_local(state: GuardState, command: Command) -> None:
+    """Commands with no store or network I/O, the same for both clients."""
+    if not isinstance(command, Spool):
         raise TypeError(f"unknown command {command!r}")
-
-
-def _spool(state: GuardState, command: Spool) -> None:
     if state.spool is None:
         log.error("safe_openai.usage_lost", customer_id=command.record.customer_id)
         return
     state.spool.append(command.record, command.reservation_id)
+
+
+def refuse_websocket(state: GuardState, url: str) -> None:
+    """Refuse to open a WebSocket (Responses ``connect``, Realtime, Live) unless the policy
+    allows it: events sent on a socket never pass the guard, so a drop-in must not open one
+    silently. Every WebSocket the SDK opens prepares its options here first.
+    """
+    if not url.startswith(("ws://", "wss://")):
+        return
+    endpoint = "wss:" + normalize_path(url)
+    if not state.policy.allow_unguarded(endpoint):
+        raise UnguardedPathError(
+            f"WebSocket sessions ({endpoint}) are not moderated by safe_openai yet; allow them "
+            "in the policy (Policy.allow_unguarded) if that is intended."
+        )
+    log.warning("safe_openai.unguarded_websocket_allowed", endpoint=endpoint)

@@ -223,8 +223,11 @@ class Policy:
         return "ignore"
 
     def allow_unguarded(self, endpoint: str) -> bool:
-        """Whether to let through an endpoint that sends content on a path the guard cannot
-        inspect (agents sessions, realtime, live, evals runs). The default refuses it with
+        """Whether to let through a path that sends content the guard cannot inspect.
+
+        ``endpoint`` is an HTTP path (``"/realtime/client_secrets"``, ``"/agents/sessions"``,
+        ``"/evals/..."``) or a WebSocket one prefixed ``"wss:"`` (``"wss:/responses"`` for
+        ``responses.connect``, ``"wss:/realtime"``). The default refuses them all with
         :class:`~safe_openai.errors.UnguardedPathError`.
         """
         return False
@@ -323,20 +326,25 @@ def judge_by_thresholds(
         results: One moderation result per piece of content.
         thresholds: Category -> blocking score. Categories missing here block when flagged.
     """
-    top: dict[str, float] = {}
     blocking: set[str] = set()
+    for result in results:
+        # Flags matter only when something is flagged; thresholds always apply.
+        if result.flagged or any(result.categories.values()):
+            blocking.update(
+                c for c, hit in result.categories.items() if hit and c not in thresholds
+            )
+        for category, limit in thresholds.items():
+            if result.scores.get(category, 0.0) >= limit:
+                blocking.add(category)
+    if not blocking:
+        return _PASS
+    top: dict[str, float] = {}
     for result in results:
         for category, score in result.scores.items():
             if score > top.get(category, -1.0):
                 top[category] = score
-            limit = thresholds.get(category)
-            if limit is None:
-                if result.categories.get(category):
-                    blocking.add(category)
-            elif score >= limit:
-                blocking.add(category)
-        for category, flagged in result.categories.items():
-            if flagged and category not in thresholds and category not in result.scores:
-                blocking.add(category)
     ordered = tuple(sorted(blocking, key=lambda c: (-top.get(c, 0.0), c)))
-    return Verdict(blocked=bool(ordered), categories=ordered, scores=top)
+    return Verdict(blocked=True, categories=ordered, scores=top)
+
+
+_PASS = Verdict(blocked=False)

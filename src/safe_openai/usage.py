@@ -238,6 +238,11 @@ def _int(value: Any) -> int:
 def _get(obj: Any, name: str) -> Any:
     if isinstance(obj, Mapping):
         return obj.get(name)
+    # SDK models keep their fields in __dict__; a missing attribute on a pydantic model costs an
+    # exception, so look there first.
+    fields = getattr(obj, "__dict__", None)
+    if fields is not None:
+        return fields.get(name)
     return getattr(obj, name, None)
 
 
