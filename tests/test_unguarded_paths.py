@@ -16,14 +16,22 @@ class AllowWebSockets(DefaultPolicy):
         return endpoint.startswith("wss:")
 
 
-def test_responses_websocket_is_refused_before_connecting(client: SafeClient, fake: FakeOpenAI) -> None:
-    with pytest.raises(UnguardedPathError, match="wss:/responses"), client.for_customer("acme").responses.connect():
+def test_responses_websocket_is_refused_before_connecting(
+    client: SafeClient, fake: FakeOpenAI
+) -> None:
+    with (
+        pytest.raises(UnguardedPathError, match="wss:/responses"),
+        client.for_customer("acme").responses.connect(),
+    ):
         pass
     assert fake.requests == []
 
 
 def test_realtime_websocket_is_refused_before_connecting(client: SafeClient) -> None:
-    with pytest.raises(UnguardedPathError, match="wss:/realtime"), client.realtime.connect(model="gpt-realtime"):
+    with (
+        pytest.raises(UnguardedPathError, match="wss:/realtime"),
+        client.realtime.connect(model="gpt-realtime"),
+    ):
         pass
 
 
@@ -46,7 +54,9 @@ def test_policy_may_allow_websockets_explicitly(fake: FakeOpenAI) -> None:
         pass
 
 
-def test_http_paths_that_feed_models_unseen_are_refused(client: SafeClient, fake: FakeOpenAI) -> None:
+def test_http_paths_that_feed_models_unseen_are_refused(
+    client: SafeClient, fake: FakeOpenAI
+) -> None:
     with pytest.raises(UnguardedPathError, match="/realtime/client_secrets"):
         client.realtime.client_secrets.create()
     assert fake.requests == []
