@@ -6,7 +6,11 @@ synchronous store in one thread:
 - ``record_usage``: records written per second (each its own durable write);
 - ``reserve+commit``: quota checks per second, each a reservation against a quota with every
   limit set (so every window is evaluated) followed by the commit of its usage record;
-- ``report``: milliseconds for ``usage_report()`` over everything written.
+- ``report``: milliseconds for ``usage_report()`` over everything written;
+- ``store ms per guarded call``: a SafeClient with a quota on every limit, calling chat
+  completions over the offline FakeOpenAI transport (moderation cached), per call, minus the
+  same client on ``memory://`` in the same run: the time the store adds to one guarded call
+  (standing check, reservation, commit, identifier and request maps).
 
 Ten customers share the load, so each customer's minute window holds many entries, as for a
 busy tenant. A measurement stops after ``--records`` operations or ``--seconds`` seconds,
@@ -35,12 +39,18 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from safe_openai import DefaultPolicy, SafeClient
 from safe_openai.errors import StoreError
 from safe_openai.policy import Quota
 from safe_openai.stores import QuotaDemand, UsageStore, store_from_url
+from safe_openai.testing import FakeOpenAI
 from safe_openai.usage import TokenUsage, UsageRecord
 
 RESULTS = Path(__file__).parent / "results" / "stores.json"
+# High enough never to refuse: every window is still evaluated on each call.
+GUARDED_QUOTA = Quota(
+    requests_per_minute=10**9, tokens_per_minute=10**12, tokens_per_day=10**12, usd_per_month=1e9
+)
 CUSTOMERS = [f"customer-{n}" for n in range(10)]
 # every limit set and none reached: each check evaluates every window
 QUOTA = Quota(
@@ -108,6 +118,28 @@ def measure(store: UsageStore, records: int, seconds: float) -> dict[str, Any]:
         "checks_done": checked,
         "report_ms": round(report_ms, 1),
     }
+
+
+def guarded_call_ms(store: UsageStore, calls: int) -> float:
+    """Milliseconds per guarded chat call on ``store``, moderation served from the cache."""
+    fake = FakeOpenAI(reply="ok")
+    client = SafeClient(
+        **fake.openai_kwargs(),
+        identifier_secret="bench",
+        store=store,
+        spool=False,
+        policy=DefaultPolicy(quota=GUARDED_QUOTA),
+    ).for_customer(f"bench-{uuid.uuid4().hex[:8]}")
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    for _ in range(5):
+        client.chat.completions.create(model="gpt-4o-mini", messages=messages)
+    best = float("inf")
+    for _ in range(5):  # the fastest of five rounds: the slower ones measure other processes
+        started = time.perf_counter()
+        for _ in range(calls):
+            client.chat.completions.create(model="gpt-4o-mini", messages=messages)
+        best = min(best, (time.perf_counter() - started) / calls)
+    return best * 1000
 
 
 def _reachable(url: str, default_port: int) -> str | None:
@@ -182,6 +214,7 @@ def main() -> None:
         "--postgres-url",
         default=os.environ.get("SAFE_OPENAI_BENCH_POSTGRES_URL", "postgresql://127.0.0.1/test"),
     )
+    parser.add_argument("--calls", type=int, default=100, help="guarded calls per round")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
 
@@ -197,6 +230,7 @@ def main() -> None:
                 store = store_from_url(backend["url"], **backend["options"])
                 try:
                     row.update(measure(store, args.records, args.seconds))
+                    row["guarded_call_ms"] = round(guarded_call_ms(store, args.calls), 3)
                 finally:
                     store.close()
             except StoreError as exc:
@@ -206,14 +240,22 @@ def main() -> None:
                     backend["cleanup"]()
             results.append(row)
 
-    print(f"{'backend':<10} {'record_usage/s':>15} {'reserve+commit/s':>17} {'report ms':>10}")
+    memory_ms = next((r["guarded_call_ms"] for r in results if r["backend"] == "memory"), 0.0)
+    for row in results:
+        if "guarded_call_ms" in row:
+            row["store_ms_per_guarded_call"] = round(row["guarded_call_ms"] - memory_ms, 3)
+    print(
+        f"{'backend':<10} {'record_usage/s':>15} {'reserve+commit/s':>17} {'report ms':>10} "
+        f"{'store ms/call':>14}"
+    )
     for row in results:
         if "skipped" in row:
             print(f"{row['backend']:<10} skipped: {row['skipped']}")
             continue
         print(
             f"{row['backend']:<10} {row['record_usage_per_s']:>15,.0f} "
-            f"{row['reserve_commit_per_s']:>17,.0f} {row['report_ms']:>10.1f}"
+            f"{row['reserve_commit_per_s']:>17,.0f} {row['report_ms']:>10.1f} "
+            f"{row['store_ms_per_guarded_call']:>14.3f}"
         )
     payload = {
         "benchmark": "stores",

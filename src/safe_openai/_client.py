@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import json
+import posixpath
 import weakref
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 import httpx2
 import openai
@@ -24,6 +26,7 @@ import structlog
 from openai._legacy_response import LegacyAPIResponse
 from openai._models import FinalRequestOptions
 from openai._response import APIResponse, AsyncAPIResponse
+from openai._utils._json import openapi_dumps
 from typing_extensions import Self, override
 
 from ._extract import body_from_content, is_guarded, normalize_path
@@ -54,13 +57,16 @@ from .errors import (
     UnguardedPathError,
 )
 from .policy import DefaultPolicy, Policy
+from .stores import (
+    AsyncUsageStore,
+    UsageStore,
+    async_store_from_url,
+    default_store_url,
+    store_from_url,
+)
 from .stores import Spool as LocalSpool
-from .stores import async_store_from_url, default_store_url, store_from_url
 from .stores._spool import default_spool_dir
 from .usage import Outcome, PriceTable, TokenUsage, token_usage_from_payload
-
-if TYPE_CHECKING:
-    from .stores import AsyncUsageStore, UsageStore
 
 __all__ = ["AsyncSafeClient", "SafeClient"]
 
@@ -79,7 +85,8 @@ def _is_async_store(store: object) -> bool:
 
 def _fold_body(options: FinalRequestOptions) -> tuple[FinalRequestOptions, dict[str, Any]]:
     """A copy of ``options`` whose JSON body has ``extra_body`` folded in (it wins, as in the
-    SDK), so moderation sees exactly what will be sent.
+    SDK) and is put through the SDK's own JSON encoding, so moderation sees exactly what will
+    be sent: tuples become lists and pydantic objects dicts, as they will on the wire.
     """
     options = options.model_copy()
     body: dict[str, Any]
@@ -102,6 +109,7 @@ def _fold_body(options: FinalRequestOptions) -> tuple[FinalRequestOptions, dict[
     if options.extra_json:
         body.update(options.extra_json)
         options.extra_json = None
+    body = json.loads(openapi_dumps(body))
     options.json_data = body
     return options, body
 
@@ -135,6 +143,11 @@ def _setup_state(
     if store is None or isinstance(store, str):
         url = store or default_store_url()
         store = async_store_from_url(url) if is_async else store_from_url(url)
+    elif not isinstance(store, AsyncUsageStore if is_async else UsageStore):
+        raise ConfigurationError(
+            f"store must be a URL or an object with the {'Async' if is_async else ''}UsageStore "
+            f"methods, got {type(store).__name__}"
+        )
     elif _is_async_store(store) != is_async:
         kind = "an async" if is_async else "a sync"
         raise ConfigurationError(f"This client needs {kind} usage store.")
@@ -227,12 +240,28 @@ class _Guarded:
         self, options: FinalRequestOptions
     ) -> tuple[FinalRequestOptions, Flow[Call | None]] | None:
         """The folded options and the guard's flow for a call, or ``None`` to pass it through."""
-        path = normalize_path(options.url)
+        path = self._api_path(options.url)
         if not is_guarded(options.method, path):
             return None
         options, body = _fold_body(options)
         flow = begin(self._safe, bound_customer=self._safe_customer, path=path, body=body)
         return options, flow
+
+    def _api_path(self, url: str) -> str:
+        """The API path the SDK will really request for ``url``, relative to the base URL.
+
+        The SDK's own resources pass plain paths (``/chat/completions``); anything else
+        (``chat/completions``, ``/./chat/completions``, ``%2F``, an absolute URL) is resolved
+        the way the request will be, so no spelling of a path can skip the guard.
+        """
+        if url.startswith("/") and not any(mark in url for mark in ("/.", "//", "%", "\\")):
+            return normalize_path(url)
+        client = cast("openai.OpenAI | openai.AsyncOpenAI", self)
+        path = posixpath.normpath(client._prepare_url(url).path)
+        base = posixpath.normpath(client.base_url.path).rstrip("/")
+        if base and (path == base or path.startswith(base + "/")):
+            path = path[len(base) :]
+        return normalize_path(path or "/")
 
     def _finish_flow(
         self, call: Call, outcome: Outcome, usage: TokenUsage | None, rid: str | None, chars: int
@@ -563,7 +592,7 @@ def _with_tap(request: httpx2.Request) -> httpx2.Request:
 def _end_unread_stream(result: object, tap: UsageTap) -> None:
     """A raw response whose stream is never parsed still records its usage (an estimate)."""
     if not isinstance(result, (openai.Stream, openai.AsyncStream)):
-        weakref.finalize(result, tap.end_soon)
+        tap.unread = weakref.finalize(result, tap.end_soon)
 
 
 def _is_json(response: httpx2.Response) -> bool:

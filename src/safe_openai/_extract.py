@@ -179,6 +179,10 @@ def _chat(body: Mapping[str, Any], out: Extraction) -> None:
                     out.text(args, role, f"{where}.tool_calls[{j}].arguments")
         if message.get("audio") is not None:
             out.opaque("audio", role)
+    prediction = body.get("prediction")
+    if isinstance(prediction, Mapping):
+        # Predicted output is usually the customer's own document, and the model reads it.
+        _text_or_parts(prediction.get("content"), "user", "prediction.content", out)
 
 
 def _responses_input(items: object, out: Extraction, where: str = "input") -> None:
@@ -327,6 +331,9 @@ ENDPOINTS: dict[str, EndpointSpec] = {
     "/videos/{}/remix": EndpointSpec("videos.remix", _prompt_like("prompt")),
     "/videos/edits": EndpointSpec("videos.edits", _prompt_like("prompt")),
     "/videos/extensions": EndpointSpec("videos.extensions", _prompt_like("prompt")),
+    "/videos/characters": EndpointSpec(
+        "videos.characters", lambda body, out: out.opaque("file", "user")
+    ),
     "/threads": EndpointSpec("threads", _thread_messages),
     "/threads/runs": EndpointSpec("threads.runs", _thread_messages),
     "/threads/{}/messages": EndpointSpec("threads.messages", _thread_messages),
@@ -338,6 +345,7 @@ ENDPOINTS: dict[str, EndpointSpec] = {
 #: allows them explicitly (a drop-in must never offer an unguarded path silently).
 UNGUARDED_CONTENT_PATHS: tuple[str, ...] = (
     "/agents/sessions",
+    "/agents/automations",
     "/chatkit/sessions",
     "/realtime/",
     "/live/",

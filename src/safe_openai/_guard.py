@@ -361,7 +361,11 @@ def _moderate(
             top_score=verdict.top_score,
             endpoint=call.endpoint,
         )
-        yield from record_violation(state, violation)
+        try:
+            yield from record_violation(state, violation)
+        except StoreError:
+            # The block stands whatever the store says; the strike is what gets lost.
+            log.error("safe_openai.violation_not_recorded", customer_id=call.customer_id)
     raise ModerationBlocked(
         call.customer_id,
         categories=verdict.categories,

@@ -60,10 +60,17 @@ class UsageTap:
         self._async_finisher = async_finisher
         self._ended = False
         self._lock = threading.Lock()
+        #: Ends the call if a raw response is dropped without its stream ever being built.
+        self.unread: weakref.finalize[Any, Any] | None = None
 
     def bind(self, response: httpx2.Response) -> None:
-        """Take the request id of the response the stream reads."""
+        """Take the request id of the response the stream reads; the stream now owns the end."""
         self.request_id = response.headers.get("x-request-id")
+        if self.unread is not None:
+            # ``create(...).parse()`` drops the raw response at once: that must not end a
+            # stream that is about to be read.
+            self.unread.detach()
+            self.unread = None
 
     def observe(self, item: Any) -> bool:
         """Account for one event. Returns ``True`` when the event must be hidden."""

@@ -62,8 +62,11 @@ class SafeOpenAIError(openai.OpenAIError):
         self.customer_id = customer_id
 
 
-class ConfigurationError(SafeOpenAIError):
-    """The client, policy or store is configured wrongly (raised before any request)."""
+class ConfigurationError(SafeOpenAIError, ValueError):
+    """The client, policy or store is configured wrongly (raised before any request).
+
+    It is also a ``ValueError``, as a wrong setting is a bad value.
+    """
 
 
 class CustomerRequired(SafeOpenAIError):

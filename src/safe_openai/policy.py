@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Literal
 
+from .errors import ConfigurationError
+
 __all__ = [
     "Decision",
     "DefaultPolicy",
@@ -40,8 +42,11 @@ class Quota:
     def __post_init__(self) -> None:
         for name in ("requests_per_minute", "tokens_per_minute", "tokens_per_day", "usd_per_month"):
             value = getattr(self, name)
-            if value is not None and value < 0:
-                raise ValueError(f"Quota.{name} must be >= 0, got {value!r}")
+            if value is None:
+                continue
+            number = (int, float) if name == "usd_per_month" else (int,)
+            if isinstance(value, bool) or not isinstance(value, number) or value < 0:
+                raise ConfigurationError(f"Quota.{name} must be a number >= 0, got {value!r}")
 
     @property
     def limits_tokens(self) -> bool:
@@ -131,6 +136,9 @@ class Decision:
 
 
 _ALLOW = Decision()
+
+#: Roles a policy may name in ``moderate_roles``.
+KNOWN_ROLES = frozenset({"user", "tool", "assistant", "system", "developer"})
 
 #: What a policy does about an OpenAI safety event.
 SafetyAction = Literal["strike", "suspend", "ignore"]
@@ -278,10 +286,37 @@ class DefaultPolicy(Policy):
         system_instruction: str | None = None,
     ) -> None:
         for category, limit in (thresholds or {}).items():
-            if not 0.0 <= limit <= 1.0:
-                raise ValueError(f"threshold for {category!r} must be within [0, 1], got {limit}")
-        if strike_limit is not None and strike_limit < 1:
-            raise ValueError(f"strike_limit must be >= 1 or None, got {strike_limit}")
+            if (
+                isinstance(limit, bool)
+                or not isinstance(limit, (int, float))
+                or not 0 <= limit <= 1
+            ):
+                raise ConfigurationError(
+                    f"threshold for {category!r} must be a number within [0, 1], got {limit!r}"
+                )
+        if isinstance(moderate_roles, str):
+            raise ConfigurationError(
+                f"moderate_roles must be a sequence of roles, e.g. ({moderate_roles!r},)"
+            )
+        unknown = set(moderate_roles) - KNOWN_ROLES
+        if unknown:
+            raise ConfigurationError(f"unknown roles in moderate_roles: {sorted(unknown)}")
+        if strike_limit is not None and (
+            isinstance(strike_limit, bool) or not isinstance(strike_limit, int) or strike_limit < 1
+        ):
+            raise ConfigurationError(f"strike_limit must be >= 1 or None, got {strike_limit!r}")
+        if not isinstance(strike_window, timedelta) or strike_window <= timedelta(0):
+            raise ConfigurationError(
+                f"strike_window must be a positive timedelta, got {strike_window!r}"
+            )
+        if suspension is not None and (
+            not isinstance(suspension, timedelta) or suspension <= timedelta(0)
+        ):
+            raise ConfigurationError(
+                f"suspension must be a positive timedelta or None, got {suspension!r}"
+            )
+        if quota is not None and not isinstance(quota, Quota):
+            raise ConfigurationError(f"quota must be a safe_openai.Quota, got {quota!r}")
         self.thresholds: dict[str, float] = dict(thresholds or {})
         self.moderate_roles = tuple(moderate_roles)
         self.fail_open = fail_open
@@ -298,11 +333,8 @@ class DefaultPolicy(Policy):
         return self.quota
 
     def review_request(self, request: GuardedRequest) -> Decision:
-        if (
-            self.allowed_models is not None
-            and request.model is not None
-            and request.model not in self.allowed_models
-        ):
+        if self.allowed_models is not None and request.model not in self.allowed_models:
+            # A request naming no model (a stored prompt picks its own) is not on the list.
             return Decision.deny(
                 f"model {request.model!r} is not allowed",
                 user_message="This model is not available on your plan.",
