@@ -5,7 +5,7 @@ counts do not (the same binary and inputs give the same count). Each variant run
 callgrind, with ``--base`` and ``--base + --calls`` calls after the same set-up; the difference
 divided by ``--calls`` is its cost per call, imports and set-up cancelled out.
 
-Usage: ``python benchmarks/instructions.py [--calls 50] [--base 10]`` (several minutes: Python
+Usage: ``python benchmarks/instructions.py [--calls 200] [--base 10]`` (several minutes: Python
 under callgrind runs about 50 times slower). Needs ``valgrind`` on the PATH.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -42,6 +43,9 @@ for i in range(int(sys.argv[2])):
 
 
 def instructions(script: Path, variant: str, calls: int) -> int:
+    # A fixed hash seed: dict layouts (and so instruction counts) differ between processes
+    # otherwise, by more than the per-call differences being measured.
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "callgrind.out"
         result = subprocess.run(
@@ -57,6 +61,7 @@ def instructions(script: Path, variant: str, calls: int) -> int:
             capture_output=True,
             text=True,
             check=True,
+            env=env,
         )
     match = re.search(r"Collected\s*:\s*(\d+)", result.stderr)
     if match is None:
@@ -66,25 +71,31 @@ def instructions(script: Path, variant: str, calls: int) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calls", type=int, default=50)
+    parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--base", type=int, default=10)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "instructions.json")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "runner.py"
         script.write_text(RUNNER.format(here=str(HERE.resolve()), variants=VARIANTS))
         per_call = {}
-        for variant in VARIANTS:
+        for variant in args.variants:
             low = instructions(script, variant, args.base)
             high = instructions(script, variant, args.base + args.calls)
             per_call[variant] = (high - low) / args.calls
             print(
                 f"{variant:<14} {per_call[variant] / 1e6:8.3f} M instructions per call", flush=True
             )
+    pairs = {
+        "safe_cached / plain": ("safe_cached", "plain"),
+        "safe_uncached / manual": ("safe_uncached", "manual"),
+        "manual / plain": ("manual", "plain"),
+    }
     ratios = {
-        "safe_cached / plain": per_call["safe_cached"] / per_call["plain"],
-        "safe_uncached / manual": per_call["safe_uncached"] / per_call["manual"],
-        "manual / plain": per_call["manual"] / per_call["plain"],
+        name: per_call[a] / per_call[b]
+        for name, (a, b) in pairs.items()
+        if a in per_call and b in per_call
     }
     for name, ratio in ratios.items():
         print(f"{name:<24} {ratio:6.3f} ({(ratio - 1) * 100:+.1f}%)")

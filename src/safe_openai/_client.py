@@ -424,8 +424,12 @@ class SafeClient(_Guarded, openai.OpenAI):
     def _execute(self, command: Command) -> Any:
         state = self._safe
         if isinstance(command, StoreCall):
-            with _store_errors(command):
+            try:
                 return getattr(state.store, command.method)(*command.args, **command.kwargs)
+            except SafeOpenAIError:
+                raise
+            except Exception as exc:  # any driver error: a StoreError with the cause chained
+                raise StoreError(f"The usage store failed on {command.method}.") from exc
         if isinstance(command, Moderate):
             with _moderator_errors():
                 return list(state.moderator.moderate(list(command.inputs)))
@@ -566,8 +570,12 @@ class AsyncSafeClient(_Guarded, openai.AsyncOpenAI):
     async def _execute(self, command: Command) -> Any:
         state = self._safe
         if isinstance(command, StoreCall):
-            with _store_errors(command):
+            try:
                 return await getattr(state.store, command.method)(*command.args, **command.kwargs)
+            except SafeOpenAIError:
+                raise
+            except Exception as exc:  # any driver error: a StoreError with the cause chained
+                raise StoreError(f"The usage store failed on {command.method}.") from exc
         if isinstance(command, Moderate):
             with _moderator_errors():
                 results = state.moderator.moderate(list(command.inputs))
@@ -604,17 +612,6 @@ def _usage_of(result: object) -> tuple[TokenUsage | None, str | None]:
     if isinstance(result, (LegacyAPIResponse, APIResponse, AsyncAPIResponse)):
         return _json_usage(result.http_response), result.request_id
     return token_usage_from_payload(result), getattr(result, "_request_id", None)
-
-
-@contextmanager
-def _store_errors(command: StoreCall) -> Iterator[None]:
-    """Any store failure becomes a StoreError, with the cause chained."""
-    try:
-        yield
-    except SafeOpenAIError:
-        raise
-    except Exception as exc:
-        raise StoreError(f"The usage store failed on {command.method}.") from exc
 
 
 @contextmanager

@@ -1,7 +1,9 @@
 """Where untrusted content lives in each endpoint's request body.
 
 Extraction never raises on odd shapes: a value of an unexpected type is skipped if it cannot
-carry content, and reported as unmoderatable if it might. The SDK (or the API) rejects truly
+carry content, and reported as unmoderatable if it might. Bodies arrive as plain JSON values
+(the client puts them through the SDK's JSON encoding first), so containers are ``dict`` and
+``list``. The SDK (or the API) rejects truly
 malformed requests; extraction only has to make sure nothing readable slips past moderation.
 """
 
@@ -103,7 +105,7 @@ def _text_or_parts(value: object, role: str, where: str, out: Extraction) -> Non
     elif isinstance(value, list):
         for i, part in enumerate(value):
             _part(part, role, f"{where}[{i}]", out)
-    elif isinstance(value, Mapping):
+    elif isinstance(value, dict):
         _part(value, role, where, out)
     elif value is not None:
         out.opaque("unknown", role)
@@ -113,7 +115,7 @@ def _part(part: object, role: str, where: str, out: Extraction) -> None:
     if isinstance(part, str):
         out.text(part, role, where)
         return
-    if not isinstance(part, Mapping):
+    if not isinstance(part, dict):
         if part is not None:
             out.opaque("unknown", role)
         return
@@ -128,7 +130,7 @@ def _part(part: object, role: str, where: str, out: Extraction) -> None:
             out.text(text, role, where)
     elif kind == "image_url":
         image = part.get("image_url")
-        out.image(image.get("url") if isinstance(image, Mapping) else image, role, where)
+        out.image(image.get("url") if isinstance(image, dict) else image, role, where)
     elif kind in ("input_image", "computer_screenshot"):
         out.image(part.get("image_url"), role, where)
     elif kind in ("input_audio", "audio"):
@@ -146,7 +148,7 @@ def _strings(
     """Every string inside an unknown structure, so new part types cannot smuggle text."""
     if isinstance(value, str):
         out.text(value, role, where)
-    elif isinstance(value, Mapping):
+    elif isinstance(value, dict):
         for key, item in value.items():
             if key not in skip:
                 _strings(item, role, f"{where}.{key}", out)
@@ -160,7 +162,7 @@ def _chat(body: Mapping[str, Any], out: Extraction) -> None:
     if not isinstance(messages, list):
         return
     for i, message in enumerate(messages):
-        if not isinstance(message, Mapping):
+        if not isinstance(message, dict):
             continue
         role = str(message.get("role") or "user")
         if role == "function":
@@ -173,14 +175,14 @@ def _chat(body: Mapping[str, Any], out: Extraction) -> None:
         calls = message.get("tool_calls")
         if isinstance(calls, list):
             for j, call in enumerate(calls):
-                function = call.get("function") if isinstance(call, Mapping) else None
-                args = function.get("arguments") if isinstance(function, Mapping) else None
+                function = call.get("function") if isinstance(call, dict) else None
+                args = function.get("arguments") if isinstance(function, dict) else None
                 if isinstance(args, str):
                     out.text(args, role, f"{where}.tool_calls[{j}].arguments")
         if message.get("audio") is not None:
             out.opaque("audio", role)
     prediction = body.get("prediction")
-    if isinstance(prediction, Mapping):
+    if isinstance(prediction, dict):
         # Predicted output is usually the customer's own document, and the model reads it.
         _text_or_parts(prediction.get("content"), "user", "prediction.content", out)
 
@@ -196,7 +198,7 @@ def _responses_input(items: object, out: Extraction, where: str = "input") -> No
         if isinstance(item, str):
             out.text(item, "user", here)
             continue
-        if not isinstance(item, Mapping):
+        if not isinstance(item, dict):
             continue
         kind = item.get("type")
         if kind in (None, "message"):
@@ -226,10 +228,10 @@ def _responses_input(items: object, out: Extraction, where: str = "input") -> No
 
 def _tool_output(output: object, where: str, out: Extraction) -> None:
     if isinstance(output, (str, list)) or (
-        isinstance(output, Mapping) and output.get("type") is not None
+        isinstance(output, dict) and output.get("type") is not None
     ):
         _text_or_parts(output, "tool", where, out)
-    elif isinstance(output, Mapping):
+    elif isinstance(output, dict):
         _strings(output, "tool", where, out)
 
 
@@ -241,7 +243,7 @@ def _responses(body: Mapping[str, Any], out: Extraction) -> None:
         _responses_input(instructions, out, "instructions")
     _responses_input(body.get("input"), out)
     prompt = body.get("prompt")
-    if isinstance(prompt, Mapping) and isinstance(prompt.get("variables"), Mapping):
+    if isinstance(prompt, dict) and isinstance(prompt.get("variables"), dict):
         for name, value in prompt["variables"].items():
             _text_or_parts(value, "user", f"prompt.variables.{name}", out)
 
@@ -285,16 +287,16 @@ def _thread_messages(body: Mapping[str, Any], out: Extraction) -> None:
         messages = body.get(key)
         if isinstance(messages, list):
             for i, message in enumerate(messages):
-                if isinstance(message, Mapping):
+                if isinstance(message, dict):
                     role = str(message.get("role") or "user")
                     _text_or_parts(message.get("content"), role, f"{key}[{i}].content", out)
     thread = body.get("thread")
-    if isinstance(thread, Mapping):
+    if isinstance(thread, dict):
         _thread_messages(thread, out)
     outputs = body.get("tool_outputs")
     if isinstance(outputs, list):
         for i, output in enumerate(outputs):
-            text = output.get("output") if isinstance(output, Mapping) else None
+            text = output.get("output") if isinstance(output, dict) else None
             if isinstance(text, str):
                 out.text(text, "tool", f"tool_outputs[{i}]")
 

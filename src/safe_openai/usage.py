@@ -236,7 +236,7 @@ def _int(value: Any) -> int:
 
 
 def _get(obj: Any, name: str) -> Any:
-    if isinstance(obj, Mapping):
+    if isinstance(obj, dict):
         return obj.get(name)
     # SDK models keep their fields in __dict__; a missing attribute on a pydantic model costs an
     # exception, so look there first.
