@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import socket
@@ -38,6 +39,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+import structlog
 
 from safe_openai import DefaultPolicy, SafeClient
 from safe_openai.errors import StoreError
@@ -217,6 +220,11 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=100, help="guarded calls per round")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
+    # Logging as a production app would set it: warnings and up (the library never configures it).
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+        cache_logger_on_first_use=True,
+    )
 
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="safe-openai-bench-") as workdir:
