@@ -10,7 +10,7 @@ import logging
 import re
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -50,21 +50,8 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(**{_UNITS[match.group(2)]: float(match.group(1))})
 
 
-REPORT_FIELDS = (
-    "customer",
-    "requests",
-    "input_tokens",
-    "cached_tokens",
-    "output_tokens",
-    "reasoning_tokens",
-    "cost_usd",
-    "blocked",
-    "denied",
-    "errors",
-    "estimated",
-    "violations",
-    "suspended",
-)
+#: Columns of ``report --format csv|json``: every field of a report row, in order.
+REPORT_FIELDS = tuple(field.name for field in fields(CustomerReport))
 
 
 def _fit(text: str, width: int) -> str:
