@@ -30,8 +30,9 @@ __all__ = [
 log = structlog.get_logger("safe_openai")
 
 #: How a guarded call ended. ``ok``: the model answered; ``blocked``: moderation blocked it;
-#: ``denied``: the policy, a quota or a suspension refused it; ``error``: the API or moderation
-#: failed; ``estimated``: a stream ended before its usage arrived, tokens are estimated.
+#: ``denied``: the policy, a quota, a suspension or a moderation outage (failing closed) refused
+#: it; ``error``: the API call failed; ``estimated``: a stream ended before its usage arrived
+#: (closed early, abandoned, or broken by an error), tokens are estimated.
 Outcome = Literal["ok", "blocked", "denied", "error", "estimated"]
 
 #: Outcomes of calls that reached the model, which count against request-rate quotas.
