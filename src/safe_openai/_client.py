@@ -109,9 +109,37 @@ def _fold_body(options: FinalRequestOptions) -> tuple[FinalRequestOptions, dict[
     if options.extra_json:
         body.update(options.extra_json)
         options.extra_json = None
-    body = json.loads(openapi_dumps(body))
+    body = _as_sent(body)
     options.json_data = body
     return options, body
+
+
+_PLAIN = (str, int, float, type(None))
+
+
+def _as_sent(value: Any) -> Any:
+    """``value`` as the SDK's JSON encoding will send it: tuples as lists, pydantic objects as
+    their JSON dicts. A value that is already plain JSON comes back as the very same object, so
+    the common case costs a walk and no copy.
+    """
+    if isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, dict):
+        changed: dict[Any, Any] | None = None
+        for key, item in value.items():
+            sent = _as_sent(item)
+            if sent is not item:
+                if changed is None:
+                    changed = dict(value)
+                changed[key] = sent
+        return value if changed is None else changed
+    if isinstance(value, (list, tuple)):
+        items = [_as_sent(item) for item in value]
+        if isinstance(value, list) and all(a is b for a, b in zip(items, value, strict=True)):
+            return value
+        return items
+    # Pydantic models, datetimes and anything else: exactly what the SDK's encoder makes of it.
+    return json.loads(openapi_dumps(value))
 
 
 def _json_usage(response: httpx2.Response) -> TokenUsage | None:
