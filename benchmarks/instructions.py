@@ -24,7 +24,7 @@ HERE = Path(__file__).parent
 VARIANTS = ("plain", "manual", "safe_cached", "safe_uncached")
 
 RUNNER = """
-import logging, sys
+import gc, logging, sys
 import structlog
 structlog.configure(
     wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
@@ -36,6 +36,10 @@ variants = build(0)
 for name in {variants!r}:  # the same warm-up for every run: pools, caches, lazy imports
     for i in range(3):
         variants[name](i)
+# Start every run from the same collector state: otherwise when the cyclic GC runs depends on
+# what the set-up allocated, and that moves the counts by several percent between runs.
+gc.collect()
+gc.freeze()
 fn = variants[sys.argv[1]]
 for i in range(int(sys.argv[2])):
     fn(i)
