@@ -79,6 +79,8 @@ def measure(calls: int, rounds: int) -> tuple[dict[str, float], dict[str, float]
     for fn in variants.values():  # warm up: imports, pools, caches
         for i in range(20):
             fn(i)
+    gc.collect()
+    gc.freeze()  # the set-up's objects are not rescanned by every collection that follows
     samples: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(rounds):
         for name, fn in variants.items():
