@@ -17,8 +17,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import datetime, timedelta
-from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import httpx2
 import openai
@@ -158,7 +157,7 @@ def _setup_state(
     identifier_secret: str | bytes | None,
     moderator: Any,
     prices: PriceTable | None,
-    spool: Any,
+    spool: LocalSpool | Literal[False] | None,
     is_async: bool,
 ) -> GuardState:
     policy = policy if policy is not None else DefaultPolicy()
@@ -198,20 +197,9 @@ def _setup_state(
         spool=spool,
         # records a crashed or disconnected process left behind are written back on the
         # first successful write
-        spool_dirty=spool is not None and _spool_waiting(spool),
+        spool_dirty=spool is not None and spool.waiting(),
         owns_store=owns_store,
     )
-
-
-def _spool_waiting(spool: Any) -> bool:
-    """Whether a spool holds files to write back (a directory listing; no file is read)."""
-    directory = getattr(spool, "directory", None)
-    if not isinstance(directory, Path):
-        return len(spool) > 0
-    try:
-        return any(p.suffix in (".jsonl", ".draining") for p in directory.iterdir())
-    except OSError:
-        return False
 
 
 class _Guarded:
@@ -326,7 +314,7 @@ class SafeClient(_Guarded, openai.OpenAI):
         identifier_secret: str | bytes | None = None,
         moderator: Any = None,
         prices: PriceTable | None = None,
-        spool: Any = None,
+        spool: LocalSpool | Literal[False] | None = None,
         **openai_kwargs: Any,
     ) -> None:
         state: GuardState | None = openai_kwargs.pop(_STATE_KWARG, None)
@@ -483,7 +471,7 @@ class AsyncSafeClient(_Guarded, openai.AsyncOpenAI):
         identifier_secret: str | bytes | None = None,
         moderator: Any = None,
         prices: PriceTable | None = None,
-        spool: Any = None,
+        spool: LocalSpool | Literal[False] | None = None,
         **openai_kwargs: Any,
     ) -> None:
         state: GuardState | None = openai_kwargs.pop(_STATE_KWARG, None)
@@ -653,8 +641,8 @@ def _moderator_errors() -> Iterator[None]:
         raise ModerationUnavailable("The moderator failed.") from exc
 
 
-def _left_in_spool(state: GuardState) -> int:
-    return int(state.spool is not None and _spool_waiting(state.spool))
+def _left_in_spool(state: GuardState) -> bool:
+    return state.spool is not None and bool(state.spool.waiting())
 
 
 def _run_local(state: GuardState, command: Command) -> None:

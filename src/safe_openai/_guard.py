@@ -92,7 +92,7 @@ class Spool:
 class DrainSpool:
     """Command: the store took a write again; write back what the spool kept.
 
-    Answered with how many records are still waiting afterwards.
+    Answered with whether records are still waiting afterwards.
     """
 
 

@@ -232,7 +232,19 @@ class _Settings:
         }
 
 
-class OpenAIModerator:
+class _EndpointModerator:
+    """What both OpenAI moderators share: the model and the retry settings."""
+
+    def __init__(self, *, model: str, attempts: int, max_wait: float, deadline: float) -> None:
+        self._settings = _Settings(model, attempts, max_wait, deadline)
+
+    @property
+    def model(self) -> str:
+        """The moderation model."""
+        return self._settings.model
+
+
+class OpenAIModerator(_EndpointModerator):
     """Moderation through OpenAI's endpoint, with tenacity retries that honour Retry-After.
 
     The SDK's own retries are turned off for these calls so the wait policy is ours alone.
@@ -254,13 +266,8 @@ class OpenAIModerator:
         max_wait: float = 5.0,
         deadline: float = 15.0,
     ) -> None:
+        super().__init__(model=model, attempts=attempts, max_wait=max_wait, deadline=deadline)
         self.client = client
-        self._settings = _Settings(model, attempts, max_wait, deadline)
-
-    @property
-    def model(self) -> str:
-        """The moderation model."""
-        return self._settings.model
 
     def moderate(self, inputs: Sequence[ModerationInput]) -> list[ModerationResult]:
         results: list[ModerationResult] = []
@@ -284,7 +291,7 @@ class OpenAIModerator:
         return _results(raw, len(batch))
 
 
-class AsyncOpenAIModerator:
+class AsyncOpenAIModerator(_EndpointModerator):
     """The async twin of :class:`OpenAIModerator`; image batches are sent concurrently."""
 
     def __init__(
@@ -296,13 +303,8 @@ class AsyncOpenAIModerator:
         max_wait: float = 5.0,
         deadline: float = 15.0,
     ) -> None:
+        super().__init__(model=model, attempts=attempts, max_wait=max_wait, deadline=deadline)
         self.client = client
-        self._settings = _Settings(model, attempts, max_wait, deadline)
-
-    @property
-    def model(self) -> str:
-        """The moderation model."""
-        return self._settings.model
 
     async def moderate(self, inputs: Sequence[ModerationInput]) -> list[ModerationResult]:
         batches = plan_batches(inputs)

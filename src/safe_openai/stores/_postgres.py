@@ -39,11 +39,11 @@ from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from ..errors import ConfigurationError, StoreError
 from ..policy import Quota
-from ..usage import SENT_OUTCOMES, Outcome, TokenUsage, UsageRecord
+from ..usage import SENT_OUTCOMES, UsageRecord
 from ._types import (
-    _OUTCOME_COLUMNS,
     CLOCK_SKEW,
     MINUTE,
+    OUTCOME_COLUMNS,
     RESERVATION_TTL,
     CustomerReport,
     QuotaDemand,
@@ -55,6 +55,7 @@ from ._types import (
     evaluate_quota,
     finish_report,
     month_start,
+    record_from_row,
 )
 
 __all__ = ["DEFAULT_SCHEMA", "SCHEMA_VERSION", "AsyncPostgresStore", "PostgresStore"]
@@ -166,7 +167,7 @@ _REPORT_KEYS = (
     "output_tokens",
     "reasoning_tokens",
     "cost_usd",
-    *_OUTCOME_COLUMNS.values(),
+    *OUTCOME_COLUMNS.values(),
 )
 _REPORT_SUMS = ", ".join(
     [
@@ -178,7 +179,7 @@ _REPORT_SUMS = ", ".join(
         "coalesce(sum(cost_usd), 0)::float8",
         *(
             "count(*) FILTER (WHERE outcome = '" + outcome.replace("'", "''") + "')"
-            for outcome in _OUTCOME_COLUMNS
+            for outcome in OUTCOME_COLUMNS
         ),
     ]
 )
@@ -470,21 +471,6 @@ def _record_params(record: UsageRecord) -> dict[str, Any]:
     }
 
 
-def _record_from_row(row: Sequence[Any]) -> UsageRecord:
-    return UsageRecord(
-        record_id=row[0],
-        customer_id=row[1],
-        endpoint=row[2],
-        model=row[3],
-        outcome=cast("Outcome", row[4]),
-        tokens=TokenUsage(row[5], row[6], row[7], row[8]),
-        cost_usd=row[9],
-        latency_s=row[10],
-        created_at=_utc(row[11]),
-        request_id=row[12],
-    )
-
-
 def _violation_from_row(row: Sequence[Any]) -> Violation:
     return Violation(
         customer_id=row[0],
@@ -532,7 +518,7 @@ def _usage_records(
 ) -> _Op[list[UsageRecord]]:
     key, params = _filters(customer_id, since)
     rows = yield _Query(q[f"records:{key}"], {**params, "limit": max(limit, 0)})
-    return [_record_from_row(row) for row in rows]
+    return [record_from_row(row, _utc) for row in rows]
 
 
 def _usage_report(

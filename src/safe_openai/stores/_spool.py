@@ -248,6 +248,10 @@ class Spool:
         # a spool is a service, not a container: an empty one is still there to use
         return True
 
+    def waiting(self) -> bool:
+        """Whether any records wait to be written (a directory listing; no file is read)."""
+        return bool(self._files(_SPOOLED, _DRAINING))
+
     def __len__(self) -> int:
         """How many records are waiting (spooled, or claimed by a drain not yet finished)."""
         count = 0

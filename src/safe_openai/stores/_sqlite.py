@@ -36,15 +36,15 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
-from typing import Any, Final, cast
+from typing import Any, Final
 
 from ..errors import ConfigurationError, StoreError
 from ..policy import Quota
-from ..usage import SENT_OUTCOMES, Outcome, TokenUsage, UsageRecord
+from ..usage import SENT_OUTCOMES, UsageRecord
 from ._adapter import AsyncAdapter
 from ._types import (
-    _OUTCOME_COLUMNS,
     MINUTE,
+    OUTCOME_COLUMNS,
     RESERVATION_TTL,
     CustomerReport,
     QuotaDemand,
@@ -56,6 +56,7 @@ from ._types import (
     evaluate_quota,
     finish_report,
     month_start,
+    record_from_row,
 )
 
 __all__ = ["SCHEMA_VERSION", "AsyncSQLiteStore", "SQLiteStore"]
@@ -260,7 +261,7 @@ _REPORT_SUMS = ", ".join(
         "SUM(output_tokens)",
         "SUM(reasoning_tokens)",
         "TOTAL(cost_usd)",
-        *(f"SUM(outcome = {_sql_list([outcome])})" for outcome in _OUTCOME_COLUMNS),
+        *(f"SUM(outcome = {_sql_list([outcome])})" for outcome in OUTCOME_COLUMNS),
     ]
 )
 _REPORT_KEYS = (
@@ -270,7 +271,7 @@ _REPORT_KEYS = (
     "output_tokens",
     "reasoning_tokens",
     "cost_usd",
-    *_OUTCOME_COLUMNS.values(),
+    *OUTCOME_COLUMNS.values(),
 )
 
 
@@ -312,21 +313,6 @@ def _record_row(record: UsageRecord) -> tuple[Any, ...]:
         record.latency_s,
         _ts(record.created_at),
         record.request_id,
-    )
-
-
-def _record_from_row(row: Sequence[Any]) -> UsageRecord:
-    return UsageRecord(
-        record_id=row[0],
-        customer_id=row[1],
-        endpoint=row[2],
-        model=row[3],
-        outcome=cast("Outcome", row[4]),
-        tokens=TokenUsage(row[5], row[6], row[7], row[8]),
-        cost_usd=row[9],
-        latency_s=row[10],
-        created_at=_dt(row[11]),
-        request_id=row[12],
     )
 
 
@@ -707,7 +693,7 @@ class SQLiteStore:
                 "ORDER BY created_at DESC, rowid LIMIT ?",
                 [*params, max(limit, 0)],
             ).fetchall()
-        return [_record_from_row(row) for row in rows]
+        return [record_from_row(row, _dt) for row in rows]
 
     def usage_report(
         self, *, since: datetime | None = None, customer_id: str | None = None

@@ -20,14 +20,16 @@ Quota semantics (the contract every backend implements exactly):
 from __future__ import annotations
 
 import calendar
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from typing import Any, cast
 
 from ..policy import Quota
-from ..usage import UsageRecord
+from ..usage import Outcome, TokenUsage, UsageRecord
 
 __all__ = [
+    "OUTCOME_COLUMNS",
     "RESERVATION_TTL",
     "CustomerReport",
     "QuotaDemand",
@@ -41,6 +43,7 @@ __all__ = [
     "evaluate_quota",
     "finish_report",
     "month_start",
+    "record_from_row",
 ]
 
 #: A pending reservation older than this is treated as abandoned (its process died).
@@ -254,8 +257,8 @@ def add_to_report(report: dict[str, dict[str, float | int]], record: UsageRecord
     row = report.setdefault(record.customer_id, dict.fromkeys(_REPORT_SUMS, 0))
     if record.counts_as_request:
         row["requests"] += 1
-    if record.outcome in _OUTCOME_COLUMNS:
-        row[_OUTCOME_COLUMNS[record.outcome]] += 1
+    if record.outcome in OUTCOME_COLUMNS:
+        row[OUTCOME_COLUMNS[record.outcome]] += 1
     row["input_tokens"] += record.tokens.input_tokens
     row["cached_tokens"] += record.tokens.cached_tokens
     row["output_tokens"] += record.tokens.output_tokens
@@ -305,9 +308,29 @@ _REPORT_SUMS = (
     "errors",
     "estimated",
 )
-_OUTCOME_COLUMNS = {
+#: Report column counting each outcome that is not a plain ``ok``.
+OUTCOME_COLUMNS = {
     "blocked": "blocked",
     "denied": "denied",
     "error": "errors",
     "estimated": "estimated",
 }
+
+
+def record_from_row(row: Sequence[Any], to_datetime: Callable[[Any], datetime]) -> UsageRecord:
+    """A usage record from an SQL row in the column order both SQL backends select:
+    record_id, customer_id, endpoint, model, outcome, input, cached, output and reasoning
+    tokens, cost_usd, latency_s, created_at, request_id.
+    """
+    return UsageRecord(
+        record_id=row[0],
+        customer_id=row[1],
+        endpoint=row[2],
+        model=row[3],
+        outcome=cast("Outcome", row[4]),
+        tokens=TokenUsage(row[5], row[6], row[7], row[8]),
+        cost_usd=row[9],
+        latency_s=row[10],
+        created_at=to_datetime(row[11]),
+        request_id=row[12],
+    )
