@@ -17,6 +17,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import datetime, timedelta
+from functools import cached_property
 from typing import Any, Literal, cast
 
 import httpx2
@@ -28,6 +29,13 @@ from openai._response import APIResponse, AsyncAPIResponse
 from openai._utils._json import openapi_dumps
 from typing_extensions import Self, override
 
+from ._connections import (
+    GuardedAsyncBeta,
+    GuardedAsyncResponses,
+    GuardedBeta,
+    GuardedResponses,
+    opening_guarded_socket,
+)
 from ._extract import body_from_content, is_guarded, normalize_path
 from ._guard import (
     Call,
@@ -263,6 +271,14 @@ class _Guarded:
         flow = begin(self._safe, bound_customer=self._safe_customer, path=path, body=body)
         return options, flow
 
+    def _websocket_query_params(self, url: httpx2.URL, extra_query: Any) -> httpx2.QueryParams:
+        """Every WebSocket the SDK opens (Responses, Realtime and its beta, Live, translations)
+        asks for its query here first: the last point to refuse one the guard does not watch.
+        """
+        refuse_websocket(self._safe, str(url))
+        params: httpx2.QueryParams = cast(Any, super())._websocket_query_params(url, extra_query)
+        return params
+
     def _api_path(self, url: str) -> str:
         """The API path the SDK will really request for ``url``, relative to the base URL.
 
@@ -342,6 +358,18 @@ class SafeClient(_Guarded, openai.OpenAI):
         """The usage store in use."""
         store: UsageStore = self._safe.store
         return store
+
+    @cached_property
+    @override
+    def responses(self) -> GuardedResponses:
+        """The SDK's ``responses``; ``connect()`` opens a guarded WebSocket."""
+        return GuardedResponses(self)
+
+    @cached_property
+    @override
+    def beta(self) -> GuardedBeta:
+        """The SDK's ``beta``; ``responses.connect()`` opens a guarded WebSocket."""
+        return GuardedBeta(self)
 
     @override
     def close(self) -> None:
@@ -497,6 +525,18 @@ class AsyncSafeClient(_Guarded, openai.AsyncOpenAI):
         """The usage store in use."""
         store: AsyncUsageStore = self._safe.store
         return store
+
+    @cached_property
+    @override
+    def responses(self) -> GuardedAsyncResponses:
+        """The SDK's ``responses``; ``connect()`` opens a guarded WebSocket."""
+        return GuardedAsyncResponses(self)
+
+    @cached_property
+    @override
+    def beta(self) -> GuardedAsyncBeta:
+        """The SDK's ``beta``; ``responses.connect()`` opens a guarded WebSocket."""
+        return GuardedAsyncBeta(self)
 
     @override
     async def close(self) -> None:
@@ -656,11 +696,12 @@ def _run_local(state: GuardState, command: Command) -> None:
 
 
 def refuse_websocket(state: GuardState, url: str) -> None:
-    """Refuse to open a WebSocket (Responses ``connect``, Realtime, Live) unless the policy
-    allows it: events sent on a socket never pass the guard, so a drop-in must not open one
-    silently. Every WebSocket the SDK opens prepares its options here first.
+    """Refuse to open a WebSocket the guard does not watch (Realtime, Live, or a Responses
+    connection built around the client's own ``responses``) unless the policy allows it: a
+    drop-in must not open an unguarded socket silently. Every WebSocket the SDK opens prepares
+    its options here first; the guarded Responses connections say so while they open.
     """
-    if not url.startswith(("ws://", "wss://")):
+    if not url.startswith(("ws://", "wss://")) or opening_guarded_socket():
         return
     endpoint = "wss:" + normalize_path(url)
     if not state.policy.allow_unguarded(endpoint):

@@ -343,6 +343,10 @@ ENDPOINTS: dict[str, EndpointSpec] = {
     "/threads/{}/runs/{}/submit_tool_outputs": EndpointSpec("threads.runs", _thread_messages),
 }
 
+#: ``response.steer`` events on a Responses WebSocket: input for a response already running
+#: (no identifier, no output cap: the response it steers carries both).
+RESPONSES_STEER = EndpointSpec("responses.steer", _responses)
+
 #: Endpoints that carry content to a model but are not guarded yet: refused unless the policy
 #: allows them explicitly (a drop-in must never offer an unguarded path silently).
 UNGUARDED_CONTENT_PATHS: tuple[str, ...] = (

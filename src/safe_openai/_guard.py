@@ -157,18 +157,24 @@ def _now() -> datetime:
 
 
 def begin(
-    state: GuardState, *, bound_customer: str | None, path: str, body: dict[str, Any]
+    state: GuardState,
+    *,
+    bound_customer: str | None,
+    path: str,
+    body: dict[str, Any],
+    spec: EndpointSpec | None = None,
 ) -> Flow[Call | None]:
     """Decide a request before it is sent. Returns the :class:`Call`, or ``None`` to pass it.
 
     ``body`` (``extra_body`` already folded in) is adjusted in place: policy changes, the
-    safety identifier, the usage option of chat streams.
+    safety identifier, the usage option of chat streams. ``spec`` names the endpoint's rules
+    when ``path`` is not an HTTP path (WebSocket events); otherwise they follow from ``path``.
 
     Raises:
         CustomerRequired, CustomerSuspended, PolicyDenied, QuotaExceeded, ModerationBlocked,
         ModerationUnavailable, StoreError, UnguardedPathError: nothing may be sent.
     """
-    spec = resolve_endpoint(path)
+    spec = spec or resolve_endpoint(path)
     policy = state.policy
     if spec is None:
         if is_unguarded_content_path(path) and not policy.allow_unguarded(path):

@@ -1,0 +1,316 @@
+"""The SDK's Responses WebSocket classes, guarded (``responses.connect()`` and
+``beta.responses.connect()``, sync and async).
+
+Every message reaches the socket through one of two doors: the connection's ``_send`` (which
+``send``, ``send_raw`` and ``response.create`` / ``response.steer`` all use) or, before the
+connection opens, the manager's ``send`` queue. Both doors are guarded here; every message read
+(``recv``, ``recv_bytes``, iteration, ``dispatch_events``) passes ``recv_bytes``. The decisions
+are the flows of :mod:`safe_openai._sockets`.
+
+The SDK builds its managers and connections inside methods whose state is name-mangled, so they
+cannot be subclassed the usual way. The guarded classes are subclasses that add no state of their
+own, and the SDK's objects are switched to them right after they are built (:func:`_adopt`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
+from functools import cached_property
+from typing import Any, TypeVar, cast
+
+import pydantic
+import structlog
+from openai._utils import maybe_transform
+from openai.resources.beta.beta import AsyncBeta, Beta
+from openai.resources.beta.responses import responses as beta_responses
+from openai.resources.responses import responses
+from openai.types.beta.beta_responses_client_event_param import BetaResponsesClientEventParam
+from openai.types.responses.responses_client_event_param import ResponsesClientEventParam
+
+from ._extract import RESPONSES_STEER
+from ._guard import Call, Command, Flow, GuardState, adrive, drive
+from ._sockets import SocketSession, closing, incoming, outgoing, sent_steer, unsent
+
+__all__ = [
+    "GuardedAsyncBeta",
+    "GuardedAsyncResponses",
+    "GuardedBeta",
+    "GuardedResponses",
+    "opening_guarded_socket",
+]
+
+log = structlog.get_logger("safe_openai")
+
+Execute = Callable[[Command], Any]
+AsyncExecute = Callable[[Command], Awaitable[Any]]
+T = TypeVar("T")
+
+# Set while a guarded manager opens its socket, so the client's WebSocket refusal lets it pass.
+_OPENING: ContextVar[bool] = ContextVar("safe_openai_opening_guarded_socket", default=False)
+
+
+def opening_guarded_socket() -> bool:
+    """Whether the WebSocket being opened now is a guarded one."""
+    return _OPENING.get()
+
+
+def _event_data(event: Any, param_type: Any) -> str:
+    """An event as the SDK serializes it for the socket."""
+    if isinstance(event, pydantic.BaseModel):
+        data: str = event.to_json(use_api_names=True, exclude_unset=True)  # type: ignore[attr-defined]
+        return data
+    return json.dumps(maybe_transform(event, param_type))
+
+
+def _adopt(obj: object, cls: type, session: SocketSession, execute: Any) -> None:
+    obj.__class__ = cls
+    guarded = cast(Any, obj)
+    guarded._safe_session = session
+    guarded._safe_execute = execute
+
+
+def _is_steer(call: Call | None) -> bool:
+    return call is not None and call.spec is RESPONSES_STEER
+
+
+class _SyncRecording:
+    _safe_session: SocketSession
+    _safe_execute: Execute
+
+    def _safe_record(self, flow: Flow[None]) -> None:
+        """Record usage; a failure is logged (the store flow already spooled what it could)."""
+        try:
+            drive(flow, self._safe_execute)
+        except Exception:
+            log.exception("safe_openai.usage_record_failed", customer_id=None)
+
+
+class _AsyncRecording:
+    _safe_session: SocketSession
+    _safe_execute: AsyncExecute
+
+    async def _safe_record(self, flow: Flow[None]) -> None:
+        try:
+            await adrive(flow, self._safe_execute)
+        except Exception:
+            log.exception("safe_openai.usage_record_failed", customer_id=None)
+
+
+class _GuardedConnection(_SyncRecording):
+    def _send(self, data: bytes | str) -> None:
+        session = self._safe_session
+        data, call = drive(outgoing(session, data), self._safe_execute)
+        try:
+            cast(Any, super())._send(data)
+        except BaseException:
+            if call is not None:
+                self._safe_record(unsent(session, call))
+            raise
+        if _is_steer(call):
+            self._safe_record(sent_steer(session, cast(Call, call)))
+
+    def recv_bytes(self) -> bytes:
+        message: bytes = cast(Any, super()).recv_bytes()
+        self._safe_record(incoming(self._safe_session, message))
+        return message
+
+    def close(self, *, code: int = 1000, reason: str = "") -> None:
+        try:
+            cast(Any, super()).close(code=code, reason=reason)
+        finally:
+            self._safe_record(closing(self._safe_session))
+
+
+class _GuardedAsyncConnection(_AsyncRecording):
+    async def _send(self, data: bytes | str) -> None:
+        session = self._safe_session
+        data, call = await adrive(outgoing(session, data), self._safe_execute)
+        try:
+            await cast(Any, super())._send(data)
+        except BaseException:
+            if call is not None:
+                await self._safe_record(unsent(session, call))
+            raise
+        if _is_steer(call):
+            await self._safe_record(sent_steer(session, cast(Call, call)))
+
+    async def recv_bytes(self) -> bytes:
+        message: bytes = await cast(Any, super()).recv_bytes()
+        await self._safe_record(incoming(self._safe_session, message))
+        return message
+
+    async def close(self, *, code: int = 1000, reason: str = "") -> None:
+        try:
+            await cast(Any, super()).close(code=code, reason=reason)
+        finally:
+            await self._safe_record(closing(self._safe_session))
+
+
+class _GuardedManager(_SyncRecording):
+    """Guards events queued before the connection opens, and hands the guard to it."""
+
+    _safe_param_type: Any
+    _safe_connection_cls: type
+
+    def send(self, event: Any) -> None:
+        session = self._safe_session
+        data = _event_data(event, self._safe_param_type)
+        guarded, call = drive(outgoing(session, data), self._safe_execute)
+        cast(Any, super()).send(json.loads(guarded))
+        if _is_steer(call):
+            self._safe_record(sent_steer(session, cast(Call, call)))
+
+    def __enter__(self) -> Any:
+        session = self._safe_session
+        try:
+            connection = cast(Any, super()).__enter__()
+        except BaseException:
+            self._safe_record(closing(session))  # queued calls were never sent
+            raise
+        session.opened = True
+        _adopt(connection, self._safe_connection_cls, session, self._safe_execute)
+        return connection
+
+    enter = __enter__
+
+    def _connect_ws(self, extra_query: Any, extra_headers: Any) -> Any:
+        token = _OPENING.set(True)
+        try:
+            return cast(Any, super())._connect_ws(extra_query, extra_headers)
+        finally:
+            _OPENING.reset(token)
+
+
+class _GuardedAsyncManager(_AsyncRecording):
+    """The async manager's ``send`` is sync, so queued events are guarded on entry: a blocked
+    one raises from ``async with`` (or ``enter()``) and nothing is sent."""
+
+    _safe_param_type: Any
+    _safe_connection_cls: type
+    _safe_held: list[str]
+
+    def send(self, event: Any) -> None:
+        self._safe_held.append(_event_data(event, self._safe_param_type))
+
+    async def __aenter__(self) -> Any:
+        session = self._safe_session
+        try:
+            while self._safe_held:
+                data, call = await adrive(
+                    outgoing(session, self._safe_held.pop(0)), self._safe_execute
+                )
+                cast(Any, super()).send(json.loads(data))
+                if _is_steer(call):
+                    await self._safe_record(sent_steer(session, cast(Call, call)))
+            connection = await cast(Any, super()).__aenter__()
+        except BaseException:
+            self._safe_held.clear()
+            await self._safe_record(closing(session))  # queued calls were never sent
+            raise
+        session.opened = True
+        _adopt(connection, self._safe_connection_cls, session, self._safe_execute)
+        return connection
+
+    enter = __aenter__
+
+    async def _connect_ws(self, extra_query: Any, extra_headers: Any) -> Any:
+        token = _OPENING.set(True)
+        try:
+            return await cast(Any, super())._connect_ws(extra_query, extra_headers)
+        finally:
+            _OPENING.reset(token)
+
+
+def _twin(mixin: type, base: type) -> type:
+    return type(f"Guarded{base.__name__}", (mixin, base), {"__module__": __name__})
+
+
+# SDK manager class -> (guarded manager, guarded connection, event param type)
+_TWINS: dict[type, tuple[type, type, Any]] = {
+    sdk_manager: (_twin(manager_mixin, sdk_manager), _twin(connection_mixin, sdk_connection), param)
+    for sdk_manager, sdk_connection, manager_mixin, connection_mixin, param in (
+        (
+            responses.ResponsesConnectionManager,
+            responses.ResponsesConnection,
+            _GuardedManager,
+            _GuardedConnection,
+            ResponsesClientEventParam,
+        ),
+        (
+            responses.AsyncResponsesConnectionManager,
+            responses.AsyncResponsesConnection,
+            _GuardedAsyncManager,
+            _GuardedAsyncConnection,
+            ResponsesClientEventParam,
+        ),
+        (
+            beta_responses.ResponsesConnectionManager,
+            beta_responses.ResponsesConnection,
+            _GuardedManager,
+            _GuardedConnection,
+            BetaResponsesClientEventParam,
+        ),
+        (
+            beta_responses.AsyncResponsesConnectionManager,
+            beta_responses.AsyncResponsesConnection,
+            _GuardedAsyncManager,
+            _GuardedAsyncConnection,
+            BetaResponsesClientEventParam,
+        ),
+    )
+}
+
+
+def _guard_manager(manager: T, client: Any) -> T:
+    """Switch an SDK connection manager to its guarded twin, with a session of its own."""
+    guarded_manager, guarded_connection, param_type = _TWINS[type(manager)]
+    state: GuardState = client._safe
+    session = SocketSession(state, client._safe_customer)
+    _adopt(manager, guarded_manager, session, client._execute)
+    target = cast(Any, manager)
+    target._safe_param_type = param_type
+    target._safe_connection_cls = guarded_connection
+    target._safe_held = []
+    return manager
+
+
+class GuardedResponses(responses.Responses):
+    """``client.responses`` whose ``connect()`` opens a guarded WebSocket."""
+
+    def connect(self, *args: Any, **kwargs: Any) -> responses.ResponsesConnectionManager:
+        return _guard_manager(super().connect(*args, **kwargs), self._client)
+
+
+class GuardedAsyncResponses(responses.AsyncResponses):
+    """``client.responses`` (async) whose ``connect()`` opens a guarded WebSocket."""
+
+    def connect(self, *args: Any, **kwargs: Any) -> responses.AsyncResponsesConnectionManager:
+        return _guard_manager(super().connect(*args, **kwargs), self._client)
+
+
+class _GuardedBetaResponses(beta_responses.Responses):
+    def connect(self, *args: Any, **kwargs: Any) -> beta_responses.ResponsesConnectionManager:
+        return _guard_manager(super().connect(*args, **kwargs), self._client)
+
+
+class _GuardedAsyncBetaResponses(beta_responses.AsyncResponses):
+    def connect(self, *args: Any, **kwargs: Any) -> beta_responses.AsyncResponsesConnectionManager:
+        return _guard_manager(super().connect(*args, **kwargs), self._client)
+
+
+class GuardedBeta(Beta):
+    """``client.beta`` whose ``responses.connect()`` opens a guarded WebSocket."""
+
+    @cached_property
+    def responses(self) -> beta_responses.Responses:
+        return _GuardedBetaResponses(self._client)
+
+
+class GuardedAsyncBeta(AsyncBeta):
+    """``client.beta`` (async) whose ``responses.connect()`` opens a guarded WebSocket."""
+
+    @cached_property
+    def responses(self) -> beta_responses.AsyncResponses:
+        return _GuardedAsyncBetaResponses(self._client)
