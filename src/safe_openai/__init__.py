@@ -16,6 +16,8 @@ from ._client import AsyncSafeClient, SafeClient
 from ._identity import customer
 from ._moderation import AsyncModerator, ModerationInput, Moderator
 from .errors import (
+    BatchBlocked,
+    BatchFileError,
     ConfigurationError,
     CustomerRequired,
     CustomerSuspended,
@@ -47,6 +49,8 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
 __all__ = [
     "AsyncModerator",
     "AsyncSafeClient",
+    "BatchBlocked",
+    "BatchFileError",
     "ConfigurationError",
     "CustomerRequired",
     "CustomerSuspended",

@@ -12,12 +12,14 @@ import hashlib
 import inspect
 import json
 import posixpath
+import sys
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from functools import cached_property
+from types import FrameType
 from typing import Any, Literal, cast
 
 import httpx2
@@ -29,6 +31,15 @@ from openai._response import APIResponse, AsyncAPIResponse
 from openai._utils._json import openapi_dumps
 from typing_extensions import Self, override
 
+from ._batches import (
+    BATCH_KEY,
+    FILE_KEY,
+    batch_records,
+    check_batch,
+    check_upload,
+    record_batch,
+    remember,
+)
 from ._connections import (
     GuardedAsyncBeta,
     GuardedAsyncResponses,
@@ -57,6 +68,7 @@ from ._identity import resolve_secret, validate_customer_id
 from ._moderation import AsyncOpenAIModerator, OpenAIModerator, VerdictCache
 from ._streams import TAP_KEY, UsageTap, guarded_stream_cls
 from .errors import (
+    BatchFileError,
     ConfigurationError,
     ModerationUnavailable,
     SafeOpenAIError,
@@ -73,7 +85,7 @@ from .stores import (
 )
 from .stores import Spool as LocalSpool
 from .stores._spool import default_spool_dir
-from .usage import Outcome, PriceTable, TokenUsage, token_usage_from_payload
+from .usage import Outcome, PriceTable, TokenUsage, UsageRecord, token_usage_from_payload
 
 __all__ = ["AsyncSafeClient", "SafeClient"]
 
@@ -261,10 +273,9 @@ class _Guarded:
     with_options = copy
 
     def _begin(
-        self, options: FinalRequestOptions
+        self, options: FinalRequestOptions, path: str
     ) -> tuple[FinalRequestOptions, Flow[Call | None]] | None:
         """The folded options and the guard's flow for a call, or ``None`` to pass it through."""
-        path = self._api_path(options.url)
         if not is_guarded(options.method, path):
             return None
         options, body = _fold_body(options)
@@ -413,7 +424,11 @@ class SafeClient(_Guarded, openai.OpenAI):
         stream: bool = False,
         stream_cls: Any = None,
     ) -> Any:
-        planned = self._begin(options)
+        path = self._api_path(options.url)
+        step = _batch_step(options, path)
+        if step is not None:
+            return self._batch_request(step, cast_to, options)
+        planned = self._begin(options, path)
         call = None
         if planned is not None:
             options, flow = planned
@@ -445,10 +460,63 @@ class SafeClient(_Guarded, openai.OpenAI):
         self._finish(call, "ok", *_usage_of(result), 0)
         return result
 
+    def _batch_request(self, step: str, cast_to: Any, options: FinalRequestOptions) -> Any:
+        """Upload a checked batch file, or create a batch from one; remember whose it is."""
+        if step == "create":
+            options, body = _fold_body(options)
+            customer = drive(check_batch(self._safe, body), self._execute)
+            result = super().request(cast_to, options)
+            drive(remember(BATCH_KEY + _created_id(result), customer), self._execute)
+            return result
+        content, with_content = _upload(options)
+        flow = check_upload(self._safe, bound_customer=self._safe_customer, content=content)
+        checked, customer = drive(flow, self._execute)
+        result = super().request(cast_to, with_content(checked))
+        drive(remember(FILE_KEY + _created_id(result), customer), self._execute)
+        return result
+
+    def record_batch_usage(self, batch: str | openai.types.Batch) -> list[UsageRecord]:
+        """Record the usage of a finished batch for the customer whose file it ran.
+
+        Reads the batch's output and error files; records carry ids derived from the batch and
+        each request, so calling this again (a retried webhook) stores nothing twice. Costs are
+        the price table's at the Batch API's half price.
+
+        Args:
+            batch: The batch or its id (from ``batches.create`` on this client or its copies,
+                or any SafeClient on the same store).
+
+        Returns:
+            The records written, one per request.
+
+        Raises:
+            BatchFileError: The batch is not finished, or was not created through safe_openai.
+        """
+        found = self.batches.retrieve(batch) if isinstance(batch, str) else batch
+        customer = self._safe.store.customer_for_request(BATCH_KEY + found.id)
+        records = batch_records(
+            self._safe,
+            batch_id=found.id,
+            customer_id=_batch_customer(found, customer),
+            output=self._file_bytes(found.output_file_id),
+            errors=self._file_bytes(found.error_file_id),
+            created_at=_finished_at(found),
+        )
+        drive(record_batch(self._safe, records), self._execute)
+        return records
+
+    def _file_bytes(self, file_id: str | None) -> bytes:
+        return self.files.content(file_id).read() if file_id else b""
+
     @override
     def _prepare_options(self, options: FinalRequestOptions) -> FinalRequestOptions:
         refuse_websocket(self._safe, options.url)
         return super()._prepare_options(options)
+
+    @override
+    def _refresh_api_key(self) -> str:
+        refuse_foreign_credentials(self._safe, sys._getframe(1))
+        return super()._refresh_api_key()
 
     @override
     def _build_request(
@@ -571,7 +639,11 @@ class AsyncSafeClient(_Guarded, openai.AsyncOpenAI):
         stream: bool = False,
         stream_cls: Any = None,
     ) -> Any:
-        planned = self._begin(options)
+        path = self._api_path(options.url)
+        step = _batch_step(options, path)
+        if step is not None:
+            return await self._batch_request(step, cast_to, options)
+        planned = self._begin(options, path)
         call = None
         if planned is not None:
             options, flow = planned
@@ -604,10 +676,48 @@ class AsyncSafeClient(_Guarded, openai.AsyncOpenAI):
         await self._finish(call, "ok", *_usage_of(result), 0)
         return result
 
+    async def _batch_request(self, step: str, cast_to: Any, options: FinalRequestOptions) -> Any:
+        """Upload a checked batch file, or create a batch from one (see :class:`SafeClient`)."""
+        if step == "create":
+            options, body = _fold_body(options)
+            customer = await adrive(check_batch(self._safe, body), self._execute)
+            result = await super().request(cast_to, options)
+            await adrive(remember(BATCH_KEY + _created_id(result), customer), self._execute)
+            return result
+        content, with_content = _upload(options)
+        flow = check_upload(self._safe, bound_customer=self._safe_customer, content=content)
+        checked, customer = await adrive(flow, self._execute)
+        result = await super().request(cast_to, with_content(checked))
+        await adrive(remember(FILE_KEY + _created_id(result), customer), self._execute)
+        return result
+
+    async def record_batch_usage(self, batch: str | openai.types.Batch) -> list[UsageRecord]:
+        """Record the usage of a finished batch (see :meth:`SafeClient.record_batch_usage`)."""
+        found = await self.batches.retrieve(batch) if isinstance(batch, str) else batch
+        customer = await self._safe.store.customer_for_request(BATCH_KEY + found.id)
+        records = batch_records(
+            self._safe,
+            batch_id=found.id,
+            customer_id=_batch_customer(found, customer),
+            output=await self._file_bytes(found.output_file_id),
+            errors=await self._file_bytes(found.error_file_id),
+            created_at=_finished_at(found),
+        )
+        await adrive(record_batch(self._safe, records), self._execute)
+        return records
+
+    async def _file_bytes(self, file_id: str | None) -> bytes:
+        return (await self.files.content(file_id)).read() if file_id else b""
+
     @override
     async def _prepare_options(self, options: FinalRequestOptions) -> FinalRequestOptions:
         refuse_websocket(self._safe, options.url)
         return await super()._prepare_options(options)
+
+    @override
+    async def _refresh_api_key(self) -> str:
+        refuse_foreign_credentials(self._safe, sys._getframe(1))
+        return await super()._refresh_api_key()
 
     @override
     def _build_request(
@@ -643,6 +753,78 @@ class AsyncSafeClient(_Guarded, openai.AsyncOpenAI):
                 await state.spool.adrain(state.store)
             return _left_in_spool(state)
         return _run_local(state, command)
+
+
+def _batch_step(options: FinalRequestOptions, path: str) -> str | None:
+    """``"upload"`` for a Batch API input file, ``"create"`` for ``batches.create``."""
+    if path not in _BATCH_PATHS or options.method.lower() != "post":
+        return None
+    if path == "/batches":
+        return "create"
+    return "upload" if _purpose(options) == "batch" else None
+
+
+_BATCH_PATHS = frozenset({"/files", "/batches"})
+
+
+def _purpose(options: FinalRequestOptions) -> object:
+    """The ``purpose`` field of an upload, ``extra_body`` winning as it does on the wire."""
+    extra = options.extra_json if isinstance(options.extra_json, Mapping) else {}
+    data = options.json_data if isinstance(options.json_data, Mapping) else {}
+    return extra.get("purpose", data.get("purpose"))
+
+
+def _upload(
+    options: FinalRequestOptions,
+) -> tuple[bytes, Callable[[bytes], FinalRequestOptions]]:
+    """The bytes of an upload's one file, and a function that puts others in their place."""
+    files = options.files
+    entries = list(files.items()) if isinstance(files, Mapping) else list(files or [])
+    if len(entries) != 1:
+        raise BatchFileError("A batch upload must carry exactly one file.")
+    name, value = entries[0]
+    head: tuple[Any, ...] = ()
+    tail: tuple[Any, ...] = ()
+    content: Any = value
+    if isinstance(value, tuple):
+        head, content, tail = value[:1], value[1], value[2:]
+    if hasattr(content, "read"):
+        content = content.read()
+    if isinstance(content, str):
+        content = content.encode()
+    if not isinstance(content, (bytes, bytearray)):
+        raise BatchFileError("The batch file's content cannot be read before it is uploaded.")
+
+    def with_content(checked: bytes) -> FinalRequestOptions:
+        copy = options.model_copy()
+        entry = (*head, checked, *tail) if head else ("batch.jsonl", checked)
+        copy.files = [(name, entry)]
+        return copy
+
+    return bytes(content), with_content
+
+
+def _created_id(result: object) -> str:
+    """The ``id`` of what a create call returned, parsed or raw."""
+    if isinstance(result, (LegacyAPIResponse, APIResponse, AsyncAPIResponse)):
+        result.http_response.read()
+        return str(result.http_response.json().get("id"))
+    return str(getattr(result, "id", ""))
+
+
+def _batch_customer(batch: openai.types.Batch, customer: str | None) -> str:
+    if customer is None:
+        raise BatchFileError(
+            f"Batch {batch.id} was not created through safe_openai, so its customer is unknown."
+        )
+    if batch.output_file_id is None and batch.error_file_id is None:
+        raise BatchFileError(f"Batch {batch.id} has no output yet (status {batch.status}).")
+    return customer
+
+
+def _finished_at(batch: openai.types.Batch) -> datetime:
+    stamp = batch.completed_at or batch.expired_at or batch.cancelled_at or batch.failed_at
+    return datetime.fromtimestamp(stamp, timezone.utc) if stamp else datetime.now(timezone.utc)
 
 
 def _with_tap(request: httpx2.Request) -> httpx2.Request:
@@ -710,3 +892,24 @@ def refuse_websocket(state: GuardState, url: str) -> None:
             "in the policy (Policy.allow_unguarded) if that is intended."
         )
     log.warning("safe_openai.unguarded_websocket_allowed", endpoint=endpoint)
+
+
+def refuse_foreign_credentials(state: GuardState, caller: FrameType) -> None:
+    """Refuse to hand the API key to code outside the SDK that asks for it fresh.
+
+    Libraries that open a WebSocket of their own from a client (openai-agents' Responses
+    WebSocket transport, pydantic-ai's realtime models) call ``_refresh_api_key`` just before
+    they read the client's auth headers; nothing they send then passes the guard. The SDK's own
+    calls (request options, its WebSocket managers) come from its own modules and pass.
+    """
+    module = str(caller.f_globals.get("__name__", ""))
+    if module == "openai" or module.startswith(("openai.", "safe_openai.")):
+        return
+    if not state.policy.allow_unguarded("wss:credentials"):
+        raise UnguardedPathError(
+            f"{module or 'Code outside the SDK'} asked for this client's API key to open a "
+            "connection of its own, which safe_openai cannot moderate (for openai-agents, keep "
+            "the default HTTP transport); allow 'wss:credentials' in the policy if that is "
+            "intended."
+        )
+    log.warning("safe_openai.unguarded_websocket_allowed", endpoint="wss:credentials", by=module)

@@ -11,9 +11,12 @@ moderation -> tagging -> (the SDK call) -> usage.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import threading
 import time
-from collections.abc import Awaitable, Callable, Generator, Mapping
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from types import MappingProxyType
@@ -23,12 +26,13 @@ import structlog
 
 from ._extract import (
     EndpointSpec,
+    Piece,
     extract,
     is_unguarded_content_path,
     resolve_endpoint,
 )
 from ._identity import current_customer, safety_identifier
-from ._moderation import ModerationInput, VerdictCache, inputs_for
+from ._moderation import ModerationInput, VerdictCache, inputs_for, roles_of
 from .errors import (
     CustomerRequired,
     CustomerSuspended,
@@ -128,6 +132,29 @@ class GuardState:
     spool_dirty: bool = False
     #: The store was opened from a URL by the client, which closes it.
     owns_store: bool = False
+    #: Recent blocks, so a retried block is not a second strike.
+    recent_blocks: RecentBlocks = field(default_factory=lambda: RecentBlocks())
+
+
+class RecentBlocks:
+    """When each (customer, content) was last blocked, bounded, thread-safe."""
+
+    def __init__(self, maxsize: int = 10_000) -> None:
+        self._seen: OrderedDict[tuple[str, bytes], datetime] = OrderedDict()
+        self._maxsize = maxsize
+        self._lock = threading.Lock()
+
+    def repeat(
+        self, customer_id: str, keys: Iterable[bytes], now: datetime, window: timedelta
+    ) -> bool:
+        """Note a block of ``keys`` now; whether the same block happened within ``window``."""
+        fingerprint = (customer_id, hashlib.sha256(b"".join(sorted(keys))).digest())
+        with self._lock:
+            last = self._seen.pop(fingerprint, None)
+            self._seen[fingerprint] = now
+            while len(self._seen) > self._maxsize:
+                self._seen.popitem(last=False)
+        return last is not None and now - last < window
 
 
 @dataclass(slots=True)
@@ -264,7 +291,7 @@ def begin(
             call.reservation = reservation
 
     try:
-        yield from _moderate(state, call, request, inputs_for(extraction.pieces))
+        yield from _moderate(state, call, request, extraction.pieces)
     except BaseException:
         if call.reservation is not None:
             yield from _release(call)
@@ -303,8 +330,9 @@ def begin(
 
 
 def _moderate(
-    state: GuardState, call: Call, request: GuardedRequest, inputs: list[ModerationInput]
+    state: GuardState, call: Call, request: GuardedRequest, pieces: list[Piece]
 ) -> Flow[None]:
+    inputs = inputs_for(pieces)
     if not inputs:
         return
     policy = state.policy
@@ -358,7 +386,7 @@ def _moderate(
         top_score=round(verdict.top_score, 4),
         content_hash=keys[worst].hex()[:16],
     )
-    if call.customer_id is not None:
+    if call.customer_id is not None and is_strike(policy, request, inputs, judged, pieces):
         violation = Violation(
             customer_id=call.customer_id,
             created_at=call.created_at,
@@ -367,17 +395,53 @@ def _moderate(
             top_score=verdict.top_score,
             endpoint=call.endpoint,
         )
-        try:
-            yield from record_violation(state, violation)
-        except StoreError:
-            # The block stands whatever the store says; the strike is what gets lost.
-            log.error("safe_openai.violation_not_recorded", customer_id=call.customer_id)
+        yield from strike(state, violation, keys)
     raise ModerationBlocked(
         call.customer_id,
         categories=verdict.categories,
         scores=verdict.scores,
         endpoint=call.endpoint,
     )
+
+
+def is_strike(
+    policy: Policy,
+    request: GuardedRequest,
+    inputs: Sequence[ModerationInput],
+    results: Sequence[ModerationResult],
+    pieces: Iterable[Piece],
+) -> bool:
+    """Whether a block counts against the customer: some input that blocks on its own came
+    from one of :attr:`Policy.strike_roles` (or no single input blocks alone)."""
+    flagged = [
+        item
+        for item, result in zip(inputs, results, strict=True)
+        if policy.judge(request, [result]).blocked
+    ]
+    if not flagged:
+        return True
+    roles = roles_of(pieces)
+    found = {role for item in flagged for role in roles.get(item, ())}
+    if found & set(policy.strike_roles):
+        return True
+    log.info(
+        "safe_openai.blocked_without_strike", customer_id=request.customer_id, roles=sorted(found)
+    )
+    return False
+
+
+def strike(state: GuardState, violation: Violation, keys: Iterable[bytes]) -> Flow[None]:
+    """Record a moderation block's violation, unless the same content was just blocked for the
+    same customer (a retry). The block stands whatever happens here."""
+    window = state.policy.repeat_strike_window
+    if state.recent_blocks.repeat(violation.customer_id, keys, violation.created_at, window):
+        log.info("safe_openai.repeat_block", customer_id=violation.customer_id)
+        return
+    try:
+        yield from record_violation(state, violation)
+    except StoreError:
+        # The strike is what gets lost, and it is logged.
+        log.error("safe_openai.violation_not_recorded", customer_id=violation.customer_id)
 
 
 def record_violation(state: GuardState, violation: Violation) -> Flow[bool]:

@@ -105,6 +105,16 @@ def inputs_for(pieces: Iterable[Piece]) -> list[ModerationInput]:
     return inputs
 
 
+def roles_of(pieces: Iterable[Piece]) -> dict[ModerationInput, set[str]]:
+    """The roles each moderation input came from (text sent under several roles has each)."""
+    roles: dict[ModerationInput, set[str]] = {}
+    for piece in pieces:
+        values = chunk_text(piece.value) if piece.kind == "text" else [piece.value]
+        for value in values:
+            roles.setdefault(ModerationInput(piece.kind, value), set()).add(piece.role)
+    return roles
+
+
 def plan_batches(inputs: Sequence[ModerationInput]) -> list[list[ModerationInput]]:
     """Group inputs into endpoint calls: every text in one call, then one call per image."""
     texts = [i for i in inputs if i.kind == "text"]

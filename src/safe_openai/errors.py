@@ -11,8 +11,10 @@ existing ``except openai.OpenAIError`` keeps catching them::
         ├── QuotaExceeded            a quota would be exceeded; nothing was sent
         ├── PolicyDenied             the policy refused the request; nothing was sent
         ├── ModerationBlocked        moderation flagged the content; nothing was sent
+        │   └── BatchBlocked         ... in lines of a Batch API input file; not uploaded
         ├── ModerationUnavailable    moderation could not be obtained (fail closed)
         ├── UnguardedPathError       an SDK path the guard cannot cover was refused
+        ├── BatchFileError           a Batch API file or batch safe_openai cannot accept
         ├── StoreError               the usage store failed (the cause is chained)
         └── WebhookVerificationError a webhook delivery failed verification
 
@@ -32,6 +34,8 @@ if TYPE_CHECKING:
     from .policy import Decision
 
 __all__ = [
+    "BatchBlocked",
+    "BatchFileError",
     "ConfigurationError",
     "CustomerRequired",
     "CustomerSuspended",
@@ -159,6 +163,29 @@ class ModerationBlocked(SafeOpenAIError):
         self.endpoint = endpoint
 
 
+class BatchBlocked(ModerationBlocked):
+    """Moderation flagged requests in a Batch API input file; the file was not uploaded.
+
+    Attributes:
+        lines: Line number (1-based) -> the categories that blocked that line.
+    """
+
+    def __init__(
+        self,
+        customer_id: str | None,
+        *,
+        lines: Mapping[int, tuple[str, ...]],
+        scores: Mapping[str, float],
+        endpoint: str,
+    ) -> None:
+        categories = tuple(sorted({c for found in lines.values() for c in found}))
+        super().__init__(customer_id, categories=categories, scores=scores, endpoint=endpoint)
+        self.lines = dict(sorted(lines.items()))
+        shown = ", ".join(f"{n} ({', '.join(c)})" for n, c in list(self.lines.items())[:10])
+        more = f" and {len(self.lines) - 10} more" if len(self.lines) > 10 else ""
+        self.args = (f"Batch input file blocked by moderation: line {shown}{more}.",)
+
+
 class ModerationUnavailable(SafeOpenAIError):
     """Moderation could not be obtained and the policy fails closed; nothing was sent."""
 
@@ -167,6 +194,11 @@ class ModerationUnavailable(SafeOpenAIError):
 
 class UnguardedPathError(SafeOpenAIError):
     """The call takes an SDK path the guard cannot inspect, so it was refused."""
+
+
+class BatchFileError(SafeOpenAIError, ValueError):
+    """A Batch API input file that cannot be read as requests, or a batch whose customer is
+    unknown; nothing was sent."""
 
 
 class StoreError(SafeOpenAIError):

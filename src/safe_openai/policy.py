@@ -199,6 +199,14 @@ class Policy:
     strike_window: timedelta = timedelta(hours=24)
     #: How long a strike suspension lasts; ``None`` until lifted.
     suspension: timedelta | None = None
+    #: Roles whose blocked content is a strike against the customer. Content of other
+    #: moderated roles (a tool's output, a fetched page) is blocked all the same, without a
+    #: strike: the customer did not write it.
+    strike_roles: tuple[str, ...] = ("user",)
+    #: The same blocked content from the same customer within this span is one strike, not
+    #: several: retries by a client or a framework (langchain's ``with_retry``) are not repeat
+    #: offences. Kept per client process.
+    repeat_strike_window: timedelta = timedelta(minutes=10)
     #: The moderation model.
     moderation_model: str = "omni-moderation-latest"
 

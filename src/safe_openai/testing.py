@@ -119,6 +119,7 @@ _STATIC_HEADERS: tuple[tuple[str, str], ...] = (
     ("openai-processing-ms", "1"),
 )
 _JSON_HEADERS = (*_STATIC_HEADERS, ("content-type", "application/json"))
+_BINARY_HEADERS = (*_STATIC_HEADERS, ("content-type", "application/octet-stream"))
 _SSE_HEADERS = (
     *_STATIC_HEADERS,
     ("content-type", "text/event-stream; charset=utf-8"),
@@ -254,6 +255,35 @@ def _error_body(
             "code": code if code is not None else default_code,
         }
     }
+
+
+def _form_fields(content: bytes, content_type: str) -> JSON:
+    """The fields of a ``multipart/form-data`` body; a file field becomes
+    ``{"filename": ..., "content": bytes}``."""
+    boundary = content_type.partition("boundary=")[2].strip('"').encode()
+    fields: JSON = {}
+    for part in content.split(b"--" + boundary)[1:]:
+        if part.startswith(b"--"):
+            break
+        head, _, data = part[2:].partition(b"\r\n\r\n")
+        data = data.removesuffix(b"\r\n")
+        disposition = next(
+            (
+                line
+                for line in head.decode().split("\r\n")
+                if line.lower().startswith("content-disposition")
+            ),
+            "",
+        )
+        params = dict(
+            item.strip().split("=", 1) for item in disposition.split(";")[1:] if "=" in item
+        )
+        name = params.get("name", "").strip('"')
+        if "filename" in params:
+            fields[name] = {"filename": params["filename"].strip('"'), "content": data}
+        else:
+            fields[name] = data.decode()
+    return fields
 
 
 def _error_event(status: int, message: str | None = None) -> JSON:
@@ -511,6 +541,10 @@ class FakeOpenAI(httpx2.BaseTransport, httpx2.AsyncBaseTransport):
         self._requests: list[RecordedRequest] = []
         self._counter = 0
         self._failures: dict[str, deque[_Failure]] = {}
+        #: Uploaded files by id: ``{"filename", "purpose", "content"}`` (``content`` in bytes).
+        self.files: dict[str, JSON] = {}
+        #: Batches by id, as ``GET /batches/{id}`` returns them.
+        self.batches: dict[str, JSON] = {}
         self._routes: Mapping[tuple[str, str], Callable[[JSON, int], _Reply]] = {
             ("POST", "/moderations"): self._moderations,
             ("POST", "/chat/completions"): self._chat_completions,
@@ -519,6 +553,8 @@ class FakeOpenAI(httpx2.BaseTransport, httpx2.AsyncBaseTransport):
             ("POST", "/embeddings"): self._embeddings,
             ("POST", "/images/generations"): self._images,
             ("POST", "/audio/speech"): self._speech,
+            ("POST", "/files"): self._upload_file,
+            ("POST", "/batches"): self._create_batch,
         }
 
     # -- wiring ---------------------------------------------------------------------------
@@ -775,15 +811,19 @@ class FakeOpenAI(httpx2.BaseTransport, httpx2.AsyncBaseTransport):
         path = self._relative(request.url.path)
         body: JSON | None = None
         bad_json = False
-        if request.content and "json" in request.headers.get("content-type", ""):
+        content_type = request.headers.get("content-type", "")
+        if request.content and "json" in content_type:
             try:
                 decoded = json.loads(request.content)
             except ValueError:
                 bad_json = True
             else:
                 body = decoded if isinstance(decoded, dict) else None
+        elif request.content and content_type.startswith("multipart/form-data"):
+            body = _form_fields(request.content, content_type)
         headers = {k.lower(): v for k, v in request.headers.items() if k.lower() != "authorization"}
-        recorded = RecordedRequest(request.method, path, body, headers)
+        shown = {k: v for k, v in body.items() if k != "file"} if body is not None else None
+        recorded = RecordedRequest(request.method, path, shown, headers)
 
         with self._lock:
             self._requests.append(recorded)
@@ -841,6 +881,10 @@ class FakeOpenAI(httpx2.BaseTransport, httpx2.AsyncBaseTransport):
         try:
             if handler is not None:
                 return handler(body, number)
+            if method == "GET" and path.startswith("/files/") and path.endswith("/content"):
+                return self._file_content(path[len("/files/") : -len("/content")])
+            if method == "GET" and path.startswith("/batches/"):
+                return self._batch(path[len("/batches/") :])
             if method == "GET" and path == "/models":
                 return _Reply(body=_MODEL_LIST_BODY)
             if method == "GET" and path.startswith("/models/"):
@@ -849,6 +893,117 @@ class FakeOpenAI(httpx2.BaseTransport, httpx2.AsyncBaseTransport):
             return _json_reply(error.body, error.status)
         message = f"Invalid URL ({method} {_API_PREFIX}{path})"
         return _json_reply(_error_body(404, message), 404)
+
+    # -- files and batches ----------------------------------------------------------------
+
+    def run_batch(self, batch_id: str) -> JSON:
+        """Run a batch now: answer each request of its input file as the endpoint would, write
+        the output file (and an error file for requests that failed) and mark it completed.
+
+        Returns:
+            The batch, as ``batches.retrieve`` will now return it.
+
+        Raises:
+            KeyError: No such batch.
+        """
+        with self._lock:
+            batch = self.batches[batch_id]
+            content: bytes = self.files[batch["input_file_id"]]["content"]
+        output: list[bytes] = []
+        errors: list[bytes] = []
+        for raw in content.splitlines():
+            if not raw.strip():
+                continue
+            line = json.loads(raw)
+            with self._lock:
+                self._counter += 1
+                number = self._counter
+            reply = self._route("POST", self._relative(line["url"]), line["body"], number)
+            answer = {
+                "id": f"batch_req_fake{number:04d}",
+                "custom_id": line.get("custom_id"),
+                "response": {
+                    "status_code": reply.status,
+                    "request_id": f"req_{number:04d}",
+                    "body": json.loads(reply.body),
+                },
+                "error": None,
+            }
+            (output if reply.status == 200 else errors).append(_dumps(answer).encode() + b"\n")
+        with self._lock:
+            batch["output_file_id"] = self._store_file("batch_output.jsonl", output)
+            batch["error_file_id"] = (
+                self._store_file("batch_errors.jsonl", errors) if errors else None
+            )
+            batch["status"] = "completed"
+            batch["completed_at"] = _CREATED + 3600
+            batch["request_counts"] = {
+                "total": len(output) + len(errors),
+                "completed": len(output),
+                "failed": len(errors),
+            }
+            return dict(batch)
+
+    def _store_file(
+        self, filename: str, lines: Sequence[bytes], purpose: str = "batch_output"
+    ) -> str:
+        file_id = f"file-fake{len(self.files) + 1:04d}"
+        self.files[file_id] = {"filename": filename, "purpose": purpose, "content": b"".join(lines)}
+        return file_id
+
+    @staticmethod
+    def _file_object(file_id: str, entry: JSON) -> JSON:
+        return {
+            "id": file_id,
+            "object": "file",
+            "bytes": len(entry["content"]),
+            "created_at": _CREATED,
+            "filename": entry["filename"],
+            "purpose": entry["purpose"],
+            "status": "processed",
+        }
+
+    def _upload_file(self, body: JSON, number: int) -> _Reply:
+        upload = body.get("file")
+        if not isinstance(upload, dict) or not isinstance(body.get("purpose"), str):
+            raise _ApiError(400, "A file and a purpose are required.", param="file")
+        with self._lock:
+            file_id = self._store_file(upload["filename"], [upload["content"]], body["purpose"])
+            return _json_reply(self._file_object(file_id, self.files[file_id]))
+
+    def _file_content(self, file_id: str) -> _Reply:
+        with self._lock:
+            entry = self.files.get(file_id)
+        if entry is None:
+            raise _ApiError(404, f"No such File object: {file_id}")
+        return _Reply(body=entry["content"], headers=_BINARY_HEADERS)
+
+    def _create_batch(self, body: JSON, number: int) -> _Reply:
+        self._require(body, "input_file_id", "endpoint", "completion_window")
+        with self._lock:
+            if body["input_file_id"] not in self.files:
+                raise _ApiError(404, f"No such File object: {body['input_file_id']}")
+            batch_id = f"batch_fake{number:04d}"
+            self.batches[batch_id] = {
+                "id": batch_id,
+                "object": "batch",
+                "endpoint": body["endpoint"],
+                "input_file_id": body["input_file_id"],
+                "completion_window": body["completion_window"],
+                "status": "in_progress",
+                "created_at": _CREATED,
+                "output_file_id": None,
+                "error_file_id": None,
+                "metadata": body.get("metadata"),
+            }
+            return _json_reply(self.batches[batch_id])
+
+    def _batch(self, batch_id: str) -> _Reply:
+        with self._lock:
+            batch = self.batches.get(batch_id)
+        if batch is None:
+            raise _ApiError(404, f"No such Batch object: {batch_id}")
+        return _json_reply(batch)
 
     # -- helpers shared by the model endpoints ---------------------------------------------
 

@@ -1,0 +1,265 @@
+"""Batch API files: every request of a file uploaded with purpose ``batch`` is checked,
+moderated (one pass over the file, batched and cached) and tagged before the upload; a batch
+can only be created from a checked file; a finished batch's usage is recorded per customer."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from safe_openai import (
+    AsyncSafeClient,
+    BatchBlocked,
+    BatchFileError,
+    CustomerRequired,
+    CustomerSuspended,
+    DefaultPolicy,
+    PolicyDenied,
+    Quota,
+    QuotaExceeded,
+    SafeClient,
+    UnguardedPathError,
+)
+from safe_openai._batches import BATCH_DISCOUNT, MODERATION_INPUTS_PER_CALL
+from safe_openai._identity import safety_identifier
+from safe_openai.testing import FakeOpenAI
+
+from .conftest import SECRET
+
+ACME_ID = safety_identifier(SECRET.encode(), "acme")
+
+
+def chat_line(n: int, text: str, **body: Any) -> dict[str, Any]:
+    return {
+        "custom_id": f"request-{n}",
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {
+            "model": "gpt-4o-mini",
+            "messages": [{"role": "user", "content": text}],
+            **body,
+        },
+    }
+
+
+def jsonl(*lines: dict[str, Any]) -> bytes:
+    return b"".join(json.dumps(line).encode() + b"\n" for line in lines)
+
+
+def uploaded(fake: FakeOpenAI, file_id: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in fake.files[file_id]["content"].splitlines()]
+
+
+def make(fake: FakeOpenAI, **kwargs: Any) -> SafeClient:
+    return SafeClient(
+        **fake.openai_kwargs(), identifier_secret=SECRET, store="memory://", spool=False, **kwargs
+    )
+
+
+@pytest.fixture
+def acme(client: SafeClient) -> SafeClient:
+    return client.for_customer("acme")
+
+
+def test_every_request_is_moderated_and_tagged_before_the_upload(
+    acme: SafeClient, fake: FakeOpenAI
+) -> None:
+    content = jsonl(chat_line(1, "hello"), chat_line(2, "bonjour"), chat_line(3, "hello"))
+    created = acme.files.create(file=("requests.jsonl", content), purpose="batch")
+
+    assert [r.path for r in fake.requests] == ["/moderations", "/files"]
+    assert sorted(fake.moderation_inputs) == ["bonjour", "hello"]  # distinct texts, once
+    lines = uploaded(fake, created.id)
+    assert [line["custom_id"] for line in lines] == ["request-1", "request-2", "request-3"]
+    assert {line["body"]["safety_identifier"] for line in lines} == {ACME_ID}
+    assert fake.requests[-1].json == {"purpose": "batch"}
+
+
+def test_a_flagged_line_blocks_the_upload_with_its_line_numbers(
+    acme: SafeClient, fake: FakeOpenAI
+) -> None:
+    content = jsonl(
+        chat_line(1, "hello"),
+        chat_line(2, "I will kill you"),
+        chat_line(3, "fine"),
+        chat_line(4, "kill it with fire"),
+    )
+    with pytest.raises(BatchBlocked) as blocked:
+        acme.files.create(file=io.BytesIO(content), purpose="batch")
+
+    assert blocked.value.lines == {2: ("violence",), 4: ("violence",)}
+    assert blocked.value.categories == ("violence",)
+    assert "line 2 (violence), 4 (violence)" in str(blocked.value)
+    assert "kill" not in str(blocked.value)
+    assert all(r.path == "/moderations" for r in fake.requests)  # nothing uploaded
+    [violation] = acme.store.violations(customer_id="acme")
+    assert violation.endpoint == "/files"
+    [record] = acme.store.usage_records(customer_id="acme")
+    assert (record.endpoint, record.outcome) == ("/files", "blocked")
+
+
+def test_the_file_is_moderated_in_calls_of_a_bounded_size_and_cached(
+    acme: SafeClient, fake: FakeOpenAI
+) -> None:
+    count = MODERATION_INPUTS_PER_CALL + 8
+    content = jsonl(*(chat_line(n, f"question number {n}") for n in range(count)))
+    acme.files.create(file=("a.jsonl", content), purpose="batch")
+    sizes = [len(r.json["input"]) for r in fake.moderation_requests]  # type: ignore[index]
+    assert sizes == [MODERATION_INPUTS_PER_CALL, 8]
+
+    fake.reset()
+    acme.files.create(file=("b.jsonl", content), purpose="batch")
+    assert [r.path for r in fake.requests] == ["/files"]  # every verdict came from the cache
+
+
+def test_the_policy_applies_to_each_line(fake: FakeOpenAI) -> None:
+    policy = DefaultPolicy(allowed_models=["gpt-4o-mini"], system_instruction="Be kind.")
+    with make(fake, policy=policy) as client:
+        acme = client.for_customer("acme")
+        created = acme.files.create(file=("ok.jsonl", jsonl(chat_line(1, "hi"))), purpose="batch")
+        [line] = uploaded(fake, created.id)
+        assert line["body"]["messages"][0] == {"role": "system", "content": "Be kind."}
+
+        wrong = jsonl(chat_line(1, "hi"), chat_line(2, "hi", model="gpt-4o"))
+        with pytest.raises(PolicyDenied, match="line 2"):
+            acme.files.create(file=("bad.jsonl", wrong), purpose="batch")
+
+
+def test_bad_files_are_refused_with_the_line_before_anything_is_sent(
+    acme: SafeClient, fake: FakeOpenAI
+) -> None:
+    with pytest.raises(BatchFileError, match=r"Line 2 .* not JSON"):
+        acme.files.create(
+            file=("x.jsonl", b'{"url": "/v1/responses", "body": {}}\n{oops'), purpose="batch"
+        )
+    with pytest.raises(BatchFileError, match=r"Line 1 .*'url'"):
+        acme.files.create(file=("x.jsonl", b'{"body": {}}\n'), purpose="batch")
+    with pytest.raises(BatchFileError, match="no requests"):
+        acme.files.create(file=("x.jsonl", b"\n\n"), purpose="batch")
+    assert fake.requests == []
+
+
+def test_standing_customer_and_quota_are_checked(fake: FakeOpenAI) -> None:
+    content = jsonl(chat_line(1, "hello", max_completion_tokens=900))
+    with make(fake, policy=DefaultPolicy(quota=Quota(tokens_per_day=1000))) as client:
+        with pytest.raises(CustomerRequired):
+            client.files.create(file=("a.jsonl", content), purpose="batch")
+        acme = client.for_customer("acme")
+        acme.files.create(file=("a.jsonl", content), purpose="batch")  # fits
+        double = jsonl(*(chat_line(n, "hello", max_completion_tokens=900) for n in (1, 2)))
+        with pytest.raises(QuotaExceeded):
+            acme.files.create(file=("b.jsonl", double), purpose="batch")
+        client.suspend("acme", reason="test")
+        with pytest.raises(CustomerSuspended):
+            acme.files.create(file=("a.jsonl", content), purpose="batch")
+    assert [r.path for r in fake.requests].count("/files") == 1
+
+
+def test_every_upload_form_is_read(acme: SafeClient, fake: FakeOpenAI, tmp_path: Path) -> None:
+    path = tmp_path / "requests.jsonl"
+    path.write_bytes(jsonl(chat_line(1, "from a path")))
+    for file in (path, ("named.jsonl", path.read_bytes(), "application/jsonl"), path.open("rb")):
+        created = acme.files.create(file=file, purpose="batch")
+        assert uploaded(fake, created.id)[0]["body"]["safety_identifier"] == ACME_ID
+    raw = acme.files.with_raw_response.create(file=path, purpose="batch").parse()
+    assert uploaded(fake, raw.id)[0]["body"]["safety_identifier"] == ACME_ID
+    via_extra_body = acme.files.create(
+        file=path, purpose="assistants", extra_body={"purpose": "batch"}
+    )
+    assert uploaded(fake, via_extra_body.id)[0]["body"]["safety_identifier"] == ACME_ID
+
+
+def test_other_uploads_pass_untouched(acme: SafeClient, fake: FakeOpenAI) -> None:
+    content = jsonl(chat_line(1, "I will kill you"))
+    created = acme.files.create(file=("notes.jsonl", content), purpose="assistants")
+    assert fake.files[created.id]["content"] == content
+    assert fake.moderation_requests == []
+
+
+def test_a_batch_needs_a_checked_file(acme: SafeClient, fake: FakeOpenAI) -> None:
+    plain = openai.OpenAI(**fake.openai_kwargs())
+    unchecked = plain.files.create(file=("x.jsonl", jsonl(chat_line(1, "kill"))), purpose="batch")
+    with pytest.raises(UnguardedPathError, match="not uploaded through safe_openai"):
+        acme.batches.create(
+            input_file_id=unchecked.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+    assert fake.batches == {}
+
+    class AllowBatches(DefaultPolicy):
+        def allow_unguarded(self, endpoint: str) -> bool:
+            return endpoint == "/batches"
+
+    with make(fake, policy=AllowBatches()) as client:
+        client.for_customer("acme").batches.create(
+            input_file_id=unchecked.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+    assert len(fake.batches) == 1
+
+
+def test_a_finished_batch_records_its_usage_once_per_request(
+    acme: SafeClient, fake: FakeOpenAI
+) -> None:
+    bad = {**chat_line(3, "no model"), "body": {"messages": [{"role": "user", "content": "x"}]}}
+    content = jsonl(chat_line(1, "hello"), chat_line(2, "hello again"), bad)
+    created = acme.files.create(file=("in.jsonl", content), purpose="batch")
+    batch = acme.batches.create(
+        input_file_id=created.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    with pytest.raises(BatchFileError, match="no output yet"):
+        acme.record_batch_usage(batch.id)
+    fake.run_batch(batch.id)
+
+    records = acme.record_batch_usage(batch.id)
+    acme.record_batch_usage(batch.id)  # a retried webhook stores nothing twice
+
+    stored = acme.store.usage_records(customer_id="acme")
+    assert sorted(r.record_id for r in stored) == sorted(r.record_id for r in records)
+    ok = [r for r in records if r.outcome == "ok"]
+    assert [r.outcome for r in records] == ["ok", "ok", "error"]
+    output = [
+        json.loads(line)
+        for line in fake.files[fake.batches[batch.id]["output_file_id"]]["content"].splitlines()
+    ]
+    for record, line in zip(ok, output, strict=True):
+        usage = line["response"]["body"]["usage"]
+        assert (record.tokens.input_tokens, record.tokens.output_tokens) == (
+            usage["prompt_tokens"],
+            usage["completion_tokens"],
+        )
+        full = acme._safe.prices.cost("gpt-4o-mini", record.tokens)
+        assert record.cost_usd == pytest.approx(full * BATCH_DISCOUNT)  # type: ignore[operator]
+        assert record.endpoint == "batch:/chat/completions"
+        assert acme.store.customer_for_request(line["response"]["request_id"]) == "acme"
+
+
+def test_an_unknown_batch_is_refused(acme: SafeClient, fake: FakeOpenAI) -> None:
+    plain = openai.OpenAI(**fake.openai_kwargs())
+    file = plain.files.create(file=("x.jsonl", jsonl(chat_line(1, "hi"))), purpose="batch")
+    batch = plain.batches.create(
+        input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    fake.run_batch(batch.id)
+    with pytest.raises(BatchFileError, match="not created through safe_openai"):
+        acme.record_batch_usage(batch.id)
+
+
+async def test_the_async_client_checks_creates_and_records(
+    aclient: AsyncSafeClient, fake: FakeOpenAI
+) -> None:
+    acme = aclient.for_customer("acme")
+    with pytest.raises(BatchBlocked):
+        await acme.files.create(file=("x.jsonl", jsonl(chat_line(1, "kill"))), purpose="batch")
+    created = await acme.files.create(file=("x.jsonl", jsonl(chat_line(1, "hi"))), purpose="batch")
+    assert uploaded(fake, created.id)[0]["body"]["safety_identifier"] == ACME_ID
+    batch = await acme.batches.create(
+        input_file_id=created.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    fake.run_batch(batch.id)
+    [record] = await acme.record_batch_usage(batch.id)
+    assert (record.customer_id, record.outcome) == ("acme", "ok")
+    assert record.tokens.total_tokens > 0
