@@ -53,6 +53,18 @@ async def test_async_blocked_and_copies(aclient: AsyncSafeClient, fake: FakeOpen
         await aclient.chat.completions.create(model="gpt-4o-mini", messages=USER)
 
 
+async def test_the_copy_pydantic_ai_makes_keeps_guard_store_and_customer(
+    aclient: AsyncSafeClient, fake: FakeOpenAI
+) -> None:
+    acme = aclient.for_customer("acme")
+    copy = acme.with_options(http_client=acme._client, max_retries=3, _extra_kwargs={})
+    assert isinstance(copy, AsyncSafeClient)
+    assert (copy.customer_id, copy.store, copy._safe) == ("acme", aclient.store, aclient._safe)
+    await copy.chat.completions.create(model="gpt-4o-mini", messages=USER)
+    [sent] = fake.model_requests
+    assert sent.json["safety_identifier"] == safety_identifier(SECRET.encode(), "acme")
+
+
 async def test_context_customer_is_per_task(aclient: AsyncSafeClient, fake: FakeOpenAI) -> None:
     async def call(customer: str) -> None:
         with safe_openai.customer(customer):

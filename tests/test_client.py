@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gc
+import itertools
 import json
+from typing import Any
 
 import httpx2
 import openai
@@ -345,3 +347,40 @@ def test_non_model_endpoints_pass_untouched_without_a_customer(
     client.models.list()
     client.moderations.create(input="anything")
     assert [r.path for r in fake.requests] == ["/models", "/moderations"]
+
+
+COPY_ARGUMENTS: list[tuple[str, Any]] = [
+    ("http_client", "own"),
+    ("_extra_kwargs", {}),
+    ("max_retries", 0),
+    ("timeout", 7.5),
+    ("default_headers", {"x-library": "1"}),
+]
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        names
+        for size in range(1, len(COPY_ARGUMENTS) + 1)
+        for names in itertools.combinations([name for name, _ in COPY_ARGUMENTS], size)
+    ],
+    ids="+".join,
+)
+@pytest.mark.parametrize("method", ["copy", "with_options"])
+def test_every_mix_of_sdk_copy_arguments_keeps_guard_store_and_customer(
+    client: SafeClient, fake: FakeOpenAI, names: tuple[str, ...], method: str
+) -> None:
+    acme = client.for_customer("acme")
+    values = dict(COPY_ARGUMENTS)
+    kwargs = {name: acme._client if values[name] == "own" else values[name] for name in names}
+    copy = getattr(acme, method)(**kwargs)
+    assert isinstance(copy, SafeClient)
+    assert (copy.customer_id, copy.store, copy._safe) == ("acme", client.store, client._safe)
+    copy.chat.completions.create(model="gpt-4o-mini", messages=USER)
+    with pytest.raises(ModerationBlocked):
+        copy.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "kill kill"}]
+        )
+    [sent] = fake.model_requests
+    assert sent.json["safety_identifier"] == safety_identifier(SECRET.encode(), "acme")

@@ -686,3 +686,12 @@ async def test_a_flagged_batch_request_is_never_uploaded(
     assert caught.value.categories == ("violence",)
     assert [(r.method, r.path) for r in fake.requests] == [("POST", "/moderations")]
     assert fake.files == {}
+
+
+async def test_realtime_models_cannot_take_the_clients_key(aclient: AsyncSafeClient) -> None:
+    """pydantic-ai's realtime models read the client's API key to open their own socket, which
+    the guard cannot watch: the client refuses to hand it over."""
+    from pydantic_ai.realtime._openai_protocol import openai_websocket_auth_headers
+
+    with pytest.raises(safe_openai.UnguardedPathError, match="wss:credentials"):
+        await openai_websocket_auth_headers(aclient)
