@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 
@@ -10,6 +11,19 @@ from safe_openai import AsyncSafeClient, SafeClient
 from safe_openai.testing import FakeOpenAI
 
 SECRET = "test-identifier-secret"
+
+
+def make_client(fake: FakeOpenAI, **options: Any) -> SafeClient:
+    """A SafeClient on ``fake`` with a fresh in-memory store and no spool."""
+    return SafeClient(
+        **fake.openai_kwargs(), identifier_secret=SECRET, store="memory://", spool=False, **options
+    )
+
+
+def make_async_client(fake: FakeOpenAI, **options: Any) -> AsyncSafeClient:
+    """An AsyncSafeClient on ``fake`` with a fresh in-memory store and no spool."""
+    kwargs: dict[str, Any] = {**fake.async_openai_kwargs(), **options}
+    return AsyncSafeClient(identifier_secret=SECRET, store="memory://", spool=False, **kwargs)
 
 
 @pytest.fixture
@@ -21,16 +35,12 @@ def fake() -> FakeOpenAI:
 @pytest.fixture
 def client(fake: FakeOpenAI) -> Iterator[SafeClient]:
     """A SafeClient on the fake API, with an in-memory store."""
-    with SafeClient(
-        **fake.openai_kwargs(), identifier_secret=SECRET, store="memory://", spool=False
-    ) as safe:
+    with make_client(fake) as safe:
         yield safe
 
 
 @pytest.fixture
 async def aclient(fake: FakeOpenAI) -> AsyncIterator[AsyncSafeClient]:
     """An AsyncSafeClient on the fake API, with an in-memory store."""
-    async with AsyncSafeClient(
-        **fake.async_openai_kwargs(), identifier_secret=SECRET, store="memory://", spool=False
-    ) as safe:
+    async with make_async_client(fake) as safe:
         yield safe

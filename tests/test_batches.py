@@ -29,7 +29,7 @@ from safe_openai._batches import BATCH_DISCOUNT, MODERATION_INPUTS_PER_CALL
 from safe_openai._identity import safety_identifier
 from safe_openai.testing import FakeOpenAI
 
-from .conftest import SECRET
+from .conftest import SECRET, make_client
 
 ACME_ID = safety_identifier(SECRET.encode(), "acme")
 
@@ -53,12 +53,6 @@ def jsonl(*lines: dict[str, Any]) -> bytes:
 
 def uploaded(fake: FakeOpenAI, file_id: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in fake.files[file_id]["content"].splitlines()]
-
-
-def make(fake: FakeOpenAI, **kwargs: Any) -> SafeClient:
-    return SafeClient(
-        **fake.openai_kwargs(), identifier_secret=SECRET, store="memory://", spool=False, **kwargs
-    )
 
 
 @pytest.fixture
@@ -119,7 +113,7 @@ def test_the_file_is_moderated_in_calls_of_a_bounded_size_and_cached(
 
 def test_the_policy_applies_to_each_line(fake: FakeOpenAI) -> None:
     policy = DefaultPolicy(allowed_models=["gpt-4o-mini"], system_instruction="Be kind.")
-    with make(fake, policy=policy) as client:
+    with make_client(fake, policy=policy) as client:
         acme = client.for_customer("acme")
         created = acme.files.create(file=("ok.jsonl", jsonl(chat_line(1, "hi"))), purpose="batch")
         [line] = uploaded(fake, created.id)
@@ -146,7 +140,7 @@ def test_bad_files_are_refused_with_the_line_before_anything_is_sent(
 
 def test_standing_customer_and_quota_are_checked(fake: FakeOpenAI) -> None:
     content = jsonl(chat_line(1, "hello", max_completion_tokens=900))
-    with make(fake, policy=DefaultPolicy(quota=Quota(tokens_per_day=1000))) as client:
+    with make_client(fake, policy=DefaultPolicy(quota=Quota(tokens_per_day=1000))) as client:
         with pytest.raises(CustomerRequired):
             client.files.create(file=("a.jsonl", content), purpose="batch")
         acme = client.for_customer("acme")
@@ -194,7 +188,7 @@ def test_a_batch_needs_a_checked_file(acme: SafeClient, fake: FakeOpenAI) -> Non
         def allow_unguarded(self, endpoint: str) -> bool:
             return endpoint == "/batches"
 
-    with make(fake, policy=AllowBatches()) as client:
+    with make_client(fake, policy=AllowBatches()) as client:
         client.for_customer("acme").batches.create(
             input_file_id=unchecked.id, endpoint="/v1/chat/completions", completion_window="24h"
         )

@@ -30,7 +30,7 @@ from safe_openai._identity import safety_identifier
 from safe_openai._sockets import SocketSession, incoming, outgoing
 from safe_openai.testing import FakeOpenAI
 
-from .conftest import SECRET
+from .conftest import SECRET, make_async_client, make_client
 
 pytest.importorskip("websockets")
 
@@ -44,32 +44,15 @@ def ws_url(fake: FakeOpenAI) -> Iterator[str]:
         yield url
 
 
-def make_client(fake: FakeOpenAI, ws_url: str, **kwargs: Any) -> SafeClient:
-    return SafeClient(
-        **fake.openai_kwargs(),
-        websocket_base_url=ws_url,
-        identifier_secret=SECRET,
-        store="memory://",
-        spool=False,
-        **kwargs,
-    )
-
-
 @pytest.fixture
 def acme(fake: FakeOpenAI, ws_url: str) -> Iterator[SafeClient]:
-    with make_client(fake, ws_url) as client:
+    with make_client(fake, websocket_base_url=ws_url) as client:
         yield client.for_customer("acme")
 
 
 @pytest.fixture
 async def async_acme(fake: FakeOpenAI, ws_url: str) -> AsyncIterator[AsyncSafeClient]:
-    async with AsyncSafeClient(
-        **fake.async_openai_kwargs(),
-        websocket_base_url=ws_url,
-        identifier_secret=SECRET,
-        store="memory://",
-        spool=False,
-    ) as client:
+    async with make_async_client(fake, websocket_base_url=ws_url) as client:
         yield client.for_customer("acme")
 
 
@@ -229,7 +212,7 @@ def test_an_error_event_ends_the_call_as_an_error_and_frees_its_quota(
     fake: FakeOpenAI, ws_url: str
 ) -> None:
     policy = DefaultPolicy(quota=Quota(tokens_per_minute=5000))
-    with make_client(fake, ws_url, policy=policy) as client:
+    with make_client(fake, websocket_base_url=ws_url, policy=policy) as client:
         acme = client.for_customer("acme")
         fake.fail("/responses", 500)
         with acme.responses.connect() as connection:
@@ -248,7 +231,7 @@ def test_standing_quota_and_policy_apply_as_for_http(fake: FakeOpenAI, ws_url: s
         allowed_models=["gpt-4o-mini"],
         system_instruction="Be kind.",
     )
-    with make_client(fake, ws_url, policy=policy) as client:
+    with make_client(fake, websocket_base_url=ws_url, policy=policy) as client:
         acme = client.for_customer("acme")
         with acme.responses.connect() as connection:
             with pytest.raises(PolicyDenied):

@@ -14,7 +14,7 @@ import pytest
 from safe_openai import BatchBlocked, DefaultPolicy, ModerationBlocked, SafeClient
 from safe_openai.testing import FakeOpenAI
 
-from .conftest import SECRET
+from .conftest import make_client
 
 TOOL_TURN: list[dict[str, Any]] = [
     {"role": "user", "content": "Where is my order?"},
@@ -29,22 +29,12 @@ TOOL_TURN: list[dict[str, Any]] = [
 ]
 
 
-def make(fake: FakeOpenAI, policy: DefaultPolicy | None = None) -> SafeClient:
-    return SafeClient(
-        **fake.openai_kwargs(),
-        identifier_secret=SECRET,
-        store="memory://",
-        spool=False,
-        policy=policy,
-    )
-
-
 def ask(client: SafeClient, messages: list[dict[str, Any]]) -> None:
     client.chat.completions.create(model="gpt-4o-mini", messages=messages)  # type: ignore[arg-type]
 
 
 def test_a_retried_block_is_one_strike(fake: FakeOpenAI) -> None:
-    with make(fake) as client:
+    with make_client(fake) as client:
         acme = client.for_customer("acme")
         for _ in range(3):  # what langchain's with_retry() does with any exception
             with pytest.raises(ModerationBlocked):
@@ -57,7 +47,7 @@ def test_a_retried_block_is_one_strike(fake: FakeOpenAI) -> None:
 
 
 def test_different_blocked_content_strikes_each_time(fake: FakeOpenAI) -> None:
-    with make(fake) as client:
+    with make_client(fake) as client:
         acme = client.for_customer("acme")
         for text in ("I will kill him", "kill them all", "go kill yourself"):
             with pytest.raises(ModerationBlocked):
@@ -69,7 +59,7 @@ def test_the_repeat_window_is_the_policys(fake: FakeOpenAI) -> None:
     class EveryBlockCounts(DefaultPolicy):
         repeat_strike_window = timedelta(0)
 
-    with make(fake, EveryBlockCounts()) as client:
+    with make_client(fake, policy=EveryBlockCounts()) as client:
         for _ in range(3):
             with pytest.raises(ModerationBlocked):
                 ask(client.for_customer("acme"), [{"role": "user", "content": "I will kill him"}])
@@ -77,7 +67,7 @@ def test_the_repeat_window_is_the_policys(fake: FakeOpenAI) -> None:
 
 
 def test_a_blocked_tool_output_is_not_the_customers_strike(fake: FakeOpenAI) -> None:
-    with make(fake) as client:
+    with make_client(fake) as client:
         with pytest.raises(ModerationBlocked):
             ask(client.for_customer("acme"), TOOL_TURN)
         assert client.store.violations(customer_id="acme") == []
@@ -88,7 +78,7 @@ def test_a_policy_may_count_tool_content_as_strikes(fake: FakeOpenAI) -> None:
     class ToolsCount(DefaultPolicy):
         strike_roles = ("user", "tool")
 
-    with make(fake, ToolsCount()) as client:
+    with make_client(fake, policy=ToolsCount()) as client:
         with pytest.raises(ModerationBlocked):
             ask(client.for_customer("acme"), TOOL_TURN)
         assert len(client.store.violations(customer_id="acme")) == 1
@@ -97,7 +87,7 @@ def test_a_policy_may_count_tool_content_as_strikes(fake: FakeOpenAI) -> None:
 def test_the_same_text_from_the_customer_still_strikes(fake: FakeOpenAI) -> None:
     """Text sent both as the user's and as a tool's counts for the user."""
     messages = [*TOOL_TURN, {"role": "user", "content": "News: a man tried to kill a courier."}]
-    with make(fake) as client:
+    with make_client(fake) as client:
         with pytest.raises(ModerationBlocked):
             ask(client.for_customer("acme"), messages)
         assert len(client.store.violations(customer_id="acme")) == 1
@@ -110,7 +100,7 @@ def test_a_reuploaded_blocked_batch_file_is_one_strike(fake: FakeOpenAI) -> None
         "url": "/v1/chat/completions",
         "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "kill"}]},
     }
-    with make(fake) as client:
+    with make_client(fake) as client:
         acme = client.for_customer("acme")
         for _ in range(2):
             with pytest.raises(BatchBlocked):

@@ -47,7 +47,7 @@ from safe_openai import AsyncSafeClient, ModerationBlocked
 from safe_openai._identity import safety_identifier
 from safe_openai.testing import FakeOpenAI
 
-from ..conftest import SECRET
+from ..conftest import SECRET, make_async_client
 
 Api = Literal["responses", "chat"]
 Mode = Literal["run", "streamed"]
@@ -612,14 +612,7 @@ async def test_the_websocket_transport_is_refused_before_its_socket_opens(fake: 
     """agents' WebSocket model opens its own socket from the client's credentials, past
     ``responses.connect()``; SafeClient refuses to hand them over, so nothing is sent."""
     with fake.serve_websocket() as websocket_url:
-        kwargs = fake.async_openai_kwargs()
-        async with AsyncSafeClient(
-            **kwargs,
-            websocket_base_url=websocket_url,
-            identifier_secret=SECRET,
-            store="memory://",
-            spool=False,
-        ) as client:
+        async with make_async_client(fake, websocket_base_url=websocket_url) as client:
             provider = OpenAIProvider(
                 openai_client=client.for_customer("acme"), use_responses_websocket=True
             )
@@ -640,13 +633,8 @@ async def test_the_websocket_transport_opens_when_the_policy_allows_it(fake: Fak
             return endpoint == "wss:credentials"
 
     with fake.serve_websocket() as websocket_url:
-        async with AsyncSafeClient(
-            **fake.async_openai_kwargs(),
-            websocket_base_url=websocket_url,
-            identifier_secret=SECRET,
-            store="memory://",
-            spool=False,
-            policy=AllowForeignSockets(),
+        async with make_async_client(
+            fake, websocket_base_url=websocket_url, policy=AllowForeignSockets()
         ) as client:
             provider = OpenAIProvider(
                 openai_client=client.for_customer("acme"), use_responses_websocket=True

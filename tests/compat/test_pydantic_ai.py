@@ -42,7 +42,7 @@ from safe_openai._identity import safety_identifier
 from safe_openai.testing import PNG_BYTES, FakeOpenAI
 from safe_openai.usage import UsageRecord
 
-from ..conftest import SECRET
+from ..conftest import SECRET, make_async_client
 
 MODEL = "gpt-4o-mini"
 Kind = Literal["chat", "responses"]
@@ -549,13 +549,7 @@ async def test_the_responses_websocket_transport_is_guarded(fake: AgentFake) -> 
     # openai_transport="websocket" sends each request as a response.create event on
     # client.responses.connect(), which safe-openai guards like POST /responses.
     with fake.serve_websocket() as websocket_url:
-        async with AsyncSafeClient(
-            **fake.async_openai_kwargs(),
-            websocket_base_url=websocket_url,
-            identifier_secret=SECRET,
-            store="memory://",
-            spool=False,
-        ) as aclient:
+        async with make_async_client(fake, websocket_base_url=websocket_url) as aclient:
             agent = Agent(
                 model_for(aclient.for_customer("acme"), "responses"),
                 model_settings=OpenAIResponsesModelSettings(openai_transport="websocket"),
