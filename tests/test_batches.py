@@ -4,8 +4,10 @@ can only be created from a checked file; a finished batch's usage is recorded pe
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,8 @@ from safe_openai import (
     CustomerRequired,
     CustomerSuspended,
     DefaultPolicy,
+    ModerationInput,
+    ModerationResult,
     PolicyDenied,
     Quota,
     QuotaExceeded,
@@ -29,7 +33,7 @@ from safe_openai._batches import BATCH_DISCOUNT, MODERATION_INPUTS_PER_CALL
 from safe_openai._identity import safety_identifier
 from safe_openai.testing import FakeOpenAI
 
-from .conftest import SECRET, make_client
+from .conftest import SECRET, make_async_client, make_client
 
 ACME_ID = safety_identifier(SECRET.encode(), "acme")
 
@@ -257,3 +261,45 @@ async def test_the_async_client_checks_creates_and_records(
     [record] = await acme.record_batch_usage(batch.id)
     assert (record.customer_id, record.outcome) == ("acme", "ok")
     assert record.tokens.total_tokens > 0
+
+
+class MeetingModerator:
+    """Answers every input as clean, but only once two calls are in flight at the same time:
+    a batch file whose calls ran one after another would break the barrier."""
+
+    def __init__(self) -> None:
+        self.barrier = threading.Barrier(2, timeout=5)
+        self.calls = 0
+
+    def moderate(self, inputs: list[ModerationInput]) -> list[ModerationResult]:
+        self.calls += 1
+        self.barrier.wait()
+        return [ModerationResult(flagged=False, categories={}, scores={}) for _ in inputs]
+
+
+def test_a_large_file_is_moderated_several_calls_at_a_time(fake: FakeOpenAI) -> None:
+    moderator = MeetingModerator()
+    content = jsonl(*(chat_line(n, f"text {n}") for n in range(2 * MODERATION_INPUTS_PER_CALL)))
+    with make_client(fake, moderator=moderator) as client:
+        client.for_customer("acme").files.create(file=("a.jsonl", content), purpose="batch")
+    assert moderator.calls == 2
+
+
+async def test_the_async_client_moderates_a_file_several_calls_at_a_time(
+    fake: FakeOpenAI,
+) -> None:
+    class AsyncMeetingModerator:
+        def __init__(self) -> None:
+            self.arrived = 0
+            self.both = asyncio.Event()
+
+        async def moderate(self, inputs: list[ModerationInput]) -> list[ModerationResult]:
+            self.arrived += 1
+            if self.arrived == 2:
+                self.both.set()
+            await asyncio.wait_for(self.both.wait(), 5)  # Python 3.10 has no asyncio.Barrier
+            return [ModerationResult(flagged=False, categories={}, scores={}) for _ in inputs]
+
+    content = jsonl(*(chat_line(n, f"text {n}") for n in range(2 * MODERATION_INPUTS_PER_CALL)))
+    async with make_async_client(fake, moderator=AsyncMeetingModerator()) as client:
+        await client.for_customer("acme").files.create(file=("a.jsonl", content), purpose="batch")

@@ -4,7 +4,8 @@ moderated and tagged before the upload, and a finished batch's usage is recorded
 A batch file belongs to the customer who uploads it. Its requests pass the same steps as HTTP
 calls (standing, policy, quota admission, moderation, tagging), line by line but with one
 moderation pass over the whole file: every distinct text is moderated once, in calls of
-:data:`MODERATION_INPUTS_PER_CALL`, and the verdict cache is used and filled. The file ids and
+:data:`MODERATION_INPUTS_PER_CALL` that the client runs several at a time, and the verdict
+cache is used and filled. The file ids and
 batch ids safe_openai has checked are kept in the store's request map (``file:<id>``,
 ``batch:<id>``), so ``batches.create`` refuses a file that never passed the guard, and the
 usage of a finished batch can be traced back to its customer.
@@ -35,7 +36,7 @@ from ._guard import (
     Call,
     Flow,
     GuardState,
-    Moderate,
+    ModerateMany,
     Spool,
     StoreCall,
     _refuse,
@@ -247,8 +248,8 @@ def _moderate(
     state: GuardState, upload: Call, lines: Sequence[_Line]
 ) -> Flow[dict[bytes, ModerationResult] | None]:
     """Every distinct input of the file, from the cache or moderated in calls of
-    :data:`MODERATION_INPUTS_PER_CALL`. ``None`` when moderation failed and the policy fails
-    open."""
+    :data:`MODERATION_INPUTS_PER_CALL`, several at a time. ``None`` when moderation failed and
+    the policy fails open."""
     found: dict[bytes, ModerationResult] = {}
     missing: dict[bytes, ModerationInput] = {}
     for line in lines:
@@ -265,8 +266,8 @@ def _moderate(
     calls = [texts[i : i + step] for i in range(0, len(texts), step)]
     calls += [[key] for key, item in missing.items() if item.kind == "image"]
     try:
-        for keys in calls:
-            results = yield Moderate(tuple(missing[key] for key in keys))
+        answers = yield ModerateMany(tuple(tuple(missing[key] for key in keys) for keys in calls))
+        for keys, results in zip(calls, answers, strict=True):
             if len(results) != len(keys):
                 raise ModerationUnavailable("The moderator returned the wrong number of results.")
             for key, result in zip(keys, results, strict=True):

@@ -8,13 +8,15 @@ own retry loop, so it runs once however often the SDK retries. The decisions liv
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import inspect
 import json
 import posixpath
 import sys
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import datetime, timedelta, timezone
@@ -49,12 +51,14 @@ from ._connections import (
 )
 from ._extract import body_from_content, is_guarded, normalize_path
 from ._guard import (
+    MODERATION_CONCURRENCY,
     Call,
     Command,
     DrainSpool,
     Flow,
     GuardState,
     Moderate,
+    ModerateMany,
     Spool,
     StoreCall,
     adrive,
@@ -65,7 +69,7 @@ from ._guard import (
     unsuspend,
 )
 from ._identity import resolve_secret, validate_customer_id
-from ._moderation import AsyncOpenAIModerator, OpenAIModerator, VerdictCache
+from ._moderation import AsyncOpenAIModerator, ModerationInput, OpenAIModerator, VerdictCache
 from ._streams import TAP_KEY, UsageTap, guarded_stream_cls
 from .errors import (
     BatchFileError,
@@ -75,7 +79,7 @@ from .errors import (
     StoreError,
     UnguardedPathError,
 )
-from .policy import DefaultPolicy, Policy
+from .policy import DefaultPolicy, ModerationResult, Policy
 from .stores import (
     AsyncUsageStore,
     UsageStore,
@@ -545,6 +549,9 @@ class SafeClient(_Guarded, openai.OpenAI):
         if isinstance(command, Moderate):
             with _moderator_errors():
                 return list(state.moderator.moderate(list(command.inputs)))
+        if isinstance(command, ModerateMany):
+            with _moderator_errors():
+                return _moderate_many(state.moderator, command.groups)
         if isinstance(command, DrainSpool):
             if state.spool is not None:
                 state.spool.drain(state.store)
@@ -744,10 +751,16 @@ class AsyncSafeClient(_Guarded, openai.AsyncOpenAI):
                 raise StoreError(f"The usage store failed on {command.method}.") from exc
         if isinstance(command, Moderate):
             with _moderator_errors():
-                results = state.moderator.moderate(list(command.inputs))
-                if inspect.isawaitable(results):
-                    results = await results
-                return list(results)
+                return await _amoderate(state.moderator, command.inputs)
+        if isinstance(command, ModerateMany):
+            with _moderator_errors():
+                limit = asyncio.Semaphore(MODERATION_CONCURRENCY)
+
+                async def one(group: tuple[ModerationInput, ...]) -> list[ModerationResult]:
+                    async with limit:
+                        return await _amoderate(state.moderator, group)
+
+                return list(await asyncio.gather(*(one(group) for group in command.groups)))
         if isinstance(command, DrainSpool):
             if state.spool is not None:
                 await state.spool.adrain(state.store)
@@ -850,6 +863,27 @@ def _usage_of(result: object) -> tuple[TokenUsage | None, str | None]:
     if isinstance(result, (LegacyAPIResponse, APIResponse, AsyncAPIResponse)):
         return _json_usage(result.http_response), result.request_id
     return token_usage_from_payload(result), getattr(result, "_request_id", None)
+
+
+def _moderate_many(
+    moderator: Any, groups: tuple[tuple[ModerationInput, ...], ...]
+) -> list[list[ModerationResult]]:
+    """Each group in its own call, up to :data:`MODERATION_CONCURRENCY` at a time (threads)."""
+
+    def one(group: tuple[ModerationInput, ...]) -> list[ModerationResult]:
+        return list(moderator.moderate(list(group)))
+
+    if len(groups) <= 1:
+        return [one(group) for group in groups]
+    with ThreadPoolExecutor(min(MODERATION_CONCURRENCY, len(groups))) as pool:
+        return list(pool.map(one, groups))
+
+
+async def _amoderate(moderator: Any, inputs: Sequence[ModerationInput]) -> list[ModerationResult]:
+    results = moderator.moderate(list(inputs))
+    if inspect.isawaitable(results):
+        results = await results
+    return list(results)
 
 
 @contextmanager

@@ -53,6 +53,7 @@ __all__ = [
     "DrainSpool",
     "GuardState",
     "Moderate",
+    "ModerateMany",
     "StoreCall",
     "adrive",
     "begin",
@@ -100,7 +101,18 @@ class DrainSpool:
     """
 
 
-Command = StoreCall | Moderate | Spool | DrainSpool
+@dataclass(frozen=True, slots=True)
+class ModerateMany:
+    """Command: moderate each group of inputs in its own call, up to
+    :data:`MODERATION_CONCURRENCY` calls at a time; send back one result list per group."""
+
+    groups: tuple[tuple[ModerationInput, ...], ...]
+
+
+#: Moderation calls a client runs at once for one :class:`ModerateMany` (a batch file).
+MODERATION_CONCURRENCY = 4
+
+Command = StoreCall | Moderate | ModerateMany | Spool | DrainSpool
 Flow = Generator[Command, Any, T]
 
 
