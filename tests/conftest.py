@@ -5,6 +5,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+# hypothesis's pytest plugin imports this lazily at the end of the session, through pytest's
+# assertion rewriter (ast.parse). After the agent-framework tests, that parse has failed on
+# CPython 3.11.7 with "SystemError: AST constructor recursion depth mismatch"; imported here,
+# up front, nothing is parsed late.
+import hypothesis.internal.observability  # noqa: F401
 import pytest
 
 from safe_openai import AsyncSafeClient, SafeClient

@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import httpx2
 import openai
@@ -723,3 +724,96 @@ def test_import_without_pytest(monkeypatch: pytest.MonkeyPatch) -> None:
     spec.loader.exec_module(module)
     assert module.FakeOpenAI().requests == []
     assert not hasattr(module, "fake_openai")
+
+
+# -- tool calls --------------------------------------------------------------------------------
+
+WEATHER_TOOL_CHAT: Any = {
+    "type": "function",
+    "function": {"name": "weather", "parameters": {"type": "object", "properties": {}}},
+}
+WEATHER_TOOL_RESPONSES: Any = {
+    "type": "function",
+    "name": "weather",
+    "parameters": {"type": "object", "properties": {}},
+}
+
+
+def test_chat_answers_with_a_tool_call_until_the_tool_output_comes_back() -> None:
+    fake = FakeOpenAI(tool_arguments={"city": "Paris"})
+    client = openai.OpenAI(**fake.openai_kwargs())
+    asked: list[Any] = [{"role": "user", "content": "Weather?"}]
+    first = client.chat.completions.create(
+        model="gpt-4o-mini", messages=asked, tools=[WEATHER_TOOL_CHAT]
+    )
+    [call] = first.choices[0].message.tool_calls or []
+    assert first.choices[0].finish_reason == "tool_calls"
+    assert (call.function.name, json.loads(call.function.arguments)) == (
+        "weather",
+        {"city": "Paris"},
+    )  # type: ignore[union-attr]
+
+    answered = [
+        *asked,
+        first.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": "Sunny"},
+    ]
+    second = client.chat.completions.create(
+        model="gpt-4o-mini", messages=answered, tools=[WEATHER_TOOL_CHAT]
+    )
+    assert second.choices[0].message.content == "Echo: Weather?"
+    none = client.chat.completions.create(
+        model="gpt-4o-mini", messages=asked, tools=[WEATHER_TOOL_CHAT], tool_choice="none"
+    )
+    assert none.choices[0].message.tool_calls is None
+
+
+def test_a_streamed_chat_tool_call_accumulates_like_the_real_one() -> None:
+    fake = FakeOpenAI(tool_arguments={"city": "Paris"})
+    client = openai.OpenAI(**fake.openai_kwargs())
+    with client.chat.completions.stream(
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "Weather?"}],
+        tools=[WEATHER_TOOL_CHAT],
+        stream_options={"include_usage": True},
+    ) as stream:
+        final = stream.get_final_completion()
+    [call] = final.choices[0].message.tool_calls or []
+    assert json.loads(call.function.arguments) == {"city": "Paris"}  # type: ignore[union-attr]
+    assert final.usage is not None and final.usage.completion_tokens > 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_responses_answer_with_a_function_call_until_its_output_comes_back(stream: bool) -> None:
+    fake = FakeOpenAI(tool_arguments={"city": "Paris"})
+    client = openai.OpenAI(**fake.openai_kwargs())
+    if stream:
+        with client.responses.stream(
+            model="gpt-4o-mini", input="Weather?", tools=[WEATHER_TOOL_RESPONSES]
+        ) as events:
+            first = events.get_final_response()
+    else:
+        first = client.responses.create(
+            model="gpt-4o-mini", input="Weather?", tools=[WEATHER_TOOL_RESPONSES]
+        )
+    [call] = first.output
+    assert call.type == "function_call"
+    assert (call.name, json.loads(call.arguments)) == ("weather", {"city": "Paris"})
+    assert first.usage is not None and first.usage.output_tokens > 0
+
+    second = client.responses.create(
+        model="gpt-4o-mini",
+        input=[
+            {"role": "user", "content": "Weather?"},
+            {"type": "function_call_output", "call_id": call.call_id, "output": "Sunny"},
+        ],
+        tools=[WEATHER_TOOL_RESPONSES],
+    )
+    assert second.output_text == "Echo: Weather?"
+
+
+def test_without_tools_the_fake_answers_text_even_with_tool_arguments() -> None:
+    fake = FakeOpenAI(tool_arguments={"city": "Paris"})
+    client = openai.OpenAI(**fake.openai_kwargs())
+    reply = client.responses.create(model="gpt-4o-mini", input="Hi")
+    assert reply.output_text == "Echo: Hi"

@@ -503,6 +503,11 @@ class FakeOpenAI(httpx2.BaseTransport, httpx2.AsyncBaseTransport):
         cached_tokens: Prompt tokens reported as cached.
         reasoning_tokens: Output tokens reported as reasoning.
         delay: Seconds to wait before each response (``anyio.sleep`` on the async path).
+        tool_arguments: When set, a chat or Responses request that offers function tools (and
+            whose ``tool_choice`` is not ``"none"``) and carries no tool output yet is answered
+            with a call of its first function tool with these arguments, plain or streamed;
+            once a tool output is in the request, the answer is text as usual. This drives an
+            agent's tool loop.
 
     Raises:
         ValueError: A ``flag_words`` or ``scores`` entry names an unknown category.
@@ -521,6 +526,7 @@ class FakeOpenAI(httpx2.BaseTransport, httpx2.AsyncBaseTransport):
         cached_tokens: int = 0,
         reasoning_tokens: int = 0,
         delay: float = 0.0,
+        tool_arguments: Mapping[str, Any] | None = None,
     ) -> None:
         self.flag_words: dict[str, str] = dict(
             DEFAULT_FLAG_WORDS if flag_words is None else flag_words
@@ -537,6 +543,7 @@ class FakeOpenAI(httpx2.BaseTransport, httpx2.AsyncBaseTransport):
         self.cached_tokens = cached_tokens
         self.reasoning_tokens = reasoning_tokens
         self.delay = delay
+        self.tool_arguments = dict(tool_arguments) if tool_arguments is not None else None
         self._lock = threading.Lock()
         self._requests: list[RecordedRequest] = []
         self._counter = 0
@@ -652,6 +659,12 @@ class FakeOpenAI(httpx2.BaseTransport, httpx2.AsyncBaseTransport):
         if self._relative(connection.request.path.split("?", 1)[0]) != "/responses":
             connection.close(code=1008, reason="only /responses is served")
             return
+        from websockets.exceptions import ConnectionClosed
+
+        with contextlib.suppress(ConnectionClosed):  # a client that hangs up ends its session
+            self._answer_websocket(connection)
+
+    def _answer_websocket(self, connection: Any) -> None:
         models: dict[str, str] = {}
         for message in connection:
             try:
@@ -1161,6 +1174,11 @@ class FakeOpenAI(httpx2.BaseTransport, httpx2.AsyncBaseTransport):
         n = body.get("n") or 1
         model = body["model"]
         completion_id = f"chatcmpl-fake{number:04d}"
+        tool = self._tool_to_call(body, messages, "chat")
+        if tool is not None:
+            arguments = _dumps(self.tool_arguments)
+            usage = self._chat_usage(prompt_chars, _tokens(len(arguments)))
+            return self._chat_tool_call(body, completion_id, tool, arguments, usage, number)
         usage = self._chat_usage(prompt_chars, output_tokens * n)
         if body.get("stream"):
             options = body.get("stream_options") or {}
@@ -1247,6 +1265,68 @@ class FakeOpenAI(httpx2.BaseTransport, httpx2.AsyncBaseTransport):
             chunks.append(_sse_data(final))
         chunks.append(_SSE_DONE)
         return _Reply(chunks=chunks, headers=_SSE_HEADERS)
+
+    def _tool_to_call(self, body: JSON, items: object, api: str) -> str | None:
+        """The function tool to call instead of answering, if :attr:`tool_arguments` is set."""
+        if self.tool_arguments is None or body.get("tool_choice") == "none":
+            return None
+        for item in items if isinstance(items, list) else []:
+            if isinstance(item, dict) and (
+                item.get("role") == "tool" or item.get("type") == "function_call_output"
+            ):
+                return None
+        for tool in body.get("tools") or []:
+            if isinstance(tool, dict) and tool.get("type") == "function":
+                named = tool.get("function") if api == "chat" else tool
+                if isinstance(named, dict) and isinstance(named.get("name"), str):
+                    return str(named["name"])
+        return None
+
+    @staticmethod
+    def _chat_tool_call(
+        body: JSON, completion_id: str, name: str, arguments: str, usage: JSON, number: int
+    ) -> _Reply:
+        call = {
+            "id": f"call_fake{number:04d}",
+            "type": "function",
+            "function": {"name": name, "arguments": arguments},
+        }
+        head: JSON = {
+            "id": completion_id,
+            "created": _CREATED,
+            "model": body["model"],
+            "service_tier": "default",
+            "system_fingerprint": "fp_fake",
+        }
+        if not body.get("stream"):
+            message = {"role": "assistant", "content": None, "refusal": None, "tool_calls": [call]}
+            choice = {
+                "index": 0,
+                "message": message,
+                "logprobs": None,
+                "finish_reason": "tool_calls",
+            }
+            return _json_reply(
+                {**head, "object": "chat.completion", "choices": [choice], "usage": usage}
+            )
+
+        def chunk(delta: JSON, finish: str | None = None) -> bytes:
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return _sse_data({**head, "object": "chat.completion.chunk", "choices": [choice]})
+
+        opening = {**call, "index": 0, "function": {"name": name, "arguments": ""}}
+        chunks = [
+            chunk({"role": "assistant", "content": None, "tool_calls": [opening]}),
+            chunk({"tool_calls": [{"index": 0, "function": {"arguments": arguments}}]}),
+            chunk({}, "tool_calls"),
+        ]
+        if (body.get("stream_options") or {}).get("include_usage"):
+            chunks.append(
+                _sse_data(
+                    {**head, "object": "chat.completion.chunk", "choices": [], "usage": usage}
+                )
+            )
+        return _Reply(chunks=[*chunks, _SSE_DONE], headers=_SSE_HEADERS)
 
     def _completions(self, body: JSON, number: int) -> _Reply:
         self._require(body, "model", "prompt")
@@ -1383,9 +1463,51 @@ class FakeOpenAI(httpx2.BaseTransport, httpx2.AsyncBaseTransport):
             "user": body.get("user"),
             "metadata": body.get("metadata") or {},
         }
+        tool = self._tool_to_call(body, value, "responses")
+        if tool is not None:
+            arguments = _dumps(self.tool_arguments)
+            call: JSON = {
+                "id": f"fc_fake{number:04d}",
+                "type": "function_call",
+                "call_id": f"call_fake{number:04d}",
+                "name": tool,
+                "arguments": arguments,
+                "status": "completed",
+            }
+            tokens = _tokens(len(arguments))
+            usage["output_tokens"], usage["total_tokens"] = tokens, prompt + tokens
+            response.update(status="completed", incomplete_details=None, output=[call])
+            if not body.get("stream"):
+                return _json_reply(response)
+            return self._responses_tool_stream(response, call)
         if not body.get("stream"):
             return _json_reply(response)
         return self._responses_stream(response, item, part)
+
+    @staticmethod
+    def _responses_tool_stream(response: JSON, call: JSON) -> _Reply:
+        pending = {**response, "status": "in_progress", "output": [], "usage": None}
+        where: JSON = {"item_id": call["id"], "output_index": 0}
+        events: list[JSON] = [
+            {"type": "response.created", "response": pending},
+            {"type": "response.in_progress", "response": pending},
+            {
+                "type": "response.output_item.added",
+                "output_index": 0,
+                "item": {**call, "arguments": "", "status": "in_progress"},
+            },
+            {"type": "response.function_call_arguments.delta", **where, "delta": call["arguments"]},
+            {
+                "type": "response.function_call_arguments.done",
+                **where,
+                "name": call["name"],
+                "arguments": call["arguments"],
+            },
+            {"type": "response.output_item.done", "output_index": 0, "item": call},
+            {"type": "response.completed", "response": response},
+        ]
+        chunks = [_sse_event({**event, "sequence_number": n}) for n, event in enumerate(events)]
+        return _Reply(chunks=chunks, headers=_SSE_HEADERS)
 
     @staticmethod
     def _responses_stream(response: JSON, item: JSON, part: JSON) -> _Reply:

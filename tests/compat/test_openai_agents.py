@@ -16,7 +16,6 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
-import httpx2
 import openai
 from agents import (
     Agent,
@@ -84,133 +83,6 @@ def safe_client(fake: FakeOpenAI, base_url: str = FAKE_URL) -> AsyncSafeClient:
 async def safe(fake: FakeOpenAI, base_url: str) -> AsyncIterator[AsyncSafeClient]:
     async with safe_client(fake, base_url) as client:
         yield client
-
-
-# -- a fake that answers with a function call ----------------------------------------------
-
-
-class ToolCallingFake(FakeOpenAI):
-    """FakeOpenAI that calls the request's first function tool until a tool output comes back.
-
-    FakeOpenAI only ever answers with text; agents needs a function call to run a tool. The
-    request is still recorded (and counted) by FakeOpenAI; only the reply is replaced.
-    """
-
-    def __init__(self, arguments: dict[str, Any]) -> None:
-        super().__init__()
-        self.arguments = json.dumps(arguments)
-
-    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
-        response = await super().handle_async_request(request)
-        body = json.loads(request.content) if request.content else {}
-        tool = _first_function_tool(body)
-        if request.url.path.endswith("/moderations") or tool is None or _has_tool_output(body):
-            return response
-        await response.aread()
-        headers = [(k, v) for k, v in response.headers.items() if k != "content-length"]
-        if request.url.path.endswith("/responses"):
-            content = self._responses_call(response, tool, bool(body.get("stream")))
-        else:
-            content = self._chat_call(response, tool, bool(body.get("stream")))
-        return httpx2.Response(200, headers=headers, content=content, request=request)
-
-    def _responses_call(self, response: httpx2.Response, name: str, stream: bool) -> bytes:
-        done = _sse_payloads(response)[-1]["response"] if stream else response.json()
-        call = {
-            "id": "fc_fake",
-            "type": "function_call",
-            "call_id": "call_fake",
-            "name": name,
-            "arguments": self.arguments,
-            "status": "completed",
-        }
-        final = {**done, "output": [call]}
-        if not stream:
-            return json.dumps(final).encode()
-        events: list[dict[str, Any]] = [
-            {"type": "response.created", "response": {**final, "output": [], "usage": None}},
-            {
-                "type": "response.output_item.added",
-                "output_index": 0,
-                "item": {**call, "arguments": "", "status": "in_progress"},
-            },
-            {
-                "type": "response.function_call_arguments.delta",
-                "item_id": call["id"],
-                "output_index": 0,
-                "delta": self.arguments,
-            },
-            {
-                "type": "response.function_call_arguments.done",
-                "item_id": call["id"],
-                "output_index": 0,
-                "name": name,
-                "arguments": self.arguments,
-            },
-            {"type": "response.output_item.done", "output_index": 0, "item": call},
-            {"type": "response.completed", "response": final},
-        ]
-        return b"".join(
-            f"event: {e['type']}\ndata: {json.dumps({**e, 'sequence_number': n})}\n\n".encode()
-            for n, e in enumerate(events)
-        )
-
-    def _chat_call(self, response: httpx2.Response, name: str, stream: bool) -> bytes:
-        call = {"id": "call_fake", "type": "function", "function": {"name": name}}
-        if not stream:
-            completion = response.json()
-            message = {
-                "role": "assistant",
-                "content": None,
-                "refusal": None,
-                "tool_calls": [{**call, "function": {"name": name, "arguments": self.arguments}}],
-            }
-            choice = {**completion["choices"][0], "message": message, "finish_reason": "tool_calls"}
-            return json.dumps({**completion, "choices": [choice]}).encode()
-        chunks = _sse_payloads(response)
-        first, usage = chunks[0], [c for c in chunks if c.get("usage")]
-
-        def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            return {**first, "choices": [choice]}
-
-        opening = {**call, "index": 0, "function": {"name": name, "arguments": ""}}
-        rest = {"index": 0, "function": {"arguments": self.arguments}}
-        out = [
-            chunk({"role": "assistant", "content": None, "tool_calls": [opening]}),
-            chunk({"tool_calls": [rest]}),
-            chunk({}, "tool_calls"),
-            *usage,
-        ]
-        return b"".join(f"data: {json.dumps(c)}\n\n".encode() for c in out) + b"data: [DONE]\n\n"
-
-
-def _first_function_tool(body: dict[str, Any]) -> str | None:
-    for tool in body.get("tools") or []:
-        if tool.get("type") == "function":
-            name = tool.get("name") or tool.get("function", {}).get("name")
-            return str(name)
-    return None
-
-
-def _has_tool_output(body: dict[str, Any]) -> bool:
-    items = body.get("input") if isinstance(body.get("input"), list) else body.get("messages")
-    return any(
-        item.get("type") == "function_call_output" or item.get("role") == "tool"
-        for item in items or []
-    )
-
-
-def _sse_payloads(response: httpx2.Response) -> list[dict[str, Any]]:
-    payloads = []
-    for event in response.text.split("\n\n"):
-        for line in event.splitlines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                payloads.append(json.loads(line[len("data: ") :]))
-    return payloads
-
-
-# -- helpers ---------------------------------------------------------------------------------
 
 
 def model_for(api: Api, client: openai.AsyncOpenAI) -> Model:
@@ -368,7 +240,7 @@ def order_tool(reply: str, calls: list[str]) -> Any:
 async def test_a_function_tool_round_trip_moderates_the_tool_output(
     base_url: str, api: Api, mode: Mode
 ) -> None:
-    fake = ToolCallingFake(arguments={"order_id": "A-17"})
+    fake = FakeOpenAI(tool_arguments={"order_id": "A-17"})
     calls: list[str] = []
     async with safe_client(fake, base_url) as safe:
         agent = Agent(
@@ -401,7 +273,7 @@ async def test_a_function_tool_round_trip_moderates_the_tool_output(
 
 @pytest.mark.parametrize("api", APIS)
 async def test_a_flagged_tool_output_never_reaches_the_model(api: Api) -> None:
-    fake = ToolCallingFake(arguments={"order_id": "A-17"})
+    fake = FakeOpenAI(tool_arguments={"order_id": "A-17"})
     async with safe_client(fake) as safe:
         agent = Agent(
             name="a",
