@@ -303,3 +303,100 @@ async def test_the_async_client_moderates_a_file_several_calls_at_a_time(
     content = jsonl(*(chat_line(n, f"text {n}") for n in range(2 * MODERATION_INPUTS_PER_CALL)))
     async with make_async_client(fake, moderator=AsyncMeetingModerator()) as client:
         await client.for_customer("acme").files.create(file=("a.jsonl", content), purpose="batch")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/v1/chat/completions",
+        "chat/completions",
+        "v1/chat/completions",
+        "//v1/chat/completions",
+        "/v1//chat/completions",
+        "/v1/./chat/completions",
+        "/v1/chat/completions/",
+        "/v1/chat/completions?x=1",
+        "https://api.openai.com/v1/chat/completions",
+    ],
+)
+def test_every_spelling_of_a_model_endpoint_is_checked(
+    acme: SafeClient, fake: FakeOpenAI, url: str
+) -> None:
+    line = {**chat_line(1, "I will kill him"), "url": url}
+    with pytest.raises(BatchBlocked):
+        acme.files.create(file=("a.jsonl", jsonl(line)), purpose="batch")
+    assert fake.files == {}
+
+
+@pytest.mark.parametrize("url", ["/V1/chat/completions", "/v1/chat/complete", "/v2/responses"])
+def test_an_endpoint_the_guard_does_not_know_is_refused(
+    acme: SafeClient, fake: FakeOpenAI, url: str
+) -> None:
+    line = {**chat_line(1, "hello"), "url": url}
+    with pytest.raises(BatchFileError, match="endpoint safe_openai does not know"):
+        acme.files.create(file=("a.jsonl", jsonl(line)), purpose="batch")
+    assert fake.requests == []
+
+
+def test_moderation_requests_in_a_batch_pass_as_they_are(
+    acme: SafeClient, fake: FakeOpenAI
+) -> None:
+    line = {"custom_id": "m", "method": "POST", "url": "/v1/moderations", "body": {"input": "x"}}
+    created = acme.files.create(file=("a.jsonl", jsonl(line)), purpose="batch")
+    assert uploaded(fake, created.id) == [line]
+
+
+def test_batches_create_checks_the_quota_again(fake: FakeOpenAI) -> None:
+    """One checked file cannot be run as batch after batch once the budget is spent."""
+    policy = DefaultPolicy(quota=Quota(tokens_per_day=5000))
+    with make_client(fake, policy=policy) as client:
+        acme = client.for_customer("acme")
+        content = jsonl(chat_line(1, "hello", max_completion_tokens=4000))
+        created = acme.files.create(file=("a.jsonl", content), purpose="batch")
+        acme.batches.create(
+            input_file_id=created.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        acme.chat.completions.create(  # about 2,250 tokens: what is left no longer fits
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "spend " * 1500}],
+            max_completion_tokens=100,
+        )
+        with pytest.raises(QuotaExceeded):
+            acme.batches.create(
+                input_file_id=created.id, endpoint="/v1/chat/completions", completion_window="24h"
+            )
+    assert len(fake.batches) == 1
+
+
+def test_an_anonymous_file_can_run_as_a_batch(fake: FakeOpenAI) -> None:
+    with make_client(fake, policy=DefaultPolicy(require_customer=False)) as client:
+        created = client.files.create(file=("a.jsonl", jsonl(chat_line(1, "hi"))), purpose="batch")
+        batch = client.batches.create(
+            input_file_id=created.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        fake.run_batch(batch.id)
+        [record] = client.record_batch_usage(batch.id)
+    assert (record.customer_id, record.outcome) == ("", "ok")
+
+
+async def test_async_streaming_response_uploads_are_remembered(fake: FakeOpenAI) -> None:
+    """Over real HTTP, a streamed raw response is read asynchronously before its id is kept."""
+    with fake.serve() as base_url:
+        async with AsyncSafeClient(
+            base_url=base_url,
+            api_key="sk-test",
+            identifier_secret=SECRET,
+            store="memory://",
+            spool=False,
+        ) as client:
+            acme = client.for_customer("acme")
+            content = jsonl(chat_line(1, "hi"))
+            async with acme.files.with_streaming_response.create(
+                file=("a.jsonl", content), purpose="batch"
+            ) as response:
+                created = await response.parse()
+            async with acme.batches.with_streaming_response.create(
+                input_file_id=created.id, endpoint="/v1/chat/completions", completion_window="24h"
+            ) as response:
+                batch = await response.parse()
+            assert await client.store.customer_for_request(f"batch:{batch.id}") == "acme"

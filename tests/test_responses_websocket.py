@@ -6,7 +6,10 @@ WebSocket server."""
 
 from __future__ import annotations
 
+import gc
 import json
+import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -14,6 +17,7 @@ import openai
 import pytest
 from openai.resources.responses import Responses
 
+import safe_openai
 from safe_openai import (
     AsyncSafeClient,
     CustomerSuspended,
@@ -27,7 +31,7 @@ from safe_openai import (
 )
 from safe_openai._guard import drive
 from safe_openai._identity import safety_identifier
-from safe_openai._sockets import SocketSession, incoming, outgoing
+from safe_openai._sockets import SocketSession, incoming, outgoing, register, sent_steer
 from safe_openai.testing import FakeOpenAI
 
 from .conftest import SECRET, make_async_client, make_client
@@ -173,29 +177,104 @@ def test_a_steer_is_moderated_and_its_successor_recorded_for_the_same_customer(
     assert newest.tokens.output_tokens == successor.usage.output_tokens
 
 
-def test_lanes_keep_each_response_with_its_own_call(acme: SafeClient) -> None:
-    """Lanes answer in any order: each ``response.created`` binds the oldest call of its own
-    lane (events crafted here, as the fake answers in sending order)."""
-    session = SocketSession(acme._safe, "acme")
-    execute = acme._execute
-    for lane, model in (("a", "gpt-4o"), ("b", "gpt-4o-mini")):
-        event = {"type": "response.create", "model": model, "input": "hi", "stream_id": lane}
-        drive(outgoing(session, json.dumps(event)), execute)
+class Wire:
+    """A guarded session driven by crafted events, without a socket: for the orders of events a
+    real server produces but the fake does not."""
 
-    def answer(kind: str, lane: str, response_id: str, tokens: int = 0) -> None:
-        response: dict[str, Any] = {"id": response_id}
+    def __init__(self, client: SafeClient, customer: str | None = None) -> None:
+        self.client = client
+        self.session = SocketSession(client._safe, customer)
+        self.session.opened = True
+
+    def send(self, event: dict[str, Any]) -> None:
+        frame, call = drive(outgoing(self.session, json.dumps(event)), self.client._execute)
+        register(self.session, call, frame)
+        if event["type"] == "response.steer" and call is not None:
+            drive(sent_steer(self.session, call), self.client._execute)
+
+    def receive(self, kind: str, response_id: str, tokens: int = 0, **fields: Any) -> None:
+        response: dict[str, Any] = {"id": response_id, **fields.pop("response", {})}
         if tokens:
             response["usage"] = {"input_tokens": tokens, "output_tokens": tokens}
-        event = {"type": kind, "stream_id": lane, "response": response}
-        drive(incoming(session, json.dumps(event)), execute)
+        event = {"type": kind, "response": response, **fields}
+        drive(incoming(self.session, json.dumps(event)), self.client._execute)
 
-    answer("response.created", "b", "resp_b")
-    answer("response.created", "a", "resp_a")
-    answer("response.completed", "a", "resp_a", tokens=11)
-    answer("response.completed", "b", "resp_b", tokens=22)
+    def usage(self) -> list[tuple[str, str | None, str, int]]:
+        records = self.client.store.usage_records()
+        return sorted((r.customer_id, r.model, r.outcome, r.tokens.output_tokens) for r in records)
 
-    records = {r.model: r.tokens.output_tokens for r in acme.store.usage_records()}
-    assert records == {"gpt-4o": 11, "gpt-4o-mini": 22}
+
+def test_lanes_keep_each_response_with_its_own_call(acme: SafeClient) -> None:
+    """Lanes answer in any order: each ``response.created`` binds the oldest call of its own
+    lane."""
+    wire = Wire(acme, "acme")
+    for lane, model in (("a", "gpt-4o"), ("b", "gpt-4o-mini")):
+        wire.send({"type": "response.create", "model": model, "input": "hi", "stream_id": lane})
+
+    wire.receive("response.created", "resp_b", stream_id="b")
+    wire.receive("response.created", "resp_a", stream_id="a")
+    wire.receive("response.completed", "resp_a", tokens=11, stream_id="a")
+    wire.receive("response.completed", "resp_b", tokens=22, stream_id="b")
+
+    assert wire.usage() == [("acme", "gpt-4o", "ok", 11), ("acme", "gpt-4o-mini", "ok", 22)]
+
+
+def test_a_steers_successor_does_not_take_the_next_customers_call(client: SafeClient) -> None:
+    wire = Wire(client)
+    with safe_openai.customer("alice"):
+        wire.send({"type": "response.create", "model": "gpt-4o", "input": "a poem"})
+    wire.receive("response.created", "r1")
+    with safe_openai.customer("alice"):
+        wire.send({"type": "response.steer", "input": "shorter", "previous_response_id": "r1"})
+    with safe_openai.customer("bob"):
+        wire.send({"type": "response.create", "model": "gpt-4o-mini", "input": "hi"})
+    wire.receive("response.incomplete", "r1", tokens=5)
+    # the server continues alice's response with the steering input, then answers bob
+    wire.receive("response.created", "r2", response={"previous_response_id": "r1"})
+    wire.receive("response.completed", "r2", tokens=7, response={"model": "gpt-4o"})
+    wire.receive("response.created", "r3")
+    wire.receive("response.completed", "r3", tokens=3)
+
+    assert [u for u in wire.usage() if u[2] != "ok" or u[3]] == [
+        ("alice", "gpt-4o", "ok", 5),
+        ("alice", "gpt-4o", "ok", 7),
+        ("bob", "gpt-4o-mini", "ok", 3),
+    ]
+
+
+def test_an_explicit_create_after_a_steer_binds_its_own_response(client: SafeClient) -> None:
+    """After ``response.steer.pending`` the docs ask for one explicit create per parent with
+    the same ``previous_response_id``: that response is the create's, not a successor."""
+    wire = Wire(client, "alice")
+    wire.send({"type": "response.create", "model": "gpt-4o", "input": "a poem"})
+    wire.receive("response.created", "r1")
+    wire.send({"type": "response.steer", "input": "shorter", "previous_response_id": "r1"})
+    wire.receive("response.completed", "r1", tokens=5)
+    wire.send(
+        {"type": "response.create", "model": "gpt-4o", "previous_response_id": "r1", "input": []}
+    )
+    wire.receive("response.created", "r2", response={"previous_response_id": "r1"})
+    wire.receive("response.completed", "r2", tokens=9)
+    creates = [u for u in wire.usage() if u[3]]
+    assert creates == [("alice", "gpt-4o", "ok", 5), ("alice", "gpt-4o", "ok", 9)]
+    assert len(client.store.usage_records()) == 3  # the two creates and the steer
+
+
+def test_an_error_inside_a_streaming_response_ends_that_response(client: SafeClient) -> None:
+    wire = Wire(client)
+    with safe_openai.customer("alice"):
+        wire.send({"type": "response.create", "model": "gpt-4o", "input": "long"})
+    wire.receive("response.created", "r1")
+    with safe_openai.customer("bob"):
+        wire.send({"type": "response.create", "model": "gpt-4o-mini", "input": "short"})
+    drive(
+        incoming(wire.session, json.dumps({"type": "error", "sequence_number": 9})),
+        client._execute,
+    )
+    wire.receive("response.created", "r2")
+    wire.receive("response.completed", "r2", tokens=4)
+
+    assert wire.usage() == [("alice", "gpt-4o", "error", 0), ("bob", "gpt-4o-mini", "ok", 4)]
 
 
 def test_closing_with_a_response_in_flight_records_an_estimate(
@@ -336,3 +415,115 @@ def test_plain_sdk_client_is_unaffected(fake: FakeOpenAI, ws_url: str) -> None:
         until_done(connection)
     assert type(connection).__name__ == "ResponsesConnection"
     assert fake.moderation_requests == []
+
+
+def test_threads_sharing_a_connection_keep_their_own_usage(fake: FakeOpenAI, ws_url: str) -> None:
+    """A frame is registered and written under one lock, so a thread slowed between the two
+    cannot have its response bound to another thread's call."""
+    client = make_client(fake, websocket_base_url=ws_url)
+    with client, client.responses.connect() as connection:
+        raw = connection._connection
+        real_send = raw.send
+        first = threading.Event()
+
+        def slow_first_send(data: Any) -> None:
+            if not first.is_set():
+                first.set()
+                time.sleep(0.3)  # alice's frame is slow to leave
+            real_send(data)
+
+        raw.send = slow_first_send
+
+        def ask(customer: str, text: str) -> None:
+            with safe_openai.customer(customer):
+                connection.response.create(model="gpt-4o-mini", input=text)
+
+        alice = threading.Thread(target=ask, args=("alice", "a long question " * 40))
+        alice.start()
+        assert first.wait(5)
+        ask("bob", "hi")  # while alice's frame is still on its way
+        alice.join()
+        until_done(connection)
+        until_done(connection)
+
+    tokens = {r.customer_id: r.tokens.input_tokens for r in client.store.usage_records()}
+    assert tokens["alice"] > 100 > tokens["bob"]  # each bills their own response
+
+
+def test_a_connection_dropped_unclosed_records_and_frees_its_quota(
+    fake: FakeOpenAI, ws_url: str
+) -> None:
+    policy = DefaultPolicy(quota=Quota(tokens_per_minute=5000))
+    with make_client(fake, websocket_base_url=ws_url, policy=policy) as client:
+        acme = client.for_customer("acme")
+        connection = acme.responses.connect().enter()
+        connection.response.create(model="gpt-4o-mini", input="hi", max_output_tokens=4000)
+        raw = connection._connection
+        del connection
+        gc.collect()
+        raw.close()
+        [record] = client.store.usage_records(customer_id="acme")
+        assert record.outcome == "estimated"
+        # its reservation is gone: a second big call fits the quota
+        with acme.responses.connect() as again:
+            again.response.create(model="gpt-4o-mini", input="hi", max_output_tokens=4000)
+
+
+def test_an_event_the_full_queue_refuses_is_an_error_not_usage(
+    acme: SafeClient, fake: FakeOpenAI
+) -> None:
+    manager = acme.responses.connect(max_queue_size=200)
+    manager.send({"type": "response.create", "model": "gpt-4o-mini", "input": "short"})
+    with pytest.raises(openai.OpenAIError, match=r"(?i)queue"):
+        manager.send({"type": "response.create", "model": "gpt-4o-mini", "input": "x" * 500})
+    with manager as connection:
+        until_done(connection)
+    outcomes = sorted(r.outcome for r in acme.store.usage_records(customer_id="acme"))
+    assert outcomes == ["error", "ok"]
+
+
+async def test_the_async_managers_send_is_refused_once_the_connection_is_open(
+    async_acme: AsyncSafeClient, fake: FakeOpenAI
+) -> None:
+    manager = async_acme.responses.connect()
+    async with manager as connection:
+        with pytest.raises(UnguardedPathError, match=r"await connection\.send"):
+            manager.send({"type": "response.create", "model": "gpt-4o-mini", "input": "hi"})
+        await connection.response.create(model="gpt-4o-mini", input="hi")
+        async for event in connection:
+            if event.type == "response.completed":
+                break
+    assert [e["input"] for e in socket_events(fake)] == ["hi"]
+
+
+def test_frames_the_sdk_gives_up_on_after_a_failed_reconnect_are_errors(fake: FakeOpenAI) -> None:
+    """An event queued while the SDK reconnects, then reported unsent when the reconnect
+    fails, was never sent: an error with its reservation released, not an estimate."""
+    from openai import WebSocketConnectionClosedError
+    from websockets.sync.server import serve
+
+    server = serve(lambda socket: socket.close(code=1001), "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"ws://127.0.0.1:{server.socket.getsockname()[1]}/v1"
+    opened: dict[str, Any] = {}
+
+    def on_reconnecting(event: Any) -> Any:
+        if event.attempt == 1:
+            server.shutdown()  # the reconnect fails
+            opened["connection"].response.create(model="gpt-4o-mini", input="queued meanwhile")
+            return None
+        return {"abort": True}
+
+    with make_client(fake, websocket_base_url=url) as client:
+        acme = client.for_customer("acme")
+        manager = acme.responses.connect(
+            on_reconnecting=on_reconnecting, max_retries=1, initial_delay=0.01
+        )
+        opened["connection"] = connection = manager.enter()
+        with pytest.raises(WebSocketConnectionClosedError) as closed:
+            for _ in connection:
+                pass
+        connection.close()
+        assert len(closed.value.unsent_messages) == 1
+        [record] = client.store.usage_records(customer_id="acme")
+    assert (record.outcome, record.tokens.total_tokens) == ("error", 0)

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import io
 import json
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
 
-from safe_openai import BatchBlocked, DefaultPolicy, ModerationBlocked, SafeClient
+from safe_openai import BatchBlocked, DefaultPolicy, ModerationBlocked, SafeClient, _guard
 from safe_openai.testing import FakeOpenAI
 
 from .conftest import make_client
@@ -106,3 +106,33 @@ def test_a_reuploaded_blocked_batch_file_is_one_strike(fake: FakeOpenAI) -> None
             with pytest.raises(BatchBlocked):
                 acme.files.create(file=io.BytesIO(json.dumps(line).encode()), purpose="batch")
         assert len(client.store.violations(customer_id="acme")) == 1
+
+
+def test_a_blocked_message_kept_in_the_history_is_not_struck_again(fake: FakeOpenAI) -> None:
+    """A chat app that keeps the blocked turn in its history gets each later turn blocked, but
+    the strike is about the blocked message, not about each new turn."""
+    history: list[dict[str, Any]] = [{"role": "user", "content": "I will kill him"}]
+    with make_client(fake) as client:
+        acme = client.for_customer("acme")
+        for follow_up in ("sorry", "hello?", "can we talk about my order"):
+            with pytest.raises(ModerationBlocked):
+                ask(acme, history)
+            history.append({"role": "user", "content": follow_up})
+        assert len(client.store.violations(customer_id="acme")) == 1
+
+
+def test_the_repeat_window_runs_from_the_strike(
+    fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same content every 9 minutes is a strike every 10 minutes or so, not one ever."""
+    start = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    with make_client(fake, policy=DefaultPolicy(strike_limit=None)) as client:
+        acme = client.for_customer("acme")
+        for minute in range(0, 99, 9):
+            monkeypatch.setattr(
+                _guard, "_now", lambda minute=minute: start + timedelta(minutes=minute)
+            )
+            with pytest.raises(ModerationBlocked):
+                ask(acme, [{"role": "user", "content": "I will kill him"}])
+        struck = sorted(v.created_at for v in client.store.violations(customer_id="acme"))
+    assert [(at - start).total_seconds() // 60 for at in struck] == [0, 18, 36, 54, 72, 90]

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from types import MappingProxyType
 from typing import Any
+from urllib.parse import urlsplit
 
 import structlog
 
@@ -29,7 +31,6 @@ from ._extract import (
     Piece,
     extract,
     is_unguarded_content_path,
-    normalize_path,
 )
 from ._extract import resolve_endpoint as endpoint_spec
 from ._guard import (
@@ -42,6 +43,7 @@ from ._guard import (
     _refuse,
     _worst_case,
     apply_decision,
+    blocking_alone,
     is_strike,
     strike,
 )
@@ -70,6 +72,7 @@ __all__ = [
     "check_upload",
     "record_batch",
     "remember",
+    "remember_file",
 ]
 
 log = structlog.get_logger("safe_openai")
@@ -82,8 +85,20 @@ BATCH_DISCOUNT = 0.5
 FILE_KEY = "file:"
 BATCH_KEY = "batch:"
 UPLOAD_PATH = "/files"
+_DEMANDS_KEPT = 10_000
 
 _UPLOAD = EndpointSpec("files.batch", lambda body, out: None)
+#: Batch endpoints whose requests carry nothing to a model (passed as they are).
+NO_MODEL_CONTENT = frozenset({"/moderations"})
+
+
+@dataclass(frozen=True, slots=True)
+class Upload:
+    """A checked batch file: what to upload, whose it is, and the most it may consume."""
+
+    content: bytes
+    customer_id: str | None
+    demand: QuotaDemand
 
 
 @dataclass(slots=True)
@@ -114,11 +129,23 @@ def _parse(content: bytes) -> list[_Line]:
             raise BatchFileError(
                 f"Line {number} of the batch file needs a string 'url' and an object 'body'."
             )
-        path = normalize_path(url)
+        path = _api_path(url)
         lines.append(_Line(number, request, path, endpoint_spec(path), body, [], [], []))
     if not lines:
         raise BatchFileError("The batch file holds no requests.")
     return lines
+
+
+def _api_path(url: str) -> str:
+    """The API path a line's ``url`` names, read as the API would resolve it (``chat/completions``,
+    ``//v1/responses`` and ``/v1/./embeddings`` are all found), so no spelling skips the check."""
+    if "://" in url:
+        url = urlsplit(url).path
+    url = url.split("?", 1)[0].split("#", 1)[0].strip()
+    path = posixpath.normpath("/" + url.lstrip("/"))
+    if path == "/v1" or path.startswith("/v1/"):
+        path = path[3:] or "/"
+    return path
 
 
 def _serialize(lines: Sequence[_Line]) -> bytes:
@@ -128,11 +155,9 @@ def _serialize(lines: Sequence[_Line]) -> bytes:
     )
 
 
-def check_upload(
-    state: GuardState, *, bound_customer: str | None, content: bytes
-) -> Flow[tuple[bytes, str | None]]:
+def check_upload(state: GuardState, *, bound_customer: str | None, content: bytes) -> Flow[Upload]:
     """Check a batch input file before it is uploaded. Returns the file to upload instead
-    (each request tagged, policy changes applied) and its customer.
+    (each request tagged, policy changes applied), its customer and its worst case.
 
     Raises:
         BatchFileError, CustomerRequired, CustomerSuspended, PolicyDenied, QuotaExceeded,
@@ -162,12 +187,19 @@ def check_upload(
     roles = frozenset(policy.moderate_roles)
     for line in lines:
         if line.spec is None:
-            if is_unguarded_content_path(line.path) and not policy.allow_unguarded(line.path):
+            if line.path in NO_MODEL_CONTENT:
+                continue
+            if is_unguarded_content_path(line.path):
+                if policy.allow_unguarded(line.path):
+                    continue
                 raise UnguardedPathError(
                     f"Line {line.number} of the batch file calls {line.path}, which "
                     "safe_openai cannot moderate; allow it in the policy if that is intended."
                 )
-            continue
+            raise BatchFileError(
+                f"Line {line.number} of the batch file calls {line.request['url']!r}, an "
+                "endpoint safe_openai does not know, so its request cannot be checked."
+            )
         request = _request(customer_id, line)
         decision = policy.review_request(request)
         if not decision.allowed:
@@ -210,7 +242,7 @@ def check_upload(
             except StoreError:
                 log.warning("safe_openai.store_unavailable", check="identifier")
     log.info("safe_openai.batch_file_checked", customer_id=customer_id, requests=len(lines))
-    return _serialize(lines), customer_id
+    return Upload(_serialize(lines), customer_id, demand)
 
 
 def _request(customer_id: str | None, line: _Line) -> GuardedRequest:
@@ -296,6 +328,7 @@ def _judge(
     blocked: dict[int, tuple[str, ...]] = {}
     scores: dict[str, float] = {}
     counts = False
+    flagged: list[bytes] = []
     for line in lines:
         if not line.keys:
             continue
@@ -304,7 +337,10 @@ def _judge(
         verdict = state.policy.judge(request, results)
         if verdict.blocked:
             blocked[line.number] = verdict.categories
-            counts = counts or is_strike(state.policy, request, line.inputs, results, line.pieces)
+            alone = blocking_alone(state.policy, request, line.keys, results)
+            flagged += alone
+            items = [item for key, item in zip(line.keys, line.inputs, strict=True) if key in alone]
+            counts = counts or is_strike(state.policy, request, items, line.pieces)
             for category, score in verdict.scores.items():
                 scores[category] = max(score, scores.get(category, 0.0))
     if not blocked:
@@ -328,29 +364,38 @@ def _judge(
             top_score=max(scores.values(), default=0.0),
             endpoint=UPLOAD_PATH,
         )
-        keys = [key for line in lines if line.number in blocked for key in line.keys]
-        yield from strike(state, violation, keys)
+        yield from strike(state, violation, flagged)
     raise error
 
 
 def remember(key: str, customer_id: str | None) -> Flow[None]:
-    """Keep whose a checked batch file or batch is (``file:<id>`` / ``batch:<id>``)."""
-    if customer_id is None:
-        return
+    """Keep whose a checked batch file or batch is (``file:<id>`` / ``batch:<id>``; an
+    anonymous one as ``""``)."""
     try:
-        yield StoreCall("remember_request", (key, customer_id))
+        yield StoreCall("remember_request", (key, customer_id or ""))
     except StoreError:
         log.warning("safe_openai.store_unavailable", check="request_map")
 
 
+def remember_file(state: GuardState, file_id: str, upload: Upload) -> Flow[None]:
+    """Keep a checked file's customer (in the store) and worst case (here, for the quota check
+    of ``batches.create``)."""
+    state.batch_demands[file_id] = upload.demand
+    while len(state.batch_demands) > _DEMANDS_KEPT:
+        state.batch_demands.pop(next(iter(state.batch_demands)))
+    yield from remember(FILE_KEY + file_id, upload.customer_id)
+
+
 def check_batch(state: GuardState, body: Mapping[str, Any]) -> Flow[str | None]:
-    """Before ``batches.create``: the input file must be one safe_openai checked. Returns its
-    customer.
+    """Before ``batches.create``: the input file must be one safe_openai checked, its customer
+    in good standing, and its worst case must fit the customer's quota now (the reservation is
+    released at once: the batch's usage counts when it is recorded). Returns the customer.
 
     Raises:
         UnguardedPathError: the file never passed the guard (and the policy does not allow
             ``"/batches"`` unguarded).
         CustomerSuspended: the file's customer is suspended now.
+        QuotaExceeded: the customer's quota has no room for the file's worst case.
     """
     file_id = body.get("input_file_id")
     customer_id = None
@@ -365,9 +410,25 @@ def check_batch(state: GuardState, body: Mapping[str, Any]) -> Flow[str | None]:
             "requests were never moderated; upload it with files.create(purpose='batch') on a "
             "SafeClient, or allow '/batches' in the policy."
         )
-    suspension = yield StoreCall("suspension", (customer_id,), {"now": datetime.now(timezone.utc)})
+    if customer_id == "":
+        return None  # checked, anonymously
+    now = datetime.now(timezone.utc)
+    suspension = yield StoreCall("suspension", (customer_id,), {"now": now})
     if suspension is not None:
         raise CustomerSuspended(customer_id, until=suspension.until, reason=suspension.reason)
+    # Another process may have checked the file: its worst case is then unknown here, and the
+    # check is that the customer is not over quota already.
+    demand = state.batch_demands.get(str(file_id), QuotaDemand(tokens=0, cost_usd=0.0))
+    quota = state.policy.quota_for(customer_id)
+    if quota is not None and not quota.is_unlimited:
+        reservation = yield StoreCall("reserve", (customer_id, quota, demand), {"now": now})
+        if not reservation.admitted:
+            raise QuotaExceeded(
+                customer_id,
+                limit=reservation.limit or "quota",
+                retry_after=reservation.retry_after,
+            )
+        yield StoreCall("release", (reservation,))
     return str(customer_id)
 
 

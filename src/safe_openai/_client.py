@@ -35,12 +35,12 @@ from typing_extensions import Self, override
 
 from ._batches import (
     BATCH_KEY,
-    FILE_KEY,
     batch_records,
     check_batch,
     check_upload,
     record_batch,
     remember,
+    remember_file,
 )
 from ._connections import (
     GuardedAsyncBeta,
@@ -474,9 +474,9 @@ class SafeClient(_Guarded, openai.OpenAI):
             return result
         content, with_content = _upload(options)
         flow = check_upload(self._safe, bound_customer=self._safe_customer, content=content)
-        checked, customer = drive(flow, self._execute)
-        result = super().request(cast_to, with_content(checked))
-        drive(remember(FILE_KEY + _created_id(result), customer), self._execute)
+        upload = drive(flow, self._execute)
+        result = super().request(cast_to, with_content(upload.content))
+        drive(remember_file(self._safe, _created_id(result), upload), self._execute)
         return result
 
     def record_batch_usage(self, batch: str | openai.types.Batch) -> list[UsageRecord]:
@@ -689,13 +689,13 @@ class AsyncSafeClient(_Guarded, openai.AsyncOpenAI):
             options, body = _fold_body(options)
             customer = await adrive(check_batch(self._safe, body), self._execute)
             result = await super().request(cast_to, options)
-            await adrive(remember(BATCH_KEY + _created_id(result), customer), self._execute)
+            await adrive(remember(BATCH_KEY + await _acreated_id(result), customer), self._execute)
             return result
         content, with_content = _upload(options)
         flow = check_upload(self._safe, bound_customer=self._safe_customer, content=content)
-        checked, customer = await adrive(flow, self._execute)
-        result = await super().request(cast_to, with_content(checked))
-        await adrive(remember(FILE_KEY + _created_id(result), customer), self._execute)
+        upload = await adrive(flow, self._execute)
+        result = await super().request(cast_to, with_content(upload.content))
+        await adrive(remember_file(self._safe, await _acreated_id(result), upload), self._execute)
         return result
 
     async def record_batch_usage(self, batch: str | openai.types.Batch) -> list[UsageRecord]:
@@ -820,12 +820,21 @@ def _upload(
 def _created_id(result: object) -> str:
     """The ``id`` of what a create call returned, parsed or raw."""
     if isinstance(result, (LegacyAPIResponse, APIResponse, AsyncAPIResponse)):
-        result.http_response.read()
+        if isinstance(result, (LegacyAPIResponse, APIResponse)):
+            result.http_response.read()
         return str(result.http_response.json().get("id"))
     return str(getattr(result, "id", ""))
 
 
+async def _acreated_id(result: object) -> str:
+    """:func:`_created_id` for the async client (a raw response is read asynchronously)."""
+    if isinstance(result, AsyncAPIResponse):
+        await result.http_response.aread()
+    return _created_id(result)
+
+
 def _batch_customer(batch: openai.types.Batch, customer: str | None) -> str:
+    """The customer a batch's records go to (``""``: checked anonymously)."""
     if customer is None:
         raise BatchFileError(
             f"Batch {batch.id} was not created through safe_openai, so its customer is unknown."

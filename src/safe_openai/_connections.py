@@ -14,14 +14,18 @@ own, and the SDK's objects are switched to them right after they are built (:fun
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import json
-from collections.abc import Awaitable, Callable
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextvars import ContextVar
 from functools import cached_property
 from typing import Any, TypeVar, cast
 
 import pydantic
 import structlog
+from openai import WebSocketConnectionClosedError
 from openai._utils import maybe_transform
 from openai.resources.beta.beta import AsyncBeta, Beta
 from openai.resources.beta.responses import responses as beta_responses
@@ -31,7 +35,18 @@ from openai.types.responses.responses_client_event_param import ResponsesClientE
 
 from ._extract import RESPONSES_STEER
 from ._guard import Call, Command, Flow, GuardState, adrive, drive
-from ._sockets import SocketSession, closing, incoming, outgoing, sent_steer, unsent
+from ._sockets import (
+    SocketSession,
+    closing,
+    given_up,
+    incoming,
+    outgoing,
+    register,
+    sent_steer,
+    unsent,
+)
+from ._streams import run_soon
+from .errors import UnguardedPathError
 
 __all__ = [
     "GuardedAsyncBeta",
@@ -75,6 +90,24 @@ def _is_steer(call: Call | None) -> bool:
     return call is not None and call.spec is RESPONSES_STEER
 
 
+def _close_soon(session: SocketSession, execute: Any, *, only_unopened: bool) -> None:
+    """From a finalizer: record what a connection (or a manager never entered) left open, so a
+    dropped connection neither loses usage nor holds quota reservations until they expire."""
+    if only_unopened and session.opened:
+        return
+    flow = closing(session)
+    if not inspect.iscoroutinefunction(execute):
+        with contextlib.suppress(Exception):
+            drive(flow, execute)
+        return
+
+    async def record() -> None:
+        with contextlib.suppress(Exception):
+            await adrive(flow, execute)
+
+    run_soon(record)
+
+
 class _SyncRecording:
     _safe_session: SocketSession
     _safe_execute: Execute
@@ -102,12 +135,17 @@ class _GuardedConnection(_SyncRecording):
     def _send(self, data: bytes | str) -> None:
         session = self._safe_session
         data, call = drive(outgoing(session, data), self._safe_execute)
-        try:
-            cast(Any, super())._send(data)
-        except BaseException:
+        failure: BaseException | None = None
+        with session.sending:  # registered in the order the frames go out
+            register(session, call, data)
+            try:
+                cast(Any, super())._send(data)
+            except BaseException as exc:
+                failure = exc
+        if failure is not None:
             if call is not None:
                 self._safe_record(unsent(session, call))
-            raise
+            raise failure
         if _is_steer(call):
             self._safe_record(sent_steer(session, cast(Call, call)))
 
@@ -116,23 +154,36 @@ class _GuardedConnection(_SyncRecording):
         self._safe_record(incoming(self._safe_session, message))
         return message
 
+    def _iter_events(self) -> Iterator[Any]:
+        try:
+            yield from cast(Any, super())._iter_events()
+        except WebSocketConnectionClosedError as exc:
+            self._safe_record(given_up(self._safe_session, exc.unsent_messages))
+            raise
+
     def close(self, *, code: int = 1000, reason: str = "") -> None:
         try:
             cast(Any, super()).close(code=code, reason=reason)
         finally:
-            self._safe_record(closing(self._safe_session))
+            left = cast(Any, self)._send_queue.mark_unsent()
+            self._safe_record(closing(self._safe_session, left))
 
 
 class _GuardedAsyncConnection(_AsyncRecording):
     async def _send(self, data: bytes | str) -> None:
         session = self._safe_session
         data, call = await adrive(outgoing(session, data), self._safe_execute)
-        try:
-            await cast(Any, super())._send(data)
-        except BaseException:
+        failure: BaseException | None = None
+        async with session.async_sending:
+            register(session, call, data)
+            try:
+                await cast(Any, super())._send(data)
+            except BaseException as exc:
+                failure = exc
+        if failure is not None:
             if call is not None:
                 await self._safe_record(unsent(session, call))
-            raise
+            raise failure
         if _is_steer(call):
             await self._safe_record(sent_steer(session, cast(Call, call)))
 
@@ -141,11 +192,20 @@ class _GuardedAsyncConnection(_AsyncRecording):
         await self._safe_record(incoming(self._safe_session, message))
         return message
 
+    async def _iter_events(self) -> AsyncIterator[Any]:
+        try:
+            async for event in cast(Any, super())._iter_events():
+                yield event
+        except WebSocketConnectionClosedError as exc:
+            await self._safe_record(given_up(self._safe_session, exc.unsent_messages))
+            raise
+
     async def close(self, *, code: int = 1000, reason: str = "") -> None:
         try:
             await cast(Any, super()).close(code=code, reason=reason)
         finally:
-            await self._safe_record(closing(self._safe_session))
+            left = cast(Any, self)._send_queue.mark_unsent()
+            await self._safe_record(closing(self._safe_session, left))
 
 
 class _GuardedManager(_SyncRecording):
@@ -158,7 +218,18 @@ class _GuardedManager(_SyncRecording):
         session = self._safe_session
         data = _event_data(event, self._safe_param_type)
         guarded, call = drive(outgoing(session, data), self._safe_execute)
-        cast(Any, super()).send(json.loads(guarded))
+        checked = json.loads(guarded)
+        failure: BaseException | None = None
+        with session.sending:
+            register(session, call, _event_data(checked, self._safe_param_type))
+            try:
+                cast(Any, super()).send(checked)
+            except BaseException as exc:  # the SDK's queue is full
+                failure = exc
+        if failure is not None:
+            if call is not None:
+                self._safe_record(unsent(session, call))
+            raise failure
         if _is_steer(call):
             self._safe_record(sent_steer(session, cast(Call, call)))
 
@@ -171,6 +242,7 @@ class _GuardedManager(_SyncRecording):
             raise
         session.opened = True
         _adopt(connection, self._safe_connection_cls, session, self._safe_execute)
+        weakref.finalize(connection, _close_soon, session, self._safe_execute, only_unopened=False)
         return connection
 
     enter = __enter__
@@ -192,6 +264,12 @@ class _GuardedAsyncManager(_AsyncRecording):
     _safe_held: list[str]
 
     def send(self, event: Any) -> None:
+        if self._safe_session.opened:
+            raise UnguardedPathError(
+                "On an AsyncSafeClient, send events on the open connection "
+                "(await connection.send(...)): the manager's send is synchronous and cannot "
+                "check them once the connection is open."
+            )
         self._safe_held.append(_event_data(event, self._safe_param_type))
 
     async def __aenter__(self) -> Any:
@@ -201,7 +279,9 @@ class _GuardedAsyncManager(_AsyncRecording):
                 data, call = await adrive(
                     outgoing(session, self._safe_held.pop(0)), self._safe_execute
                 )
-                cast(Any, super()).send(json.loads(data))
+                checked = json.loads(data)
+                register(session, call, _event_data(checked, self._safe_param_type))
+                cast(Any, super()).send(checked)
                 if _is_steer(call):
                     await self._safe_record(sent_steer(session, cast(Call, call)))
             connection = await cast(Any, super()).__aenter__()
@@ -211,6 +291,7 @@ class _GuardedAsyncManager(_AsyncRecording):
             raise
         session.opened = True
         _adopt(connection, self._safe_connection_cls, session, self._safe_execute)
+        weakref.finalize(connection, _close_soon, session, self._safe_execute, only_unopened=False)
         return connection
 
     enter = __aenter__
@@ -269,6 +350,8 @@ def _guard_manager(manager: T, client: Any) -> T:
     state: GuardState = client._safe
     session = SocketSession(state, client._safe_customer)
     _adopt(manager, guarded_manager, session, client._execute)
+    # A manager dropped before it is entered still releases what its queued events reserved.
+    weakref.finalize(manager, _close_soon, session, client._execute, only_unopened=True)
     target = cast(Any, manager)
     target._safe_param_type = param_type
     target._safe_connection_cls = guarded_connection

@@ -146,6 +146,8 @@ class GuardState:
     owns_store: bool = False
     #: Recent blocks, so a retried block is not a second strike.
     recent_blocks: RecentBlocks = field(default_factory=lambda: RecentBlocks())
+    #: The worst case of each batch file this process checked, by file id.
+    batch_demands: dict[str, QuotaDemand] = field(default_factory=dict)
 
 
 class RecentBlocks:
@@ -162,11 +164,14 @@ class RecentBlocks:
         """Note a block of ``keys`` now; whether the same block happened within ``window``."""
         fingerprint = (customer_id, hashlib.sha256(b"".join(sorted(keys))).digest())
         with self._lock:
-            last = self._seen.pop(fingerprint, None)
+            last = self._seen.get(fingerprint)
+            if last is not None and now - last < window:
+                return True  # the window runs from the strike, not from each repeat
+            self._seen.pop(fingerprint, None)
             self._seen[fingerprint] = now
             while len(self._seen) > self._maxsize:
                 self._seen.popitem(last=False)
-        return last is not None and now - last < window
+        return False
 
 
 @dataclass(slots=True)
@@ -398,7 +403,9 @@ def _moderate(
         top_score=round(verdict.top_score, 4),
         content_hash=keys[worst].hex()[:16],
     )
-    if call.customer_id is not None and is_strike(policy, request, inputs, judged, pieces):
+    flagged = blocking_alone(policy, request, keys, judged)
+    flagged_inputs = [item for key, item in zip(keys, inputs, strict=True) if key in flagged]
+    if call.customer_id is not None and is_strike(policy, request, flagged_inputs, pieces):
         violation = Violation(
             customer_id=call.customer_id,
             created_at=call.created_at,
@@ -407,7 +414,7 @@ def _moderate(
             top_score=verdict.top_score,
             endpoint=call.endpoint,
         )
-        yield from strike(state, violation, keys)
+        yield from strike(state, violation, flagged)
     raise ModerationBlocked(
         call.customer_id,
         categories=verdict.categories,
@@ -416,25 +423,33 @@ def _moderate(
     )
 
 
+def blocking_alone(
+    policy: Policy,
+    request: GuardedRequest,
+    keys: Sequence[bytes],
+    results: Sequence[ModerationResult],
+) -> list[bytes]:
+    """The keys of the inputs that block on their own (all of them when only their mix does):
+    what a block is about, for strikes and their repeats."""
+    alone = [
+        key
+        for key, result in zip(keys, results, strict=True)
+        if policy.judge(request, [result]).blocked
+    ]
+    return alone or list(keys)
+
+
 def is_strike(
     policy: Policy,
     request: GuardedRequest,
-    inputs: Sequence[ModerationInput],
-    results: Sequence[ModerationResult],
+    flagged: Iterable[ModerationInput],
     pieces: Iterable[Piece],
 ) -> bool:
-    """Whether a block counts against the customer: some input that blocks on its own came
-    from one of :attr:`Policy.strike_roles` (or no single input blocks alone)."""
-    flagged = [
-        item
-        for item, result in zip(inputs, results, strict=True)
-        if policy.judge(request, [result]).blocked
-    ]
-    if not flagged:
-        return True
+    """Whether a block counts against the customer: some ``flagged`` input came from one of
+    :attr:`Policy.strike_roles`."""
     roles = roles_of(pieces)
     found = {role for item in flagged for role in roles.get(item, ())}
-    if found & set(policy.strike_roles):
+    if not found or found & set(policy.strike_roles):
         return True
     log.info(
         "safe_openai.blocked_without_strike", customer_id=request.customer_id, roles=sorted(found)

@@ -15,11 +15,12 @@ another.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from datetime import datetime, timezone
 from typing import Any
 
@@ -30,7 +31,16 @@ from ._guard import Call, Flow, GuardState, begin, finish
 from .errors import UnguardedPathError
 from .usage import Outcome, TokenUsage, token_usage_from_payload
 
-__all__ = ["SocketSession", "closing", "incoming", "outgoing", "sent_steer", "unsent"]
+__all__ = [
+    "SocketSession",
+    "closing",
+    "given_up",
+    "incoming",
+    "outgoing",
+    "register",
+    "sent_steer",
+    "unsent",
+]
 
 log = structlog.get_logger("safe_openai")
 
@@ -62,34 +72,69 @@ class SocketSession:
         self.customer_id = customer_id
         #: The connection was opened (a call left open at close was then probably sent).
         self.opened = False
+        #: Held from a call's registration to its write on the socket, so calls are registered
+        #: in the order they go out (sync connections; async ones use :attr:`async_sending`).
+        self.sending = threading.Lock()
+        self._async_sending: asyncio.Lock | None = None
         self._lock = threading.Lock()
         self._sent: dict[str | None, deque[Call]] = {}  # by lane, awaiting response.created
+        self._frames: dict[int, str | bytes] = {}  # id(call) -> the frame sent for it
         self._open: dict[str, Call] = {}  # by response id
-        self._latest: dict[str | None, Call] = {}  # by lane, for text deltas and successors
+        self._live: dict[str | None, Call] = {}  # by lane: the response streaming now
         self._output_chars: dict[int, int] = {}  # by id(call)
         self._owners: OrderedDict[str, Call] = OrderedDict()  # response id -> its call
+        self._steered: set[str] = set()  # responses a steer was sent for
 
-    def sent(self, call: Call, lane: str | None) -> None:
+    @property
+    def async_sending(self) -> asyncio.Lock:
+        """:attr:`sending` for async connections (made on first use, inside the loop)."""
+        if self._async_sending is None:
+            self._async_sending = asyncio.Lock()
+        return self._async_sending
+
+    def sent(self, call: Call, lane: str | None, frame: str | bytes) -> None:
+        """``call``'s event goes out now (call under :attr:`sending`)."""
         with self._lock:
             self._sent.setdefault(lane, deque()).append(call)
+            self._frames[id(call)] = frame
+
+    def steered(self, response_id: object) -> None:
+        if isinstance(response_id, str):
+            with self._lock:
+                self._steered.add(response_id)
 
     def forget(self, call: Call) -> None:
         """A call whose event never reached the socket."""
         with self._lock:
+            self._frames.pop(id(call), None)
             for waiting in self._sent.values():
                 if call in waiting:
                     waiting.remove(call)
 
     def created(self, lane: str | None, response: Mapping[str, Any]) -> Call:
-        """Bind ``response`` to the oldest call waiting on its lane, or start a successor."""
+        """Bind ``response`` to its call: the oldest waiting on its lane, unless the response
+        continues one that was steered and no waiting call asked for that (then the server
+        started it by itself: a successor)."""
         response_id = str(response.get("id") or "")
+        parent_id = response.get("previous_response_id")
         with self._lock:
             waiting = self._sent.get(lane)
-            call = waiting.popleft() if waiting else None
+            call: Call | None = None
+            if waiting:
+                asked = next(
+                    (c for c in waiting if c.body.get("previous_response_id") == parent_id), None
+                )
+                if asked is not None and parent_id is not None:
+                    call = asked
+                elif parent_id is None or parent_id not in self._steered:
+                    call = waiting[0]
+                if call is not None:
+                    waiting.remove(call)
+                    self._frames.pop(id(call), None)
             if call is None:
                 call = self._successor(lane, response)
             self._open[response_id] = call
-            self._latest[lane] = call
+            self._live[lane] = call
             self._owners[response_id] = call
             while len(self._owners) > _REMEMBERED:
                 self._owners.popitem(last=False)
@@ -98,7 +143,7 @@ class SocketSession:
     def _successor(self, lane: str | None, response: Mapping[str, Any]) -> Call:
         parent_id = response.get("previous_response_id")
         parent = self._owners.get(parent_id) if isinstance(parent_id, str) else None
-        parent = parent or self._latest.get(lane)
+        parent = parent or self._live.get(lane)
         model = response.get("model")
         spec = resolve_endpoint(CREATE_PATH)
         assert spec is not None
@@ -114,33 +159,76 @@ class SocketSession:
 
     def output(self, lane: str | None, characters: int) -> None:
         with self._lock:
-            call = self._latest.get(lane)
+            call = self._live.get(lane)
             if call is not None:
                 self._output_chars[id(call)] = self._output_chars.get(id(call), 0) + characters
 
     def ended(self, response_id: str) -> tuple[Call | None, int]:
         with self._lock:
             call = self._open.pop(response_id, None)
-            return call, self._output_chars.pop(id(call), 0) if call else 0
+            if call is None:
+                return None, 0
+            for lane, live in list(self._live.items()):
+                if live is call:
+                    del self._live[lane]
+            return call, self._output_chars.pop(id(call), 0)
 
-    def failed_before_creation(self, lane: str | None) -> Call | None:
+    def failed(self, lane: str | None, *, streaming: bool) -> tuple[Call | None, int]:
+        """The call an ``error`` event ends: the response streaming on the lane when the error
+        came from inside it (it carries a ``sequence_number``), else the oldest call still
+        waiting there for its ``response.created``."""
         with self._lock:
+            live = self._live.get(lane) if streaming else None
+            if live is not None:
+                del self._live[lane]
+                for response_id, call in list(self._open.items()):
+                    if call is live:
+                        del self._open[response_id]
+                return live, self._output_chars.pop(id(live), 0)
             waiting = self._sent.get(lane)
-            return waiting.popleft() if waiting else None
+            if not waiting:
+                return None, 0
+            call = waiting.popleft()
+            self._frames.pop(id(call), None)
+            return call, 0
+
+    def take_unsent(self, frames: Collection[str | bytes]) -> list[Call]:
+        """The waiting calls whose frames are among ``frames`` (the SDK gave up on them)."""
+        left = set(frames)
+        with self._lock:
+            taken = []
+            for waiting in self._sent.values():
+                for call in list(waiting):
+                    if self._frames.get(id(call)) in left:
+                        waiting.remove(call)
+                        self._frames.pop(id(call), None)
+                        taken.append(call)
+            return taken
 
     def model_of(self, response_id: object) -> str | None:
         with self._lock:
             call = self._owners.get(response_id) if isinstance(response_id, str) else None
             return call.model if call else None
 
-    def drain(self) -> list[tuple[Call, int]]:
-        """Every call still open, emptied out (the connection is closing)."""
+    def drain(self, unsent: Collection[str | bytes] = ()) -> list[tuple[Call, int, bool]]:
+        """Every call still open, emptied out (the connection is closing), each with its output
+        characters and whether its frame is among ``unsent`` (never left this process)."""
+        left = set(unsent)
         with self._lock:
             calls = [call for waiting in self._sent.values() for call in waiting]
             calls += self._open.values()
+            drained = [
+                (
+                    call,
+                    self._output_chars.pop(id(call), 0),
+                    self._frames.pop(id(call), None) in left,
+                )
+                for call in calls
+            ]
             self._sent.clear()
             self._open.clear()
-            return [(call, self._output_chars.pop(id(call), 0)) for call in calls]
+            self._live.clear()
+            return drained
 
 
 def _event(data: str | bytes) -> dict[str, Any]:
@@ -156,7 +244,8 @@ def _event(data: str | bytes) -> dict[str, Any]:
 
 
 def outgoing(session: SocketSession, data: str | bytes) -> Flow[tuple[str | bytes, Call | None]]:
-    """Guard one outgoing message. Returns what to send instead and its call, if any.
+    """Guard one outgoing message. Returns what to send instead and its call, if any; the
+    caller registers a ``response.create`` call (:func:`register`) as it writes the frame.
 
     Raises:
         ModerationBlocked, CustomerSuspended, PolicyDenied, QuotaExceeded, ...: as for HTTP.
@@ -171,8 +260,6 @@ def outgoing(session: SocketSession, data: str | bytes) -> Flow[tuple[str | byte
             state, bound_customer=session.customer_id, path=CREATE_PATH, body=body
         )
         assert call is not None
-        lane = body.get("stream_id")
-        session.sent(call, lane if isinstance(lane, str) else None)
         return json.dumps({"type": kind, **body}), call
     if kind == "response.steer":
         # Policies see the model of the response being steered; only the input is sent on.
@@ -187,6 +274,7 @@ def outgoing(session: SocketSession, data: str | bytes) -> Flow[tuple[str | byte
             body=body,
             spec=RESPONSES_STEER,
         )
+        session.steered(event.get("previous_response_id"))
         return json.dumps({key: event[key] for key in _STEER_KEYS if key in event}), call
     endpoint = f"wss:{CREATE_PATH}#{kind}"
     if not state.policy.allow_unguarded(endpoint):
@@ -196,6 +284,14 @@ def outgoing(session: SocketSession, data: str | bytes) -> Flow[tuple[str | byte
         )
     log.warning("safe_openai.unguarded_event_allowed", endpoint=endpoint)
     return data, None
+
+
+def register(session: SocketSession, call: Call | None, frame: str | bytes) -> None:
+    """Note a guarded ``response.create`` as it is written (under :attr:`SocketSession.sending`),
+    so its response finds it; steers and unguarded events need no answer."""
+    if call is not None and call.spec is not RESPONSES_STEER:
+        lane = call.body.get("stream_id")
+        session.sent(call, lane if isinstance(lane, str) else None, frame)
 
 
 def sent_steer(session: SocketSession, call: Call) -> Flow[None]:
@@ -242,16 +338,30 @@ def incoming(session: SocketSession, message: str | bytes) -> Flow[None]:
             )
         return
     if kind == "error":
-        call = session.failed_before_creation(lane)
+        call, characters = session.failed(lane, streaming="sequence_number" in event)
         if call is not None:
-            yield from finish(session.state, call, outcome="error", usage=None, request_id=None)
+            yield from finish(
+                session.state,
+                call,
+                outcome="error",
+                usage=None,
+                request_id=None,
+                output_chars=characters,
+            )
 
 
-def closing(session: SocketSession) -> Flow[None]:
+def given_up(session: SocketSession, frames: Collection[str | bytes]) -> Flow[None]:
+    """The SDK closed the connection with these frames unsent: their calls are errors."""
+    for call in session.take_unsent(frames):
+        yield from finish(session.state, call, outcome="error", usage=None, request_id=None)
+
+
+def closing(session: SocketSession, unsent: Collection[str | bytes] = ()) -> Flow[None]:
     """The connection is closing: what is still open is recorded as an estimate, or as an
-    error if the connection never opened (nothing was sent)."""
-    outcome: Outcome = "ok" if session.opened else "error"
-    for call, characters in session.drain():
+    error if its frame never left (the connection never opened, or the frame is among the
+    SDK's ``unsent`` ones)."""
+    for call, characters, never_sent in session.drain(unsent):
+        outcome: Outcome = "error" if never_sent or not session.opened else "ok"
         yield from finish(
             session.state,
             call,

@@ -23,7 +23,14 @@ from openai._streaming import extract_stream_chunk_type
 
 from .usage import Outcome, TokenUsage, token_usage_from_payload
 
-__all__ = ["TAP_KEY", "GuardedAsyncStream", "GuardedStream", "UsageTap", "guarded_stream_cls"]
+__all__ = [
+    "TAP_KEY",
+    "GuardedAsyncStream",
+    "GuardedStream",
+    "UsageTap",
+    "guarded_stream_cls",
+    "run_soon",
+]
 
 #: Key of the :class:`UsageTap` in ``httpx2.Request.extensions``.
 TAP_KEY = "safe_openai.tap"
@@ -122,20 +129,26 @@ class UsageTap:
         """Record the usage from a finalizer: now for sync, as a task on the loop for async."""
         if self._finisher is not None:
             self.end()
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            loop = None
-        if loop is not None and not loop.is_closed():
-            task = loop.create_task(self.aend())
-            _PENDING.add(task)
-            task.add_done_callback(_PENDING.discard)
         else:
-            _run_detached(self.aend())
+            run_soon(self.aend)
 
 
 _PENDING: set[asyncio.Task[None]] = set()
+
+
+def run_soon(finisher: Callable[[], Awaitable[None]]) -> None:
+    """Run an async finisher from a finalizer: as a task on the running loop, or on a loop of
+    its own when none runs (interpreter shutdown, GC in a plain thread)."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        loop = None
+    if loop is not None and not loop.is_closed():
+        task: asyncio.Task[None] = loop.create_task(finisher())  # type: ignore[arg-type]
+        _PENDING.add(task)
+        task.add_done_callback(_PENDING.discard)
+    else:
+        _run_detached(finisher())
 
 
 def _run_detached(coro: Awaitable[None]) -> None:
