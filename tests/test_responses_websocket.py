@@ -527,3 +527,27 @@ def test_frames_the_sdk_gives_up_on_after_a_failed_reconnect_are_errors(fake: Fa
         assert len(closed.value.unsent_messages) == 1
         [record] = client.store.usage_records(customer_id="acme")
     assert (record.outcome, record.tokens.total_tokens) == ("error", 0)
+
+
+def test_events_of_a_failed_entry_are_not_sent_by_a_retry(
+    acme: SafeClient, fake: FakeOpenAI
+) -> None:
+    """Queued events are recorded as never sent when the connection fails to open, so a
+    retried ``enter()`` must not send them unmetered."""
+    manager = acme.responses.connect()
+    manager.send({"type": "response.create", "model": "gpt-4o-mini", "input": "queued"})
+
+    def refused(*_: Any) -> Any:
+        raise OSError("connection refused")
+
+    manager._connect_ws = refused  # type: ignore[method-assign]
+    with pytest.raises(OSError, match="refused"), manager:
+        pass
+    del manager._connect_ws
+    with manager as connection:
+        connection.response.create(model="gpt-4o-mini", input="after the retry")
+        until_done(connection)
+
+    assert [e["input"] for e in socket_events(fake)] == ["after the retry"]
+    outcomes = sorted(r.outcome for r in acme.store.usage_records(customer_id="acme"))
+    assert outcomes == ["error", "ok"]

@@ -26,6 +26,7 @@ from typing import Any, TypeVar, cast
 import pydantic
 import structlog
 from openai import WebSocketConnectionClosedError
+from openai._send_queue import SendQueue
 from openai._utils import maybe_transform
 from openai.resources.beta.beta import AsyncBeta, Beta
 from openai.resources.beta.responses import responses as beta_responses
@@ -106,6 +107,15 @@ def _close_soon(session: SocketSession, execute: Any, *, only_unopened: bool) ->
             await adrive(flow, execute)
 
     run_soon(record)
+
+
+def _drop_queued(manager: object) -> None:
+    """Empty the SDK's queue of a manager whose connection failed to open: its events are
+    recorded as never sent, so a retried ``enter()`` must not send them after all. (The queue
+    is found by type: the SDK keeps it under a name-mangled attribute.)"""
+    for value in vars(manager).values():
+        if isinstance(value, SendQueue):
+            value.drain()
 
 
 class _SyncRecording:
@@ -238,6 +248,7 @@ class _GuardedManager(_SyncRecording):
         try:
             connection = cast(Any, super()).__enter__()
         except BaseException:
+            _drop_queued(self)
             self._safe_record(closing(session))  # queued calls were never sent
             raise
         session.opened = True
@@ -287,6 +298,7 @@ class _GuardedAsyncManager(_AsyncRecording):
             connection = await cast(Any, super()).__aenter__()
         except BaseException:
             self._safe_held.clear()
+            _drop_queued(self)
             await self._safe_record(closing(session))  # queued calls were never sent
             raise
         session.opened = True
