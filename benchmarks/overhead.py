@@ -94,6 +94,14 @@ def measure(calls: int, rounds: int) -> tuple[dict[str, float], dict[str, float]
     return best, median
 
 
+def log_as_production() -> None:
+    """Warnings and up, as a production app logs; the same for every variant."""
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+        cache_logger_on_first_use=True,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=100)
@@ -102,10 +110,7 @@ def main() -> None:
         "--out", type=Path, default=Path(__file__).parent / "results" / "overhead.json"
     )
     args = parser.parse_args()
-    structlog.configure(
-        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
-        cache_logger_on_first_use=True,
-    )
+    log_as_production()
     per_call, median = measure(args.calls, args.rounds)
 
     def ratios_of(figures: dict[str, float]) -> dict[str, float]:

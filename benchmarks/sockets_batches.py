@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import logging
 import platform
 import statistics
 import time
@@ -28,7 +27,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import openai
-import structlog
+from overhead import log_as_production
 
 from safe_openai import SafeClient
 from safe_openai.testing import FakeOpenAI
@@ -136,10 +135,7 @@ def main() -> None:
         "--out", type=Path, default=Path(__file__).parent / "results" / "sockets_batches.json"
     )
     args = parser.parse_args()
-    structlog.configure(
-        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
-        cache_logger_on_first_use=True,
-    )
+    log_as_production()
     with ExitStack() as stack:
         socket_best, socket_median = measure(socket_variants(stack, args.calls), args.rounds)
     batch_best, batch_median = measure(batch_variants(args.lines), args.rounds)

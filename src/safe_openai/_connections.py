@@ -371,28 +371,29 @@ def _guard_manager(manager: T, client: Any) -> T:
     return manager
 
 
-class GuardedResponses(responses.Responses):
+class _GuardedConnect:
+    """``connect()`` returns the SDK's manager, switched to its guarded twin."""
+
+    _client: Any
+
+    def connect(self, *args: Any, **kwargs: Any) -> Any:
+        return _guard_manager(cast(Any, super()).connect(*args, **kwargs), self._client)
+
+
+class GuardedResponses(_GuardedConnect, responses.Responses):
     """``client.responses`` whose ``connect()`` opens a guarded WebSocket."""
 
-    def connect(self, *args: Any, **kwargs: Any) -> responses.ResponsesConnectionManager:
-        return _guard_manager(super().connect(*args, **kwargs), self._client)
 
-
-class GuardedAsyncResponses(responses.AsyncResponses):
+class GuardedAsyncResponses(_GuardedConnect, responses.AsyncResponses):
     """``client.responses`` (async) whose ``connect()`` opens a guarded WebSocket."""
 
-    def connect(self, *args: Any, **kwargs: Any) -> responses.AsyncResponsesConnectionManager:
-        return _guard_manager(super().connect(*args, **kwargs), self._client)
+
+class _GuardedBetaResponses(_GuardedConnect, beta_responses.Responses):
+    pass
 
 
-class _GuardedBetaResponses(beta_responses.Responses):
-    def connect(self, *args: Any, **kwargs: Any) -> beta_responses.ResponsesConnectionManager:
-        return _guard_manager(super().connect(*args, **kwargs), self._client)
-
-
-class _GuardedAsyncBetaResponses(beta_responses.AsyncResponses):
-    def connect(self, *args: Any, **kwargs: Any) -> beta_responses.AsyncResponsesConnectionManager:
-        return _guard_manager(super().connect(*args, **kwargs), self._client)
+class _GuardedAsyncBetaResponses(_GuardedConnect, beta_responses.AsyncResponses):
+    pass
 
 
 class GuardedBeta(Beta):
