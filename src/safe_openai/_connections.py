@@ -129,6 +129,24 @@ class _SyncRecording:
         except Exception:
             log.exception("safe_openai.usage_record_failed", customer_id=None)
 
+    def _safe_write(self, call: Call | None, frame: str | bytes, write: Callable[[], None]) -> None:
+        """Register a guarded event's call and write its frame, as one step for other threads;
+        a frame that fails to go out is an error, a steer that went out is recorded."""
+        session = self._safe_session
+        failure: BaseException | None = None
+        with session.sending:
+            register(session, call, frame)
+            try:
+                write()
+            except BaseException as exc:
+                failure = exc
+        if failure is not None:
+            if call is not None:
+                self._safe_record(unsent(session, call))
+            raise failure
+        if _is_steer(call):
+            self._safe_record(sent_steer(session, cast(Call, call)))
+
 
 class _AsyncRecording:
     _safe_session: SocketSession
@@ -140,24 +158,31 @@ class _AsyncRecording:
         except Exception:
             log.exception("safe_openai.usage_record_failed", customer_id=None)
 
-
-class _GuardedConnection(_SyncRecording):
-    def _send(self, data: bytes | str) -> None:
+    async def _safe_write(
+        self, call: Call | None, frame: str | bytes, write: Callable[[], Awaitable[None]]
+    ) -> None:
+        """:meth:`_SyncRecording._safe_write` for async connections."""
         session = self._safe_session
-        data, call = drive(outgoing(session, data), self._safe_execute)
         failure: BaseException | None = None
-        with session.sending:  # registered in the order the frames go out
-            register(session, call, data)
+        async with session.async_sending:
+            register(session, call, frame)
             try:
-                cast(Any, super())._send(data)
+                await write()
             except BaseException as exc:
                 failure = exc
         if failure is not None:
             if call is not None:
-                self._safe_record(unsent(session, call))
+                await self._safe_record(unsent(session, call))
             raise failure
         if _is_steer(call):
-            self._safe_record(sent_steer(session, cast(Call, call)))
+            await self._safe_record(sent_steer(session, cast(Call, call)))
+
+
+class _GuardedConnection(_SyncRecording):
+    def _send(self, data: bytes | str) -> None:
+        frame, call = drive(outgoing(self._safe_session, data), self._safe_execute)
+        send = cast(Any, super())._send
+        self._safe_write(call, frame, lambda: send(frame))
 
     def recv_bytes(self) -> bytes:
         message: bytes = cast(Any, super()).recv_bytes()
@@ -181,21 +206,9 @@ class _GuardedConnection(_SyncRecording):
 
 class _GuardedAsyncConnection(_AsyncRecording):
     async def _send(self, data: bytes | str) -> None:
-        session = self._safe_session
-        data, call = await adrive(outgoing(session, data), self._safe_execute)
-        failure: BaseException | None = None
-        async with session.async_sending:
-            register(session, call, data)
-            try:
-                await cast(Any, super())._send(data)
-            except BaseException as exc:
-                failure = exc
-        if failure is not None:
-            if call is not None:
-                await self._safe_record(unsent(session, call))
-            raise failure
-        if _is_steer(call):
-            await self._safe_record(sent_steer(session, cast(Call, call)))
+        frame, call = await adrive(outgoing(self._safe_session, data), self._safe_execute)
+        send = cast(Any, super())._send
+        await self._safe_write(call, frame, lambda: send(frame))
 
     async def recv_bytes(self) -> bytes:
         message: bytes = await cast(Any, super()).recv_bytes()
@@ -225,23 +238,12 @@ class _GuardedManager(_SyncRecording):
     _safe_connection_cls: type
 
     def send(self, event: Any) -> None:
-        session = self._safe_session
         data = _event_data(event, self._safe_param_type)
-        guarded, call = drive(outgoing(session, data), self._safe_execute)
+        guarded, call = drive(outgoing(self._safe_session, data), self._safe_execute)
         checked = json.loads(guarded)
-        failure: BaseException | None = None
-        with session.sending:
-            register(session, call, _event_data(checked, self._safe_param_type))
-            try:
-                cast(Any, super()).send(checked)
-            except BaseException as exc:  # the SDK's queue is full
-                failure = exc
-        if failure is not None:
-            if call is not None:
-                self._safe_record(unsent(session, call))
-            raise failure
-        if _is_steer(call):
-            self._safe_record(sent_steer(session, cast(Call, call)))
+        queue = cast(Any, super()).send  # raises when the SDK's queue is full
+        frame = _event_data(checked, self._safe_param_type)  # as the queue will hold it
+        self._safe_write(call, frame, lambda: queue(checked))
 
     def __enter__(self) -> Any:
         session = self._safe_session
