@@ -107,11 +107,13 @@ def _is_async_store(store: object) -> bool:
 
 
 def _fold_body(options: FinalRequestOptions) -> tuple[FinalRequestOptions, dict[str, Any]]:
-    """A copy of ``options`` whose JSON body has ``extra_body`` folded in (it wins, as in the
-    SDK) and is put through the SDK's own JSON encoding, so moderation sees exactly what will
-    be sent: tuples become lists and pydantic objects dicts, as they will on the wire.
+    """``options`` with its JSON body's ``extra_body`` folded in (it wins, as in the SDK) and
+    put through the SDK's own JSON encoding, so moderation sees exactly what will be sent:
+    tuples become lists and pydantic objects dicts, as they will on the wire.
+
+    The options are changed in place: the SDK builds them for this one call and copies them
+    before its first attempt, and the body dict is a new one (the caller's is never touched).
     """
-    options = options.model_copy()
     body: dict[str, Any]
     if isinstance(options.json_data, Mapping):
         body = dict(options.json_data)
