@@ -18,17 +18,17 @@ from safe_openai.testing import FakeOpenAI
 SECRET = "test-identifier-secret"
 
 
+DEFAULTS: dict[str, Any] = {"identifier_secret": SECRET, "store": "memory://", "spool": False}
+
+
 def make_client(fake: FakeOpenAI, **options: Any) -> SafeClient:
-    """A SafeClient on ``fake`` with a fresh in-memory store and no spool."""
-    return SafeClient(
-        **fake.openai_kwargs(), identifier_secret=SECRET, store="memory://", spool=False, **options
-    )
+    """A SafeClient on ``fake``: a fresh in-memory store and no spool unless ``options`` say."""
+    return SafeClient(**{**fake.openai_kwargs(), **DEFAULTS, **options})
 
 
 def make_async_client(fake: FakeOpenAI, **options: Any) -> AsyncSafeClient:
-    """An AsyncSafeClient on ``fake`` with a fresh in-memory store and no spool."""
-    kwargs: dict[str, Any] = {**fake.async_openai_kwargs(), **options}
-    return AsyncSafeClient(identifier_secret=SECRET, store="memory://", spool=False, **kwargs)
+    """An AsyncSafeClient on ``fake``: the same defaults as :func:`make_client`."""
+    return AsyncSafeClient(**{**fake.async_openai_kwargs(), **DEFAULTS, **options})
 
 
 @pytest.fixture

@@ -27,10 +27,12 @@ from safe_openai import (
     Quota,
     QuotaExceeded,
     SafeClient,
+    StoreError,
     UnguardedPathError,
 )
 from safe_openai._batches import BATCH_DISCOUNT, MODERATION_INPUTS_PER_CALL
 from safe_openai._identity import safety_identifier
+from safe_openai.stores._memory import MemoryStore
 from safe_openai.testing import FakeOpenAI
 
 from .conftest import SECRET, make_async_client, make_client
@@ -400,3 +402,42 @@ async def test_async_streaming_response_uploads_are_remembered(fake: FakeOpenAI)
             ) as response:
                 batch = await response.parse()
             assert await client.store.customer_for_request(f"batch:{batch.id}") == "acme"
+
+
+class StandingUnknown(MemoryStore):
+    """A store that cannot answer for anyone's standing (an outage)."""
+
+    def suspension(self, customer_id: str, *, now: Any) -> Any:
+        raise ConnectionError("down")
+
+
+def test_an_outage_during_the_check_is_the_policys_to_decide(fake: FakeOpenAI) -> None:
+    content = jsonl(chat_line(1, "hello"))
+    with make_client(fake, store=StandingUnknown()) as closed, pytest.raises(StoreError):
+        closed.for_customer("acme").files.create(file=("a.jsonl", content), purpose="batch")
+    with make_client(fake, store=StandingUnknown(), policy=DefaultPolicy(fail_open=True)) as open_:
+        open_.for_customer("acme").files.create(file=("a.jsonl", content), purpose="batch")
+    assert len(fake.files) == 1
+
+
+def test_an_identifier_the_caller_set_on_a_line_is_traced_to_the_customer(
+    acme: SafeClient, fake: FakeOpenAI
+) -> None:
+    line = chat_line(1, "hello", safety_identifier="app-chosen-id")
+    created = acme.files.create(file=("a.jsonl", jsonl(line)), purpose="batch")
+    assert uploaded(fake, created.id)[0]["body"]["safety_identifier"] == "app-chosen-id"
+    assert acme.store.customer_for_identifier("app-chosen-id") == "acme"
+
+
+def test_a_suspended_customers_batch_is_refused_and_recorded(
+    acme: SafeClient, fake: FakeOpenAI
+) -> None:
+    created = acme.files.create(file=("a.jsonl", jsonl(chat_line(1, "hi"))), purpose="batch")
+    acme.suspend("acme", reason="test")
+    with pytest.raises(CustomerSuspended):
+        acme.batches.create(
+            input_file_id=created.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+    assert fake.batches == {}
+    [record] = acme.store.usage_records(customer_id="acme")
+    assert (record.endpoint, record.outcome) == ("/batches", "denied")

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from safe_openai import BatchBlocked, DefaultPolicy, ModerationBlocked, SafeClient, _guard
+from safe_openai.stores._memory import MemoryStore
 from safe_openai.testing import FakeOpenAI
 
 from .conftest import make_client
@@ -136,3 +137,23 @@ def test_the_repeat_window_runs_from_the_strike(
                 ask(acme, [{"role": "user", "content": "I will kill him"}])
         struck = sorted(v.created_at for v in client.store.violations(customer_id="acme"))
     assert [(at - start).total_seconds() // 60 for at in struck] == [0, 18, 36, 54, 72, 90]
+
+
+def test_a_strike_the_store_could_not_take_is_tried_again(fake: FakeOpenAI) -> None:
+    """A repeat within the window is skipped only once its strike is stored."""
+
+    class FlakyViolations(MemoryStore):
+        failures = 1
+
+        def record_violation(self, violation: Any) -> None:
+            if self.failures:
+                self.failures -= 1
+                raise ConnectionError("down")
+            super().record_violation(violation)
+
+    with make_client(fake, store=FlakyViolations()) as client:
+        acme = client.for_customer("acme")
+        for _ in range(3):
+            with pytest.raises(ModerationBlocked):
+                ask(acme, [{"role": "user", "content": "I will kill him"}])
+        assert len(client.store.violations(customer_id="acme")) == 1

@@ -31,6 +31,7 @@ from ._extract import (
     Piece,
     extract,
     is_unguarded_content_path,
+    normalize_path,
 )
 from ._extract import resolve_endpoint as endpoint_spec
 from ._guard import (
@@ -44,19 +45,20 @@ from ._guard import (
     _worst_case,
     apply_decision,
     blocking_alone,
+    check_standing,
     is_strike,
+    reserve,
     strike,
+    tag,
 )
-from ._identity import current_customer, safety_identifier
+from ._identity import current_customer
 from ._moderation import ModerationInput, VerdictCache, inputs_for
 from .errors import (
     BatchBlocked,
     BatchFileError,
     CustomerRequired,
-    CustomerSuspended,
     ModerationUnavailable,
     PolicyDenied,
-    QuotaExceeded,
     SafeOpenAIError,
     StoreError,
     UnguardedPathError,
@@ -88,6 +90,8 @@ UPLOAD_PATH = "/files"
 _DEMANDS_KEPT = 10_000
 
 _UPLOAD = EndpointSpec("files.batch", lambda body, out: None)
+_BATCH = EndpointSpec("batches", lambda body, out: None)
+BATCH_PATH = "/batches"
 #: Batch endpoints whose requests carry nothing to a model (passed as they are).
 NO_MODEL_CONTENT = frozenset({"/moderations"})
 
@@ -141,11 +145,8 @@ def _api_path(url: str) -> str:
     ``//v1/responses`` and ``/v1/./embeddings`` are all found), so no spelling skips the check."""
     if "://" in url:
         url = urlsplit(url).path
-    url = url.split("?", 1)[0].split("#", 1)[0].strip()
-    path = posixpath.normpath("/" + url.lstrip("/"))
-    if path == "/v1" or path.startswith("/v1/"):
-        path = path[3:] or "/"
-    return path
+    url = url.split("#", 1)[0].strip()
+    return normalize_path(posixpath.normpath("/" + url.lstrip("/")))
 
 
 def _serialize(lines: Sequence[_Line]) -> bytes:
@@ -168,20 +169,8 @@ def check_upload(state: GuardState, *, bound_customer: str | None, content: byte
     customer_id = bound_customer or current_customer()
     if customer_id is None and policy.require_customer:
         raise CustomerRequired(UPLOAD_PATH)
-    upload = Call(
-        spec=_UPLOAD,
-        endpoint=UPLOAD_PATH,
-        customer_id=customer_id,
-        model=None,
-        body={},
-        created_at=datetime.now(timezone.utc),
-        started=time.perf_counter(),
-    )
-    if customer_id is not None:
-        suspension = yield StoreCall("suspension", (customer_id,), {"now": upload.created_at})
-        if suspension is not None:
-            yield from _refuse(state, upload, "denied")
-            raise CustomerSuspended(customer_id, until=suspension.until, reason=suspension.reason)
+    upload = _call(_UPLOAD, UPLOAD_PATH, customer_id)
+    yield from check_standing(state, upload)
 
     demand = QuotaDemand(tokens=0, cost_usd=0.0)
     roles = frozenset(policy.moderate_roles)
@@ -223,26 +212,30 @@ def check_upload(state: GuardState, *, bound_customer: str | None, content: byte
         worst = _worst_case(state, one)
         demand = QuotaDemand(demand.tokens + worst.tokens, demand.cost_usd + worst.cost_usd)
 
-    if customer_id is not None:
-        yield from _admit(state, upload, customer_id, demand)
+    yield from _admit(state, upload, demand)
     found = yield from _moderate(state, upload, lines)
     if found is not None:
         yield from _judge(state, upload, lines, found)
 
     if customer_id is not None:
-        identifier = safety_identifier(state.secret, customer_id)
         for line in lines:
-            field_name = line.spec.identity_field if line.spec else None
-            if field_name is not None and line.body.get(field_name) in (None, ""):
-                line.body[field_name] = identifier
-        if (identifier, customer_id) not in state.known_identifiers:
-            try:
-                yield StoreCall("remember_identifier", (identifier, customer_id))
-                state.known_identifiers.add((identifier, customer_id))
-            except StoreError:
-                log.warning("safe_openai.store_unavailable", check="identifier")
+            if line.spec is not None:
+                yield from tag(state, line.spec, line.body, customer_id)
     log.info("safe_openai.batch_file_checked", customer_id=customer_id, requests=len(lines))
     return Upload(_serialize(lines), customer_id, demand)
+
+
+def _call(spec: EndpointSpec, endpoint: str, customer_id: str | None) -> Call:
+    """The call a batch step is recorded as when it is refused."""
+    return Call(
+        spec=spec,
+        endpoint=endpoint,
+        customer_id=customer_id,
+        model=None,
+        body={},
+        created_at=datetime.now(timezone.utc),
+        started=time.perf_counter(),
+    )
 
 
 def _request(customer_id: str | None, line: _Line) -> GuardedRequest:
@@ -259,21 +252,12 @@ def _on_line(line: _Line, decision: Decision) -> Decision:
     return replace(decision, reason=f"line {line.number}: {decision.reason}")
 
 
-def _admit(state: GuardState, upload: Call, customer_id: str, demand: QuotaDemand) -> Flow[None]:
+def _admit(state: GuardState, call: Call, demand: QuotaDemand) -> Flow[None]:
     """A batch is admitted when its worst case fits the customer's quota now; its usage counts
     when it is recorded, so the reservation is released at once."""
-    quota = state.policy.quota_for(customer_id)
-    if quota is None or quota.is_unlimited:
-        return
-    reservation = yield StoreCall(
-        "reserve", (customer_id, quota, demand), {"now": upload.created_at}
-    )
-    if not reservation.admitted:
-        yield from _refuse(state, upload, "denied")
-        raise QuotaExceeded(
-            customer_id, limit=reservation.limit or "quota", retry_after=reservation.retry_after
-        )
-    yield StoreCall("release", (reservation,))
+    reservation = yield from reserve(state, call, lambda: demand)
+    if reservation is not None:
+        yield StoreCall("release", (reservation,))
 
 
 def _moderate(
@@ -412,23 +396,13 @@ def check_batch(state: GuardState, body: Mapping[str, Any]) -> Flow[str | None]:
         )
     if customer_id == "":
         return None  # checked, anonymously
-    now = datetime.now(timezone.utc)
-    suspension = yield StoreCall("suspension", (customer_id,), {"now": now})
-    if suspension is not None:
-        raise CustomerSuspended(customer_id, until=suspension.until, reason=suspension.reason)
+    call = _call(_BATCH, BATCH_PATH, str(customer_id))
+    yield from check_standing(state, call)
     # Another process may have checked the file: its worst case is then unknown here, and the
     # check is that the customer is not over quota already.
-    demand = state.batch_demands.get(str(file_id), QuotaDemand(tokens=0, cost_usd=0.0))
-    quota = state.policy.quota_for(customer_id)
-    if quota is not None and not quota.is_unlimited:
-        reservation = yield StoreCall("reserve", (customer_id, quota, demand), {"now": now})
-        if not reservation.admitted:
-            raise QuotaExceeded(
-                customer_id,
-                limit=reservation.limit or "quota",
-                retry_after=reservation.retry_after,
-            )
-        yield StoreCall("release", (reservation,))
+    yield from _admit(
+        state, call, state.batch_demands.get(str(file_id), QuotaDemand(tokens=0, cost_usd=0.0))
+    )
     return str(customer_id)
 
 

@@ -57,10 +57,13 @@ __all__ = [
     "StoreCall",
     "adrive",
     "begin",
+    "check_standing",
     "drive",
     "finish",
     "on_store",
+    "reserve",
     "suspend",
+    "tag",
     "unsuspend",
 ]
 
@@ -161,17 +164,23 @@ class RecentBlocks:
     def repeat(
         self, customer_id: str, keys: Iterable[bytes], now: datetime, window: timedelta
     ) -> bool:
-        """Note a block of ``keys`` now; whether the same block happened within ``window``."""
-        fingerprint = (customer_id, hashlib.sha256(b"".join(sorted(keys))).digest())
+        """Whether a block of ``keys`` repeats one struck within ``window`` before ``now``."""
         with self._lock:
-            last = self._seen.get(fingerprint)
-            if last is not None and now - last < window:
-                return True  # the window runs from the strike, not from each repeat
+            last = self._seen.get(self._fingerprint(customer_id, keys))
+        return last is not None and now - last < window
+
+    def struck(self, customer_id: str, keys: Iterable[bytes], now: datetime) -> None:
+        """Note that a block of ``keys`` was struck at ``now`` (the window runs from here)."""
+        fingerprint = self._fingerprint(customer_id, keys)
+        with self._lock:
             self._seen.pop(fingerprint, None)
             self._seen[fingerprint] = now
             while len(self._seen) > self._maxsize:
                 self._seen.popitem(last=False)
-        return False
+
+    @staticmethod
+    def _fingerprint(customer_id: str, keys: Iterable[bytes]) -> tuple[str, bytes]:
+        return customer_id, hashlib.sha256(b"".join(sorted(keys))).digest()
 
 
 @dataclass(slots=True)
@@ -241,18 +250,7 @@ def begin(
         started=time.perf_counter(),
     )
 
-    if customer_id is not None:
-        try:
-            suspension = yield StoreCall("suspension", (customer_id,), {"now": call.created_at})
-        except StoreError:
-            if not policy.fail_open:
-                raise
-            log.warning("safe_openai.store_unavailable", customer_id=customer_id, check="standing")
-            suspension = None
-        if suspension is not None:
-            yield from _refuse(state, call, "denied")
-            log.info("safe_openai.request_refused", customer_id=customer_id, reason="suspended")
-            raise CustomerSuspended(customer_id, until=suspension.until, reason=suspension.reason)
+    yield from check_standing(state, call)
 
     request = GuardedRequest(customer_id, path, call.model, MappingProxyType(body))
     decision = policy.review_request(request)
@@ -282,30 +280,7 @@ def begin(
             kinds=extraction.unmoderatable,
         )
 
-    if customer_id is not None:
-        quota = policy.quota_for(customer_id)
-        if quota is not None and not quota.is_unlimited:
-            demand = _worst_case(state, call)
-            try:
-                reservation = yield StoreCall(
-                    "reserve", (customer_id, quota, demand), {"now": call.created_at}
-                )
-            except StoreError:
-                if not policy.fail_open:
-                    raise
-                log.warning("safe_openai.store_unavailable", customer_id=customer_id, check="quota")
-                reservation = None
-            if reservation is not None and not reservation.admitted:
-                yield from _refuse(state, call, "denied")
-                log.info(
-                    "safe_openai.quota_exceeded", customer_id=customer_id, limit=reservation.limit
-                )
-                raise QuotaExceeded(
-                    customer_id,
-                    limit=reservation.limit or "quota",
-                    retry_after=reservation.retry_after,
-                )
-            call.reservation = reservation
+    call.reservation = yield from reserve(state, call, lambda: _worst_case(state, call))
 
     try:
         yield from _moderate(state, call, request, extraction.pieces)
@@ -315,20 +290,7 @@ def begin(
         raise
 
     if customer_id is not None:
-        identifier = safety_identifier(state.secret, customer_id)
-        field_name = spec.identity_field
-        if field_name is not None:
-            given = body.get(field_name)
-            if given is None or given == "":
-                body[field_name] = identifier
-            elif isinstance(given, str):
-                identifier = given
-        if (identifier, customer_id) not in state.known_identifiers:
-            try:
-                yield StoreCall("remember_identifier", (identifier, customer_id))
-                state.known_identifiers.add((identifier, customer_id))
-            except StoreError:
-                log.warning("safe_openai.store_unavailable", check="identifier")
+        yield from tag(state, spec, body, customer_id)
 
     if spec.name == "chat.completions" and body.get("stream") is True:
         options = body.get("stream_options")
@@ -344,6 +306,77 @@ def begin(
         model=call.model,
     )
     return call
+
+
+def check_standing(state: GuardState, call: Call) -> Flow[None]:
+    """Refuse a suspended customer's call (recorded as ``denied``); an unreachable store is
+    the policy's to decide (``fail_open``)."""
+    customer_id = call.customer_id
+    if customer_id is None:
+        return
+    try:
+        suspension = yield StoreCall("suspension", (customer_id,), {"now": call.created_at})
+    except StoreError:
+        if not state.policy.fail_open:
+            raise
+        log.warning("safe_openai.store_unavailable", customer_id=customer_id, check="standing")
+        return
+    if suspension is not None:
+        yield from _refuse(state, call, "denied")
+        log.info("safe_openai.request_refused", customer_id=customer_id, reason="suspended")
+        raise CustomerSuspended(customer_id, until=suspension.until, reason=suspension.reason)
+
+
+def reserve(
+    state: GuardState, call: Call, demand: Callable[[], QuotaDemand]
+) -> Flow[Reservation | None]:
+    """Reserve ``demand()`` against the customer's quota; ``None`` when there is no quota (or
+    the store is unreachable and the policy fails open). A refusal is recorded as ``denied``.
+
+    Raises:
+        QuotaExceeded: the quota has no room for the demand.
+    """
+    customer_id = call.customer_id
+    quota = state.policy.quota_for(customer_id) if customer_id is not None else None
+    if customer_id is None or quota is None or quota.is_unlimited:
+        return None
+    try:
+        reservation: Reservation = yield StoreCall(
+            "reserve", (customer_id, quota, demand()), {"now": call.created_at}
+        )
+    except StoreError:
+        if not state.policy.fail_open:
+            raise
+        log.warning("safe_openai.store_unavailable", customer_id=customer_id, check="quota")
+        return None
+    if not reservation.admitted:
+        yield from _refuse(state, call, "denied")
+        log.info("safe_openai.quota_exceeded", customer_id=customer_id, limit=reservation.limit)
+        raise QuotaExceeded(
+            customer_id, limit=reservation.limit or "quota", retry_after=reservation.retry_after
+        )
+    return reservation
+
+
+def tag(
+    state: GuardState, spec: EndpointSpec, body: dict[str, Any], customer_id: str
+) -> Flow[None]:
+    """Put the customer's identifier in ``body`` (a value the caller set is kept) and remember
+    which customer the identifier sent stands for, for safety webhooks."""
+    identifier = safety_identifier(state.secret, customer_id)
+    field_name = spec.identity_field
+    if field_name is not None:
+        given = body.get(field_name)
+        if given is None or given == "":
+            body[field_name] = identifier
+        elif isinstance(given, str):
+            identifier = given
+    if (identifier, customer_id) not in state.known_identifiers:
+        try:
+            yield StoreCall("remember_identifier", (identifier, customer_id))
+            state.known_identifiers.add((identifier, customer_id))
+        except StoreError:
+            log.warning("safe_openai.store_unavailable", check="identifier")
 
 
 def _moderate(
@@ -460,6 +493,7 @@ def is_strike(
 def strike(state: GuardState, violation: Violation, keys: Iterable[bytes]) -> Flow[None]:
     """Record a moderation block's violation, unless the same content was just blocked for the
     same customer (a retry). The block stands whatever happens here."""
+    keys = list(keys)
     window = state.policy.repeat_strike_window
     if state.recent_blocks.repeat(violation.customer_id, keys, violation.created_at, window):
         log.info("safe_openai.repeat_block", customer_id=violation.customer_id)
@@ -467,8 +501,10 @@ def strike(state: GuardState, violation: Violation, keys: Iterable[bytes]) -> Fl
     try:
         yield from record_violation(state, violation)
     except StoreError:
-        # The strike is what gets lost, and it is logged.
+        # Logged, and not noted as struck: the next block of the same content tries again.
         log.error("safe_openai.violation_not_recorded", customer_id=violation.customer_id)
+        return
+    state.recent_blocks.struck(violation.customer_id, keys, violation.created_at)
 
 
 def record_violation(state: GuardState, violation: Violation) -> Flow[bool]:
