@@ -515,11 +515,6 @@ class SafeClient(_Guarded, openai.OpenAI):
         return self.files.content(file_id).read() if file_id else b""
 
     @override
-    def _prepare_options(self, options: FinalRequestOptions) -> FinalRequestOptions:
-        refuse_websocket(self._safe, options.url)
-        return super()._prepare_options(options)
-
-    @override
     def _refresh_api_key(self) -> str:
         refuse_foreign_credentials(self._safe, sys._getframe(1))
         return super()._refresh_api_key()
@@ -717,11 +712,6 @@ class AsyncSafeClient(_Guarded, openai.AsyncOpenAI):
 
     async def _file_bytes(self, file_id: str | None) -> bytes:
         return (await self.files.content(file_id)).read() if file_id else b""
-
-    @override
-    async def _prepare_options(self, options: FinalRequestOptions) -> FinalRequestOptions:
-        refuse_websocket(self._safe, options.url)
-        return await super()._prepare_options(options)
 
     @override
     async def _refresh_api_key(self) -> str:
@@ -924,11 +914,12 @@ def _run_local(state: GuardState, command: Command) -> None:
 
 def refuse_websocket(state: GuardState, url: str) -> None:
     """Refuse to open a WebSocket the guard does not watch (Realtime, Live, or a Responses
-    connection built around the client's own ``responses``) unless the policy allows it: a
-    drop-in must not open an unguarded socket silently. Every WebSocket the SDK opens prepares
-    its options here first; the guarded Responses connections say so while they open.
+    connection built around the SDK's own ``Responses`` class) unless the policy allows it: a
+    drop-in must not open an unguarded socket silently. Every WebSocket the SDK opens builds
+    its query first (:meth:`_Guarded._websocket_query_params`); the guarded Responses
+    connections say so while they open.
     """
-    if not url.startswith(("ws://", "wss://")) or opening_guarded_socket():
+    if opening_guarded_socket():
         return
     endpoint = "wss:" + normalize_path(url)
     if not state.policy.allow_unguarded(endpoint):
