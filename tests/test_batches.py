@@ -221,6 +221,7 @@ def test_a_finished_batch_records_its_usage_once_per_request(
     assert sorted(r.record_id for r in stored) == sorted(r.record_id for r in records)
     ok = [r for r in records if r.outcome == "ok"]
     assert [r.outcome for r in records] == ["ok", "ok", "error"]
+    assert {r.endpoint for r in records} == {"batch:/chat/completions"}  # failed ones too
     output = [
         json.loads(line)
         for line in fake.files[fake.batches[batch.id]["output_file_id"]]["content"].splitlines()

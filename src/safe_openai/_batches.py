@@ -410,6 +410,7 @@ def batch_records(
     state: GuardState,
     *,
     batch_id: str,
+    endpoint: str,
     customer_id: str,
     output: bytes,
     errors: bytes,
@@ -435,7 +436,7 @@ def batch_records(
         records.append(
             UsageRecord(
                 customer_id=customer_id,
-                endpoint=f"batch:{_endpoint_of(body)}",
+                endpoint=f"batch:{_api_path(endpoint)}",
                 model=model,
                 outcome="ok" if ok else "error",
                 tokens=tokens,
@@ -455,16 +456,6 @@ def _object(value: object) -> dict[str, Any]:
 
 def _text(value: object) -> str | None:
     return value if isinstance(value, str) else None
-
-
-def _endpoint_of(body: Mapping[str, Any]) -> str:
-    kind = body.get("object")
-    return {
-        "chat.completion": "/chat/completions",
-        "response": "/responses",
-        "text_completion": "/completions",
-        "list": "/embeddings",
-    }.get(kind if isinstance(kind, str) else "", "/unknown")
 
 
 def record_batch(state: GuardState, records: Sequence[UsageRecord]) -> Flow[None]:

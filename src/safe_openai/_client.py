@@ -503,6 +503,7 @@ class SafeClient(_Guarded, openai.OpenAI):
         records = batch_records(
             self._safe,
             batch_id=found.id,
+            endpoint=found.endpoint,
             customer_id=_batch_customer(found, customer),
             output=self._file_bytes(found.output_file_id),
             errors=self._file_bytes(found.error_file_id),
@@ -702,6 +703,7 @@ class AsyncSafeClient(_Guarded, openai.AsyncOpenAI):
         records = batch_records(
             self._safe,
             batch_id=found.id,
+            endpoint=found.endpoint,
             customer_id=_batch_customer(found, customer),
             output=await self._file_bytes(found.output_file_id),
             errors=await self._file_bytes(found.error_file_id),
