@@ -8,8 +8,9 @@ connection opens, the manager's ``send`` queue. Both doors are guarded here; eve
 are the flows of :mod:`safe_openai._sockets`.
 
 The SDK builds its managers and connections inside methods whose state is name-mangled, so they
-cannot be subclassed the usual way. The guarded classes are subclasses that add no state of their
-own, and the SDK's objects are switched to them right after they are built (:func:`_adopt`).
+cannot be subclassed the usual way. The guarded classes are subclasses that change no layout
+(their few attributes live in the instance dict), and the SDK's objects are switched to them
+right after they are built (:func:`_adopt`).
 """
 
 from __future__ import annotations
