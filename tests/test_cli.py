@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -188,3 +189,203 @@ def test_demo_runs_offline_as_a_module_and_prints_the_report(tmp_path: Path) -> 
     store = store_from_url(f"sqlite:///{tmp_path}/safe_openai_demo.db")
     rows = {r.customer: r for r in store.usage_report()}
     assert rows["acme"].requests == 2 and rows["initech"].blocked == 2 and rows["initech"].suspended
+
+
+def cli(*argv: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """``python -m safe_openai ARGV`` in a real subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "safe_openai", *argv],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_a_bare_command_shows_help_and_version_is_the_package_version() -> None:
+    """``safe-openai`` alone prints the commands (status 2); ``--version`` the package version."""
+    from importlib.metadata import version
+
+    bare = cli()
+    assert bare.returncode == 2
+    assert "report" in bare.stdout and "violations" in bare.stdout and "demo" in bare.stdout
+    shown = cli("--version")
+    assert shown.returncode == 0 and shown.stdout.strip() == f"safe-openai {version('safe-openai')}"
+
+
+@pytest.mark.parametrize("command", ["report", "violations"])
+def test_read_only_commands_never_create_a_store(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A mistyped path is an error naming it, not a new empty file and an empty report."""
+    missing = tmp_path / "typo.db"
+    status, out, err = run(capsys, command, "--store", f"sqlite:///{missing}")
+    assert status == 2 and out == ""
+    assert err.strip() == f"safe-openai: No store at {missing}: check the --store path."
+    assert not missing.exists()
+
+
+@pytest.mark.parametrize("command", ["suspend", "unsuspend"])
+@pytest.mark.parametrize("customer", ["", "   ", "x" * 257])
+def test_suspend_refuses_a_customer_id_the_library_refuses(
+    command: str, customer: str, store_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main([command, customer, "--store", store_url])
+    assert exited.value.code == 2
+    assert "customer id must be" in capsys.readouterr().err
+    assert store_from_url(store_url).suspensions(now=datetime.now(timezone.utc)) == []
+
+
+@pytest.mark.parametrize("limit", ["0", "-3", "ten"])
+def test_violations_limit_must_be_a_positive_whole_number(
+    limit: str, store_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["violations", "--store", store_url, "--limit", limit])
+    assert exited.value.code == 2
+    assert "--limit" in capsys.readouterr().err
+
+
+def test_json_names_the_customer_alike_and_csv_booleans_are_lowercase(
+    store_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``customer`` in report and violations alike; CSV says true/false, not True/False."""
+    _, out, _ = run(capsys, "violations", "--store", store_url, "--format", "json")
+    violations = json.loads(out)
+    assert violations and all(
+        v["customer"] == "acme" and "customer_id" not in v for v in violations
+    )
+    _, out, _ = run(capsys, "violations", "--store", store_url, "--format", "csv")
+    assert next(csv.DictReader(io.StringIO(out)))["customer"] == "acme"
+    run(capsys, "suspend", "acme", "--store", store_url)
+    _, out, _ = run(capsys, "report", "--store", store_url, "--format", "csv")
+    suspended = {r["customer"]: r["suspended"] for r in csv.DictReader(io.StringIO(out))}
+    assert suspended == {
+        "acme": "true",
+        "a-customer-with-a-very-long-name-indeed": "false",
+        "old": "false",
+    }
+
+
+def test_the_table_names_its_columns_and_counts_denied_and_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"sqlite:///{tmp_path}/t.db"
+    store = store_from_url(url)
+    for i, outcome in enumerate(["ok", "denied", "denied", "error"]):
+        store.record_usage(
+            UsageRecord(
+                "acme",
+                "/chat/completions",
+                "gpt-4o-mini",
+                outcome,
+                TokenUsage(1, 0, 1, 7),  # type: ignore[arg-type]
+                None,
+                0.1,
+                NOW,
+                None,
+                f"t{i}",
+            )
+        )
+    store.close()
+    _, table, _ = run(capsys, "report", "--store", url)
+    header, _, row = table.splitlines()[:3]
+    assert header.split() == [
+        "customer",
+        "reqs",
+        "input",
+        "cached",
+        "output",
+        "reasoning",
+        "cost",
+        "$",
+        "blk",
+        "den",
+        "err",
+        "viol",
+        "susp",
+    ]
+    cells = dict(
+        zip(
+            [
+                "customer",
+                "reqs",
+                "input",
+                "cached",
+                "output",
+                "reasoning",
+                "cost",
+                "blk",
+                "den",
+                "err",
+                "viol",
+            ],
+            row.split(),
+            strict=True,
+        )
+    )
+    assert (cells["reqs"], cells["den"], cells["err"], cells["reasoning"]) == ("2", "2", "1", "28")
+    assert "den: denied" in table and "reasoning: tokens" in table.replace("\n", " ")
+    assert max(len(line) for line in table.splitlines()) <= 80
+
+
+def test_demo_refuses_a_store_with_other_customers_unless_forced(
+    store_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, out, err = run(capsys, "demo", "--store", store_url)
+    assert status == 2 and "besides the demo's" in err and "--force" in err
+    assert {r.customer for r in store_from_url(store_url).usage_report()} == {
+        "acme",
+        "a-customer-with-a-very-long-name-indeed",
+        "old",
+    }
+    status, out, _ = run(capsys, "demo", "--store", store_url, "--force")
+    assert status == 0 and "Usage report" in out
+
+
+def test_a_closed_pipe_exits_quietly(store_url: str, tmp_path: Path) -> None:
+    """``safe-openai violations ... | head -1``: no BrokenPipeError traceback on stderr."""
+    store = store_from_url(store_url)
+    for i in range(3000):
+        store.record_violation(Violation(f"c{i}", NOW, "moderation", ("violence",), 0.9))
+    store.close()
+    reader = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.readline()"], stdin=subprocess.PIPE
+    )
+    assert reader.stdin is not None
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "safe_openai",
+            "violations",
+            "--store",
+            store_url,
+            "--limit",
+            "3000",
+            "--format",
+            "json",
+        ],
+        stdout=reader.stdin,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=120,
+    )
+    reader.stdin.close()
+    reader.wait(timeout=30)
+    assert result.returncode == 1
+    assert result.stderr == ""
+
+
+def test_an_unreachable_server_is_one_line_within_seconds(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The command line opens servers with short timeouts and says why in one line."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # nothing listens there once closed
+    pytest.importorskip("redis")
+    status, _, err = run(capsys, "report", "--store", f"redis://127.0.0.1:{port}/0")
+    assert status == 2
+    assert err.count("\n") == 1 and err.startswith("safe-openai: The Redis usage store failed")

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.metadata
 import io
 import json
 import logging
+import os
 import re
 import sys
+import textwrap
 from collections.abc import Sequence
 from dataclasses import asdict, fields
 from datetime import datetime, timedelta, timezone
@@ -17,6 +20,7 @@ from typing import Any
 import structlog
 
 from ._guard import drive, on_store, suspend, unsuspend
+from ._identity import validate_customer_id
 from .errors import ConfigurationError, SafeOpenAIError
 from .stores import CustomerReport, UsageStore, Violation, default_store_url, store_from_url
 
@@ -59,29 +63,50 @@ def _fit(text: str, width: int) -> str:
 
 
 def _count(value: int) -> str:
-    """A token count in at most 6 characters: 999999, 1.2M, 35.0M."""
+    """A count in at most 6 characters: 999999, 1.2M, 35.0M, 1.2G."""
     if value < 1_000_000:
         return str(value)
-    return f"{value / 1_000_000:.1f}M"
+    if value < 1_000_000_000:
+        return f"{value / 1_000_000:.1f}M"
+    return f"{value / 1_000_000_000:.1f}G"
+
+
+def _cost(value: float) -> str:
+    """A cost in USD in at most 8 characters: 0.002100, 12.5000, 123456.7."""
+    for places in (6, 4, 2, 1, 0):
+        text = f"{value:.{places}f}"
+        if len(text) <= 8:
+            return text
+    return f"{value:.2g}"
+
+
+#: What the report table's short column names stand for, printed under the table.
+REPORT_LEGEND = (
+    "reqs: calls that reached the model; input/cached/output/reasoning: tokens; "
+    "blk: blocked by moderation; den: denied (policy, quota, suspension); err: errors; "
+    "viol: violations; susp: suspended"
+)
 
 
 def format_report_table(rows: Sequence[CustomerReport]) -> str:
-    """The report as a table that fits an 80-column terminal."""
+    """The report as a table that fits an 80-column terminal, with a legend of its columns."""
     header = (
-        f"{'customer':<16} {'reqs':>6} {'input':>7} {'cached':>7} {'output':>7} "
-        f"{'reason':>7} {'cost $':>9} {'blk':>4} {'viol':>4} {'susp':>4}"
+        f"{'customer':<12} {'reqs':>5} {'input':>6} {'cached':>6} {'output':>6} "
+        f"{'reasoning':>9} {'cost $':>8} {'blk':>3} {'den':>3} {'err':>3} {'viol':>4} "
+        f"{'susp':>4}"
     )
     lines = [header, "-" * len(header)]
     for row in rows:
         lines.append(
-            f"{_fit(row.customer or '(anonymous)', 16):<16} {row.requests:>6} "
-            f"{_count(row.input_tokens):>7} {_count(row.cached_tokens):>7} "
-            f"{_count(row.output_tokens):>7} {_count(row.reasoning_tokens):>7} "
-            f"{row.cost_usd:>9.6f} {row.blocked:>4} {row.violations:>4} "
-            f"{'yes' if row.suspended else '':>4}"
+            f"{_fit(row.customer or '(anonymous)', 12):<12} {row.requests:>5} "
+            f"{_count(row.input_tokens):>6} {_count(row.cached_tokens):>6} "
+            f"{_count(row.output_tokens):>6} {_count(row.reasoning_tokens):>9} "
+            f"{_cost(row.cost_usd):>8} {row.blocked:>3} {row.denied:>3} {row.errors:>3} "
+            f"{row.violations:>4} {'yes' if row.suspended else '':>4}"
         )
     if not rows:
         lines.append("(no usage recorded)")
+    lines += ["", *textwrap.wrap(REPORT_LEGEND, width=len(header))]
     return "\n".join(lines)
 
 
@@ -100,11 +125,32 @@ def format_violations_table(rows: Sequence[Violation]) -> str:
     return "\n".join(lines)
 
 
+#: Columns of ``violations --format csv|json``; the customer is ``customer`` as in ``report``.
+VIOLATION_FIELDS = (
+    "created_at",
+    "customer",
+    "source",
+    "categories",
+    "top_score",
+    "endpoint",
+    "detail",
+)
+
+
 def _violation_dict(v: Violation) -> dict[str, Any]:
     data = asdict(v)
+    data["customer"] = data.pop("customer_id")
     data["created_at"] = v.created_at.isoformat()
     data["categories"] = list(v.categories)
-    return data
+    return {name: data[name] for name in VIOLATION_FIELDS}
+
+
+def _csv_cell(value: Any) -> Any:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return ";".join(value)
+    return value
 
 
 def _render(rows: list[dict[str, Any]], fields: Sequence[str], fmt: str) -> str:
@@ -114,22 +160,41 @@ def _render(rows: list[dict[str, Any]], fields: Sequence[str], fmt: str) -> str:
     writer = csv.DictWriter(buffer, fieldnames=list(fields), extrasaction="ignore")
     writer.writeheader()
     for row in rows:
-        writer.writerow({k: ";".join(v) if isinstance(v, list) else v for k, v in row.items()})
+        writer.writerow({k: _csv_cell(v) for k, v in row.items()})
     return buffer.getvalue().rstrip("\n")
 
 
-def _open_store(url: str | None) -> UsageStore:
+#: Connection limits for the command line, by scheme: a server that does not answer is an
+#: error within seconds, not a hang.
+_CLI_TIMEOUTS: dict[str, dict[str, Any]] = {
+    "redis": {"socket_connect_timeout": 3.0, "socket_timeout": 5.0},
+    "rediss": {"socket_connect_timeout": 3.0, "socket_timeout": 5.0},
+    "postgresql": {"timeout": 3.0, "connect_timeout": 3},
+    "postgres": {"timeout": 3.0, "connect_timeout": 3},
+}
+
+
+def _open_store(url: str | None, *, read_only: bool = False) -> UsageStore:
+    """Open the store the command works on.
+
+    Read-only commands never create a store: a SQLite file that does not exist is an error.
+    """
     url = url or default_store_url()
-    if url.startswith("memory://"):
+    scheme = url.partition("://")[0].lower()
+    if scheme == "memory":
         raise ConfigurationError(
             "No persistent store: pass --store URL (e.g. sqlite:///usage.db) or set "
             "SAFE_OPENAI_STORE_URL."
         )
-    return store_from_url(url)
+    if read_only and scheme == "sqlite":
+        path = url.partition("://")[2][1:]
+        if path and path != ":memory:" and not os.path.exists(path):
+            raise ConfigurationError(f"No store at {path}: check the --store path.")
+    return store_from_url(url, **_CLI_TIMEOUTS.get(scheme, {}))
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    store = _open_store(args.store)
+    store = _open_store(args.store, read_only=True)
     try:
         rows = store.usage_report(since=args.since, customer_id=args.customer)
     finally:
@@ -142,7 +207,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_violations(args: argparse.Namespace) -> int:
-    store = _open_store(args.store)
+    store = _open_store(args.store, read_only=True)
     try:
         rows = store.violations(customer_id=args.customer, since=args.since, limit=args.limit)
     finally:
@@ -150,8 +215,7 @@ def _cmd_violations(args: argparse.Namespace) -> int:
     if args.format == "table":
         print(format_violations_table(rows))
     else:
-        fields = ("created_at", "customer_id", "source", "categories", "top_score", "endpoint")
-        print(_render([_violation_dict(v) for v in rows], (*fields, "detail"), args.format))
+        print(_render([_violation_dict(v) for v in rows], VIOLATION_FIELDS, args.format))
     return 0
 
 
@@ -184,7 +248,32 @@ def _cmd_unsuspend(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ._demo import run_demo
 
-    return run_demo(store_url=args.store)
+    return run_demo(store_url=args.store, force=args.force)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, not {text!r}")
+    return value
+
+
+def _customer_id(text: str) -> str:
+    """A customer id the library accepts (the same check as ``for_customer``)."""
+    try:
+        return validate_customer_id(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("safe-openai")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - run from a source tree
+        return "unknown"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -193,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="safe-openai",
         description="Per-customer usage, violations and suspensions of a safe-openai store.",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def add_store(p: argparse.ArgumentParser) -> None:
         p.add_argument(
@@ -211,24 +301,29 @@ def build_parser() -> argparse.ArgumentParser:
     add_store(violations)
     violations.add_argument("--since", type=parse_since)
     violations.add_argument("--customer")
-    violations.add_argument("--limit", type=int, default=100)
+    violations.add_argument("--limit", type=_positive_int, default=100, help="at most N rows")
     violations.add_argument("--format", choices=("table", "json", "csv"), default="table")
     violations.set_defaults(handler=_cmd_violations)
 
     suspend = sub.add_parser("suspend", help="suspend a customer")
     add_store(suspend)
-    suspend.add_argument("customer")
+    suspend.add_argument("customer", type=_customer_id)
     suspend.add_argument("--reason", default="suspended from the command line")
     suspend.add_argument("--for", dest="duration", type=parse_duration, help="e.g. 24h")
     suspend.set_defaults(handler=_cmd_suspend)
 
     unsuspend = sub.add_parser("unsuspend", help="lift a customer's suspension")
     add_store(unsuspend)
-    unsuspend.add_argument("customer")
+    unsuspend.add_argument("customer", type=_customer_id)
     unsuspend.set_defaults(handler=_cmd_unsuspend)
 
     demo = sub.add_parser("demo", help="an offline demo: no API key, no network")
     demo.add_argument("--store", help="default: sqlite:///safe_openai_demo.db (recreated)")
+    demo.add_argument(
+        "--force",
+        action="store_true",
+        help="run even when --store holds customers other than the demo's",
+    )
     demo.set_defaults(handler=_cmd_demo)
     return parser
 
@@ -241,10 +336,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
     )
-    args = build_parser().parse_args(argv)
+    # Drivers log their own connection retries (psycopg's pool, with tracebacks); the one-line
+    # error below says the same.
+    logging.getLogger("psycopg").setLevel(logging.CRITICAL)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
     try:
         status: int = args.handler(args)
+        sys.stdout.flush()
     except SafeOpenAIError as exc:
         print(f"safe-openai: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (``| head``): say nothing, and let no flush at exit complain.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
     return status

@@ -10,7 +10,7 @@ from typing import Any
 
 from ._cli import format_report_table
 from ._client import SafeClient
-from .errors import ModerationBlocked, SafeOpenAIError
+from .errors import ConfigurationError, ModerationBlocked, SafeOpenAIError
 from .policy import DefaultPolicy, Quota
 from .testing import FakeOpenAI
 
@@ -18,6 +18,8 @@ __all__ = ["run_demo"]
 
 DEMO_DB = "safe_openai_demo.db"
 DEMO_SECRET = "demo-secret-not-for-production"
+#: The customers the demo makes calls for.
+DEMO_CUSTOMERS = frozenset({"acme", "globex", "initech"})
 
 
 def _sent(fake: FakeOpenAI, since: int) -> str:
@@ -35,13 +37,39 @@ def _sent(fake: FakeOpenAI, since: int) -> str:
     return " + ".join(parts) or "nothing"
 
 
-def run_demo(store_url: str | None = None) -> int:
-    """Run the demo, print what happens and the report. Returns the exit status."""
+def _refuse_foreign_store(store_url: str) -> None:
+    """Refuse to mix the demo's made-up calls into a store that holds real customers."""
+    from .stores import store_from_url
+
+    store = store_from_url(store_url)
+    try:
+        others = {row.customer for row in store.usage_report()} - DEMO_CUSTOMERS
+    finally:
+        store.close()
+    if others:
+        raise ConfigurationError(
+            f"The store holds {len(others)} customer(s) besides the demo's; the demo would mix "
+            "made-up calls into it. Use another --store, or --force."
+        )
+
+
+def run_demo(store_url: str | None = None, *, force: bool = False) -> int:
+    """Run the demo, print what happens and the report. Returns the exit status.
+
+    Args:
+        store_url: Where to record; by default a fresh ``safe_openai_demo.db`` here.
+        force: Write into ``store_url`` even when it holds customers other than the demo's.
+
+    Raises:
+        ConfigurationError: ``store_url`` holds other customers' data and ``force`` is not set.
+    """
     if store_url is None:
         path = Path(DEMO_DB).resolve()
         for suffix in ("", "-wal", "-shm"):
             Path(f"{path}{suffix}").unlink(missing_ok=True)
         store_url = f"sqlite:///{path}"
+    elif not force:
+        _refuse_foreign_store(store_url)
     fake = FakeOpenAI(reply="Happy to help with that.")
     policy = DefaultPolicy(strike_limit=2, quota=Quota(requests_per_minute=60))
     client = SafeClient(
