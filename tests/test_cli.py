@@ -389,3 +389,50 @@ def test_an_unreachable_server_is_one_line_within_seconds(
     status, _, err = run(capsys, "report", "--store", f"redis://127.0.0.1:{port}/0")
     assert status == 2
     assert err.count("\n") == 1 and err.startswith("safe-openai: The Redis usage store failed")
+
+
+def test_identify_and_whois_go_both_ways(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``identify`` prints what guarded calls send; ``whois`` maps it (or a request id) back."""
+    from safe_openai import SafeClient, identifier_for
+    from safe_openai.testing import FakeOpenAI
+
+    secret = "a-long-random-secret-for-the-identify-test"
+    monkeypatch.setenv("SAFE_OPENAI_IDENTIFIER_SECRET", secret)
+    url = f"sqlite:///{tmp_path}/ids.db"
+    fake = FakeOpenAI(reply="hi")
+    client = SafeClient(**fake.openai_kwargs(), store=url, identifier_secret=secret)
+    acme = client.for_customer("acme")
+    acme.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+    client.close()
+    sent = fake.requests[-1].json["safety_identifier"]
+    capsys.readouterr()
+
+    status, out, _ = run(capsys, "identify", "acme")
+    assert status == 0 and out.strip() == sent == identifier_for("acme") == acme.identifier_for()
+    assert client.identifier_for("globex") == identifier_for("globex", secret=secret)
+    status, out, _ = run(capsys, "whois", sent, "--store", url)
+    assert status == 0 and out.strip() == "acme"
+    status, out, err = run(capsys, "whois", "no-such-identifier", "--store", url)
+    assert status == 1 and out == "" and "no customer is known" in err
+
+
+def test_identify_without_a_secret_says_how_to_set_one(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("SAFE_OPENAI_IDENTIFIER_SECRET", raising=False)
+    status, out, err = run(capsys, "identify", "acme")
+    assert status == 2 and out == ""
+    assert "SAFE_OPENAI_IDENTIFIER_SECRET" in err
+
+
+def test_identifier_for_needs_a_customer_on_an_unbound_client() -> None:
+    from safe_openai import CustomerRequired, SafeClient
+    from safe_openai.testing import FakeOpenAI
+
+    client = SafeClient(**FakeOpenAI().openai_kwargs(), identifier_secret="s" * 32)
+    with pytest.raises(CustomerRequired):
+        client.identifier_for()
+    with pytest.raises(ValueError, match="customer id"):
+        client.identifier_for("")

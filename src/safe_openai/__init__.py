@@ -13,7 +13,7 @@ recorded per customer::
 from importlib.metadata import PackageNotFoundError, version
 
 from ._client import AsyncSafeClient, SafeClient
-from ._identity import customer
+from ._identity import customer, identifier_for
 from ._moderation import AsyncModerator, ModerationInput, Moderator
 from .errors import (
     BatchBlocked,
@@ -78,4 +78,5 @@ __all__ = [
     "WebhookVerificationError",
     "__version__",
     "customer",
+    "identifier_for",
 ]

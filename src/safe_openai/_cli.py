@@ -20,7 +20,7 @@ from typing import Any
 import structlog
 
 from ._guard import drive, on_store, suspend, unsuspend
-from ._identity import validate_customer_id
+from ._identity import identifier_for, validate_customer_id
 from .errors import ConfigurationError, SafeOpenAIError
 from .stores import CustomerReport, UsageStore, Violation, default_store_url, store_from_url
 
@@ -245,6 +245,26 @@ def _cmd_unsuspend(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_identify(args: argparse.Namespace) -> int:
+    print(identifier_for(args.customer))
+    return 0
+
+
+def _cmd_whois(args: argparse.Namespace) -> int:
+    store = _open_store(args.store, read_only=True)
+    try:
+        found = store.customer_for_identifier(args.identifier)
+        if found is None:
+            found = store.customer_for_request(args.identifier)
+    finally:
+        store.close()
+    if found is None:
+        print(f"safe-openai: no customer is known for {args.identifier!r}", file=sys.stderr)
+        return 1
+    print(found)
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ._demo import run_demo
 
@@ -316,6 +336,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_store(unsuspend)
     unsuspend.add_argument("customer", type=_customer_id)
     unsuspend.set_defaults(handler=_cmd_unsuspend)
+
+    identify = sub.add_parser(
+        "identify",
+        help="the safety_identifier sent for a customer (secret: SAFE_OPENAI_IDENTIFIER_SECRET)",
+    )
+    identify.add_argument("customer", type=_customer_id)
+    identify.set_defaults(handler=_cmd_identify)
+
+    whois = sub.add_parser(
+        "whois", help="the customer a safety_identifier (or an OpenAI request id) belongs to"
+    )
+    add_store(whois)
+    whois.add_argument("identifier")
+    whois.set_defaults(handler=_cmd_whois)
 
     demo = sub.add_parser("demo", help="an offline demo: no API key, no network")
     demo.add_argument("--store", help="default: sqlite:///safe_openai_demo.db (recreated)")

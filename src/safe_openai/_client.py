@@ -68,12 +68,13 @@ from ._guard import (
     suspend,
     unsuspend,
 )
-from ._identity import resolve_secret, validate_customer_id
+from ._identity import resolve_secret, safety_identifier, validate_customer_id
 from ._moderation import AsyncOpenAIModerator, ModerationInput, OpenAIModerator, VerdictCache
 from ._streams import TAP_KEY, UsageTap, guarded_stream_cls
 from .errors import (
     BatchFileError,
     ConfigurationError,
+    CustomerRequired,
     ModerationUnavailable,
     SafeOpenAIError,
     StoreError,
@@ -258,6 +259,18 @@ class _Guarded:
     def customer_id(self) -> str | None:
         """The customer this client is bound to, if any."""
         return self._safe_customer
+
+    def identifier_for(self, customer_id: str | None = None) -> str:
+        """The ``safety_identifier`` this client sends for ``customer_id`` (default: the bound
+        customer), under its identifier secret.
+
+        Raises:
+            CustomerRequired: No customer given and none bound.
+        """
+        customer_id = customer_id if customer_id is not None else self._safe_customer
+        if customer_id is None:
+            raise CustomerRequired("identifier_for")
+        return safety_identifier(self._safe.secret, validate_customer_id(customer_id))
 
     def for_customer(self, customer_id: str) -> Self:
         """A client bound to one end customer, sharing this client's connections and state."""

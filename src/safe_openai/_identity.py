@@ -13,7 +13,14 @@ from functools import lru_cache
 
 from .errors import ConfigurationError
 
-__all__ = ["SECRET_ENV", "current_customer", "customer", "resolve_secret", "safety_identifier"]
+__all__ = [
+    "SECRET_ENV",
+    "current_customer",
+    "customer",
+    "identifier_for",
+    "resolve_secret",
+    "safety_identifier",
+]
 
 SECRET_ENV = "SAFE_OPENAI_IDENTIFIER_SECRET"
 
@@ -79,3 +86,21 @@ def safety_identifier(secret: bytes, customer_id: str) -> str:
     """
     digest = hmac.new(secret, customer_id.encode(), hashlib.sha256).digest()
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+def identifier_for(customer_id: str, *, secret: str | bytes | None = None) -> str:
+    """The ``safety_identifier`` guarded calls send for ``customer_id``.
+
+    For support tickets and OpenAI safety cases: it is the value OpenAI sees and names in its
+    enforcement events. The way back (identifier to customer) is the store's
+    ``customer_for_identifier``, or ``safe-openai whois IDENTIFIER``.
+
+    Args:
+        customer_id: The end customer.
+        secret: The identifier secret; default ``SAFE_OPENAI_IDENTIFIER_SECRET``.
+
+    Raises:
+        ConfigurationError: No secret is configured.
+        ValueError: ``customer_id`` is not a usable customer id.
+    """
+    return safety_identifier(resolve_secret(secret), validate_customer_id(customer_id))
