@@ -1,6 +1,7 @@
 """Every POST path of the installed SDK is classified: guarded (moderated, tagged, metered),
-refused (content the guard cannot read), or known to carry no end-customer content to a model.
-A new SDK release that adds a path fails here until someone decides which it is."""
+refused (content the guard cannot read), or known to carry no end-customer content to a model
+(``safe_openai._extract.NO_MODEL_CONTENT``). A new SDK release that adds a path fails here until
+someone decides which it is; until then the guard refuses it (the unguarded-path rule)."""
 
 from __future__ import annotations
 
@@ -9,44 +10,12 @@ from pathlib import Path
 
 import openai
 
-from safe_openai._extract import is_unguarded_content_path, normalize_path, resolve_endpoint
-
-# Paths whose bodies carry no end-customer content to a model: administration, files and
-# uploads (their bytes are not read by a model until a guarded or refused call uses them),
-# developer-written definitions, metadata updates, cancellations.
-NO_MODEL_CONTENT_PREFIXES = (
-    "/organization/",
-    "/projects/",
-    "/files",
-    "/uploads",
-    "/vector_stores",
-    "/containers",
-    "/skills",
-    "/webhook_endpoints",
-    "/vaults",
-    "/batches",
-    "/fine_tuning/jobs",
-    "/audio/voice_consents",
-    "/agents/environments",
+from safe_openai._extract import (
+    carries_no_model_content,
+    is_unguarded_content_path,
+    normalize_path,
+    resolve_endpoint,
 )
-NO_MODEL_CONTENT = {
-    "/moderations",
-    "/assistants",
-    "/assistants/{}",
-    "/audio/voices",
-    "/content_provenance_checks",
-    "/responses/input_tokens",
-    "/fine_tuning/alpha/graders/validate",
-    "/agents",
-    "/agents/{}",
-    "/evals",
-    "/chat/completions/{}",
-    "/conversations/{}",
-    "/threads/{}",
-    "/threads/{}/messages/{}",
-    "/threads/{}/runs/{}",
-}
-ENDS_A_RUN = re.compile(r"/(cancel|pause|resume|archive)$")
 
 
 def sdk_post_paths() -> set[str]:
@@ -66,13 +35,9 @@ def classify(path: str) -> str:
         return "guarded"
     if is_unguarded_content_path(concrete):
         return "refused"
-    if (
-        path in NO_MODEL_CONTENT
-        or path.startswith(NO_MODEL_CONTENT_PREFIXES)
-        or ENDS_A_RUN.search(path)
-    ):
+    if carries_no_model_content(concrete):
         return "no model content"
-    return "UNCLASSIFIED"
+    return "UNCLASSIFIED"  # refused by the guard unless the policy allows it
 
 
 def test_sdk_has_post_paths_to_classify() -> None:

@@ -12,7 +12,7 @@ import asyncio
 import hashlib
 import inspect
 import json
-import posixpath
+import re
 import sys
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -49,7 +49,7 @@ from ._connections import (
     GuardedResponses,
     opening_guarded_socket,
 )
-from ._extract import body_from_content, is_guarded, normalize_path
+from ._extract import body_from_content, is_guarded, normalize_path, route_of
 from ._guard import (
     MODERATION_CONCURRENCY,
     Call,
@@ -100,6 +100,8 @@ log = structlog.get_logger("safe_openai")
 _active_tap: ContextVar[UsageTap | None] = ContextVar("safe_openai_tap", default=None)
 
 _STATE_KWARG = "_safe_state"
+# A relative path of plain segments: the URL the SDK builds from it is the base URL plus it.
+_PLAIN_PATH = re.compile(r"/?[A-Za-z0-9_-]+(?:/[A-Za-z0-9_-]+)*/?")
 _CUSTOMER_KWARG = "_safe_customer"
 
 
@@ -310,20 +312,18 @@ class _Guarded:
         return params
 
     def _api_path(self, url: str) -> str:
-        """The API path the SDK will really request for ``url``, relative to the base URL.
+        """The API route the SDK will really request for ``url``, relative to the base URL.
 
-        The SDK's own resources pass plain paths (``/chat/completions``); anything else
-        (``chat/completions``, ``/./chat/completions``, ``%2F``, an absolute URL) is resolved
-        the way the request will be, so no spelling of a path can skip the guard.
+        Classified from the URL the SDK builds (:meth:`_prepare_url`, as ``_build_request``
+        does): the fragment is not sent, percent-escapes, dot segments and repeated slashes
+        are folded (:func:`~safe_openai._extract.route_of`), so no spelling of a path can
+        skip the guard. The SDK's own plain paths (``/chat/completions``) take a short cut
+        with the same result.
         """
-        if url.startswith("/") and not any(mark in url for mark in ("/.", "//", "%", "\\")):
-            return normalize_path(url)
+        if _PLAIN_PATH.fullmatch(url):
+            return normalize_path("/" + url.lstrip("/"))
         client = cast("openai.OpenAI | openai.AsyncOpenAI", self)
-        path = posixpath.normpath(client._prepare_url(url).path)
-        base = posixpath.normpath(client.base_url.path).rstrip("/")
-        if base and (path == base or path.startswith(base + "/")):
-            path = path[len(base) :]
-        return normalize_path(path or "/")
+        return route_of(client._prepare_url(url).path, client.base_url.path)
 
     def _finish_flow(
         self, call: Call, outcome: Outcome, usage: TokenUsage | None, rid: str | None, chars: int

@@ -10,6 +10,7 @@ malformed requests; extraction only has to make sure nothing readable slips past
 from __future__ import annotations
 
 import json
+import posixpath
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -359,11 +360,56 @@ UNGUARDED_CONTENT_PATHS: tuple[str, ...] = (
     "/fine_tuning/alpha/graders/run",
 )
 
+#: POST paths whose bodies carry no end-customer content to a model: administration, files
+#: and uploads (their bytes reach a model only through a guarded or refused call that names
+#: them), developer-written definitions, metadata updates, cancellations. Every other POST
+#: path is either guarded or refused unless the policy allows it (:func:`is_guarded`).
+NO_MODEL_CONTENT_PREFIXES: tuple[str, ...] = (
+    "/organization",
+    "/projects",
+    "/files",
+    "/uploads",
+    "/vector_stores",
+    "/containers",
+    "/skills",
+    "/webhook_endpoints",
+    "/vaults",
+    "/batches",
+    "/fine_tuning/jobs",
+    "/audio/voice_consents",
+    "/agents/environments",
+)
+NO_MODEL_CONTENT: frozenset[str] = frozenset(
+    {
+        "/moderations",
+        "/assistants",
+        "/assistants/{}",
+        "/audio/voices",
+        "/content_provenance_checks",
+        "/responses/input_tokens",
+        "/fine_tuning/alpha/graders/validate",
+        "/agents",
+        "/agents/{}",
+        "/evals",
+        "/chat/completions/{}",
+        "/conversations/{}",
+        "/threads/{}",
+        "/threads/{}/messages/{}",
+        "/threads/{}/runs/{}",
+    }
+)
+#: ``.../cancel`` and the like end or pause a run; they send nothing to a model.
+_ENDS_A_RUN = re.compile(r"/(cancel|pause|resume|archive)$")
+
+
+def _template(path: str) -> re.Pattern[str]:
+    return re.compile("^" + re.escape(path).replace(r"\{\}", "[^/]+") + "$")
+
+
 _PATTERNS: list[tuple[re.Pattern[str], str]] = [
-    (re.compile("^" + re.escape(path).replace(r"\{\}", "[^/]+") + "$"), path)
-    for path in ENDPOINTS
-    if "{}" in path
+    (_template(path), path) for path in ENDPOINTS if "{}" in path
 ]
+_NO_MODEL_PATTERNS = [_template(path) for path in NO_MODEL_CONTENT if "{}" in path]
 
 
 def normalize_path(url: str) -> str:
@@ -376,8 +422,27 @@ def normalize_path(url: str) -> str:
     return path or "/"
 
 
+_SLASHES = re.compile(r"/{2,}")
+
+
+def route_of(path: str, base: str = "/") -> str:
+    """The API route a request reaches, spelled one way, relative to the base URL's path.
+
+    ``path`` is the decoded path of the URL that will be sent (fragment and query already
+    gone). Servers and proxies differ in what they fold together, so this folds everything any
+    of them might: backslashes as slashes, repeated slashes, dot segments, a trailing slash.
+    Classification (:func:`resolve_endpoint`, :func:`is_guarded`) also ignores case.
+    """
+    path = posixpath.normpath(_SLASHES.sub("/", "/" + path.replace("\\", "/")))
+    base = posixpath.normpath(_SLASHES.sub("/", "/" + base.replace("\\", "/"))).rstrip("/")
+    if base and (path.lower() == base.lower() or path.lower().startswith(base.lower() + "/")):
+        path = path[len(base) :]
+    return normalize_path(_SLASHES.sub("/", path or "/"))
+
+
 def resolve_endpoint(path: str) -> EndpointSpec | None:
-    """The spec of a guarded endpoint, or ``None`` for paths the guard lets through."""
+    """The spec of a guarded endpoint, or ``None`` for paths the guard does not moderate."""
+    path = path.lower()
     spec = ENDPOINTS.get(path)
     if spec is not None:
         return spec
@@ -389,15 +454,29 @@ def resolve_endpoint(path: str) -> EndpointSpec | None:
 
 def is_unguarded_content_path(path: str) -> bool:
     """Whether ``path`` sends content to a model through a route the guard does not cover."""
-    return any(path.startswith(prefix) for prefix in UNGUARDED_CONTENT_PATHS)
+    return path.lower().startswith(UNGUARDED_CONTENT_PATHS)
+
+
+def carries_no_model_content(path: str) -> bool:
+    """Whether a POST to ``path`` is known to send no end-customer content to a model."""
+    path = path.lower()
+    if is_unguarded_content_path(path):
+        return False
+    if path in NO_MODEL_CONTENT or _ENDS_A_RUN.search(path):
+        return True
+    if any(path == prefix or path.startswith(prefix + "/") for prefix in NO_MODEL_CONTENT_PREFIXES):
+        return True
+    return any(pattern.match(path) for pattern in _NO_MODEL_PATTERNS)
 
 
 def is_guarded(method: str, path: str) -> bool:
-    """Whether a request goes through the guard: a POST to a model endpoint, or to a content
-    path the guard refuses. Everything else (reads, deletes, uploads, admin) passes untouched.
+    """Whether a request goes through the guard: every POST except those known to carry no
+    content to a model. A guarded path without an :class:`EndpointSpec` (a content path the
+    guard cannot read, or one it does not know) is refused unless the policy allows it.
+    Reads, deletes and the known administrative posts pass untouched.
     """
     return method.lower() == "post" and (
-        resolve_endpoint(path) is not None or is_unguarded_content_path(path)
+        resolve_endpoint(path) is not None or not carries_no_model_content(path)
     )
 
 

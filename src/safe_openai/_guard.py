@@ -230,12 +230,18 @@ def begin(
     spec = spec or resolve_endpoint(path)
     policy = state.policy
     if spec is None:
-        if is_unguarded_content_path(path) and not policy.allow_unguarded(path):
+        # A content path the guard cannot read, or a POST path it does not know at all.
+        if policy.allow_unguarded(path):
+            return None
+        if is_unguarded_content_path(path):
             raise UnguardedPathError(
                 f"{path} sends content to a model on a path safe_openai cannot moderate yet; "
                 "allow it in the policy (Policy.allow_unguarded) if that is intended."
             )
-        return None
+        raise UnguardedPathError(
+            f"{path} is not a path safe_openai knows, so it cannot tell whether it reaches a "
+            "model; allow it in the policy (Policy.allow_unguarded) if that is intended."
+        )
     customer_id = bound_customer or current_customer()
     if customer_id is None and policy.require_customer:
         raise CustomerRequired(path)
