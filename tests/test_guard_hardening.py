@@ -4,24 +4,41 @@ the smaller ones (secrets, quotas, ids, URLs, thresholds, local refusals, fail-o
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import asyncio
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import openai
 import pytest
 
 from safe_openai import (
     AsyncSafeClient,
     DefaultPolicy,
     ModerationBlocked,
+    ModerationUnavailable,
+    Quota,
     SafeClient,
     UnguardedPathError,
 )
 from safe_openai._identity import safety_identifier
+from safe_openai._moderation import ModerationInput
+from safe_openai.policy import ModerationResult
+from safe_openai.stores._memory import AsyncMemoryStore
 from safe_openai.testing import FakeOpenAI
 
 from .conftest import SECRET, make_async_client, make_client
 
 BAD = "I will kill them all"
+CLEAN = ModerationResult(flagged=False, categories={"violence": False}, scores={"violence": 0.0})
+
+
+class FakeModerator:
+    """Clean verdicts for everything (sync or async client alike)."""
+
+    def moderate(self, inputs: Sequence[ModerationInput]) -> list[ModerationResult]:
+        return [CLEAN for _ in inputs]
+
+
 SID = safety_identifier(SECRET.encode(), "acme")
 
 BODIES: dict[str, dict[str, Any]] = {
@@ -93,9 +110,8 @@ def test_unknown_post_path_is_refused_unless_the_policy_allows_it(fake: FakeOpen
         def allow_unguarded(self, endpoint: str) -> bool:
             return endpoint == "/brand_new/thing"
 
-    with make_client(fake, policy=AllowNew()) as client, pytest.raises(Exception) as caught:
-        client.post("/brand_new/thing#", body={"input": "x"}, cast_to=object)
-    assert not isinstance(caught.value, UnguardedPathError)  # sent: the fake answers 404
+    with make_client(fake, policy=AllowNew()) as client, pytest.raises(openai.NotFoundError):
+        client.post("/brand_new/thing#", body={"input": "x"}, cast_to=object)  # sent
     assert [r.path for r in fake.requests] == ["/brand_new/thing"]
 
 
@@ -112,3 +128,247 @@ async def test_async_unknown_post_path_is_refused(
     with pytest.raises(UnguardedPathError):
         await aclient.post("/brand_new#", body={"input": BAD}, cast_to=object)
     assert fake.requests == []
+
+
+# --- defect 3: every exit from a guarded call releases its reservation ----------------------
+
+
+class Interrupt(BaseException):
+    """Stands for a gevent timeout or a KeyboardInterrupt."""
+
+
+class _Raising:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    def moderate(self, inputs: Sequence[ModerationInput]) -> list[ModerationResult]:
+        raise self.exc
+
+
+class _Hanging:
+    async def moderate(self, inputs: Sequence[ModerationInput]) -> list[ModerationResult]:
+        await asyncio.sleep(30)
+        raise AssertionError("not reached")
+
+
+ONE_A_MINUTE = DefaultPolicy(quota=Quota(requests_per_minute=1))
+
+
+def _hello() -> dict[str, Any]:
+    return {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello"}]}
+
+
+def test_base_exception_during_moderation_releases_the_reservation(fake: FakeOpenAI) -> None:
+    moderator = _Raising(Interrupt())
+    with make_client(fake, policy=ONE_A_MINUTE, moderator=moderator) as client:
+        acme = client.for_customer("acme")
+        with pytest.raises(Interrupt):
+            acme.chat.completions.create(**_hello())
+        client._safe.moderator = FakeModerator()
+        acme.chat.completions.create(**_hello())  # admitted: nothing was held
+    assert len(fake.model_requests) == 1
+
+
+async def test_cancelled_moderation_releases_the_reservation(fake: FakeOpenAI) -> None:
+    async with make_async_client(fake, policy=ONE_A_MINUTE, moderator=_Hanging()) as client:
+        acme = client.for_customer("acme")
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(acme.chat.completions.create(**_hello()), 0.05)
+        client._safe.moderator = FakeModerator()
+        await acme.chat.completions.create(**_hello())
+    assert len(fake.model_requests) == 1
+
+
+class _SlowReserve:
+    """An async store whose reserve answers late: the caller may be cancelled meanwhile."""
+
+    def __init__(self, store: Any) -> None:
+        self._store = store
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def reserve(self, *args: Any, **kwargs: Any) -> Any:
+        made = await self._store.reserve(*args, **kwargs)
+        await asyncio.sleep(0.1)
+        return made
+
+
+async def test_cancelled_reserve_round_trip_is_undone(fake: FakeOpenAI) -> None:
+    store = _SlowReserve(AsyncMemoryStore())
+    async with make_async_client(fake, policy=ONE_A_MINUTE, store=store) as client:
+        acme = client.for_customer("acme")
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(acme.chat.completions.create(**_hello()), 0.02)
+        await acme.chat.completions.create(**_hello())
+    assert len(fake.model_requests) == 1
+
+
+def test_a_call_the_sdk_refuses_locally_does_not_count(fake: FakeOpenAI) -> None:
+    """Defect 12: ``temperature=nan`` fails the SDK's JSON encoding before anything is built."""
+    with make_client(fake, policy=ONE_A_MINUTE) as client:
+        acme = client.for_customer("acme")
+        for _ in range(2):
+            with pytest.raises(ValueError, match="JSON"):
+                acme.chat.completions.create(**_hello(), temperature=float("nan"))
+        acme.chat.completions.create(**_hello())
+    assert len(fake.model_requests) == 1
+
+
+async def test_async_call_the_sdk_refuses_locally_does_not_count(fake: FakeOpenAI) -> None:
+    async with make_async_client(fake, policy=ONE_A_MINUTE) as client:
+        acme = client.for_customer("acme")
+        with pytest.raises(ValueError, match="JSON"):
+            await acme.chat.completions.create(**_hello(), temperature=float("nan"))
+        await acme.chat.completions.create(**_hello())
+    assert len(fake.model_requests) == 1
+
+
+# --- defect 5: an answer without categories is no clean answer ------------------------------
+
+FLAGGED_BARE = {"flagged": True, "categories": {}, "category_scores": {}}
+MALFORMED_ANSWERS = {
+    "flagged-only": {"results": [{"flagged": True}]},
+    "empty-result": {"results": [{}]},
+    "no-results": {},
+    "results-not-a-list": {"results": {"flagged": True}},
+    "too-few": {"results": []},
+    "flagged-not-bool": {"results": [{**FLAGGED_BARE, "flagged": "no"}]},
+    "score-not-number": {"results": [{**FLAGGED_BARE, "category_scores": {"violence": "0.1"}}]},
+    "score-nan": {"results": [{**FLAGGED_BARE, "category_scores": {"violence": float("nan")}}]},
+}
+
+
+def _answer_moderation_with(fake: FakeOpenAI, answer: object) -> None:
+    fake.fail("/moderations", 200, body=answer)
+
+
+@pytest.mark.parametrize("answer", list(MALFORMED_ANSWERS))
+def test_malformed_moderation_answers_fail_closed(fake: FakeOpenAI, answer: str) -> None:
+    _answer_moderation_with(fake, MALFORMED_ANSWERS[answer])
+    with make_client(fake) as client, pytest.raises(ModerationUnavailable) as caught:
+        client.for_customer("acme").chat.completions.create(**_hello())
+    assert caught.value.outage is False
+    assert fake.model_requests == []
+
+
+@pytest.mark.parametrize("answer", list(MALFORMED_ANSWERS))
+async def test_async_malformed_moderation_answers_fail_closed_even_when_failing_open(
+    fake: FakeOpenAI, answer: str
+) -> None:
+    """Under ``fail_open`` too: a malformed answer is no outage."""
+    _answer_moderation_with(fake, MALFORMED_ANSWERS[answer])
+    async with make_async_client(fake, policy=DefaultPolicy(fail_open=True)) as client:
+        with pytest.raises(ModerationUnavailable):
+            await client.for_customer("acme").chat.completions.create(**_hello())
+    assert fake.model_requests == []
+
+
+@pytest.mark.parametrize(
+    "result",
+    [
+        FLAGGED_BARE,
+        {**FLAGGED_BARE, "categories": {"violence": False, "sexual": False}},
+    ],
+    ids=["no-categories", "none-flagged"],
+)
+def test_flagged_without_a_category_blocks(fake: FakeOpenAI, result: dict[str, Any]) -> None:
+    _answer_moderation_with(fake, {"results": [result]})
+    with make_client(fake) as client, pytest.raises(ModerationBlocked) as caught:
+        client.for_customer("acme").chat.completions.create(**_hello())
+    assert caught.value.categories == ("flagged",)
+    assert fake.model_requests == []
+
+
+async def test_async_flagged_without_a_category_blocks(fake: FakeOpenAI) -> None:
+    _answer_moderation_with(fake, {"results": [FLAGGED_BARE]})
+    async with make_async_client(fake) as client:
+        with pytest.raises(ModerationBlocked):
+            await client.for_customer("acme").chat.completions.create(**_hello())
+    assert fake.model_requests == []
+
+
+class _Answering:
+    """A custom moderator that answers whatever it is told to."""
+
+    def __init__(self, answer: Callable[[int], object]) -> None:
+        self.answer = answer
+
+    def moderate(self, inputs: Sequence[ModerationInput]) -> object:
+        return self.answer(len(inputs))
+
+
+class _AsyncAnswering(_Answering):
+    async def moderate(self, inputs: Sequence[ModerationInput]) -> object:  # type: ignore[override]
+        return self.answer(len(inputs))
+
+
+CUSTOM_MALFORMED: dict[str, Callable[[int], object]] = {
+    "fewer": lambda n: [CLEAN] * (n - 1),
+    "dicts": lambda n: [{}] * n,
+    "none": lambda n: None,
+    "flagged-none": lambda n: [ModerationResult(None, {}, {})] * n,  # type: ignore[arg-type]
+    "scores-none": lambda n: [ModerationResult(False, {}, None)] * n,  # type: ignore[arg-type]
+}
+
+
+@pytest.mark.parametrize("answer", list(CUSTOM_MALFORMED))
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+async def test_custom_moderators_are_checked_like_the_endpoint(
+    fake: FakeOpenAI, answer: str, flavour: str
+) -> None:
+    messages = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    body = {"model": "gpt-4o-mini", "messages": messages}
+    if flavour == "sync":
+        moderator = _Answering(CUSTOM_MALFORMED[answer])
+        with make_client(fake, moderator=moderator) as client, pytest.raises(ModerationUnavailable):
+            client.for_customer("acme").chat.completions.create(**body)
+    else:
+        moderator = _AsyncAnswering(CUSTOM_MALFORMED[answer])
+        async with make_async_client(fake, moderator=moderator) as aclient:
+            with pytest.raises(ModerationUnavailable):
+                await aclient.for_customer("acme").chat.completions.create(**body)
+    assert fake.model_requests == []
+
+
+def test_custom_moderator_flagging_without_categories_blocks(fake: FakeOpenAI) -> None:
+    bare = ModerationResult(flagged=True, categories={}, scores={})
+    moderator = _Answering(lambda n: [bare] * n)
+    with make_client(fake, moderator=moderator) as client, pytest.raises(ModerationBlocked):
+        client.for_customer("acme").chat.completions.create(**_hello())
+    assert fake.model_requests == []
+
+
+def test_a_threshold_clears_a_flag_only_with_a_score_below_it(fake: FakeOpenAI) -> None:
+    policy = DefaultPolicy(thresholds={"violence": 0.9})
+    no_score = ModerationResult(flagged=True, categories={"violence": True}, scores={})
+    low = ModerationResult(True, {"violence": True}, {"violence": 0.5})
+    moderator = _Answering(lambda n: [no_score] * n)
+    with (
+        make_client(fake, policy=policy, moderator=moderator) as c,
+        pytest.raises(ModerationBlocked) as caught,
+    ):
+        c.for_customer("acme").chat.completions.create(**_hello())
+    assert caught.value.categories == ("violence",)
+    with make_client(fake, policy=policy, moderator=_Answering(lambda n: [low] * n)) as c:
+        c.for_customer("acme").chat.completions.create(**_hello())  # explicitly cleared
+    assert len(fake.model_requests) == 1
+
+
+def test_fail_open_does_not_send_past_a_moderation_400(fake: FakeOpenAI) -> None:
+    """Defect 12: a customer can provoke a 400 (an image URL the endpoint cannot fetch)."""
+    fake.fail("/moderations", 400)
+    with (
+        make_client(fake, policy=DefaultPolicy(fail_open=True)) as client,
+        pytest.raises(ModerationUnavailable) as caught,
+    ):
+        client.for_customer("acme").chat.completions.create(**_hello())
+    assert caught.value.outage is False
+    assert fake.model_requests == []
+
+
+async def test_fail_open_still_sends_through_an_outage(fake: FakeOpenAI) -> None:
+    fake.fail("/moderations", 503, times=10, headers={"retry-after-ms": "1"})
+    async with make_async_client(fake, policy=DefaultPolicy(fail_open=True)) as client:
+        await client.for_customer("acme").chat.completions.create(**_hello())
+    assert len(fake.model_requests) == 1

@@ -52,7 +52,7 @@ from ._guard import (
     tag,
 )
 from ._identity import current_customer
-from ._moderation import ModerationInput, VerdictCache, inputs_for
+from ._moderation import ModerationInput, VerdictCache, checked_results, inputs_for
 from .errors import (
     BatchBlocked,
     BatchFileError,
@@ -284,22 +284,21 @@ def _moderate(
     try:
         answers = yield ModerateMany(tuple(tuple(missing[key] for key in keys) for keys in calls))
         for keys, results in zip(calls, answers, strict=True):
-            if len(results) != len(keys):
-                raise ModerationUnavailable("The moderator returned the wrong number of results.")
-            for key, result in zip(keys, results, strict=True):
+            for key, result in zip(keys, checked_results(results, len(keys)), strict=True):
                 found[key] = result
                 state.cache.put(key, result)
     except SafeOpenAIError as exc:
         if not isinstance(exc, ModerationUnavailable):
             raise
-        action = "fail_open" if state.policy.fail_open else "fail_closed"
+        fail_open = state.policy.fail_open and exc.outage
+        action = "fail_open" if fail_open else "fail_closed"
         log.warning(
             "safe_openai.moderation_unavailable",
             customer_id=upload.customer_id,
             endpoint=UPLOAD_PATH,
             action=action,
         )
-        if state.policy.fail_open:
+        if fail_open:
             return None
         yield from _refuse(state, upload, "denied")
         raise

@@ -15,7 +15,7 @@ import json
 import re
 import sys
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -66,6 +66,7 @@ from ._guard import (
     drive,
     finish,
     suspend,
+    unsent,
     unsuspend,
 )
 from ._identity import resolve_secret, safety_identifier, validate_customer_id
@@ -96,8 +97,20 @@ __all__ = ["AsyncSafeClient", "SafeClient"]
 
 log = structlog.get_logger("safe_openai")
 
-# The tap of the streamed call being sent, picked up by _build_request (same thread or task).
-_active_tap: ContextVar[UsageTap | None] = ContextVar("safe_openai_tap", default=None)
+
+class _Sending:
+    """The guarded call the SDK is sending in this thread or task, as ``_build_request`` sees
+    it: the tap of a streamed call, and whether a request was built (and so may have been
+    sent) at all."""
+
+    __slots__ = ("built", "tap")
+
+    def __init__(self, tap: UsageTap | None) -> None:
+        self.tap = tap
+        self.built = False
+
+
+_sending: ContextVar[_Sending | None] = ContextVar("safe_openai_sending", default=None)
 
 _STATE_KWARG = "_safe_state"
 # A relative path of plain segments: the URL the SDK builds from it is the base URL plus it.
@@ -463,14 +476,18 @@ class SafeClient(_Guarded, openai.OpenAI):
                 ),
             )
             stream_cls = guarded_stream_cls(stream_cls, is_async=False)
-        token = _active_tap.set(tap)
+        sending = _Sending(tap)
+        token = _sending.set(sending)
         try:
             result = super().request(cast_to, options, stream=stream, stream_cls=stream_cls)
         except BaseException as exc:
-            self._finish(call, "error", None, getattr(exc, "request_id", None), 0)
+            if sending.built:
+                self._finish(call, "error", None, getattr(exc, "request_id", None), 0)
+            else:  # refused by the SDK before anything was built: nothing counts
+                self._unsent(call)
             raise
         finally:
-            _active_tap.reset(token)
+            _sending.reset(token)
         if tap is not None:
             _end_unread_stream(result, tap)
             return result
@@ -538,6 +555,12 @@ class SafeClient(_Guarded, openai.OpenAI):
         self, options: FinalRequestOptions, *, retries_taken: int = 0
     ) -> httpx2.Request:
         return _with_tap(super()._build_request(options, retries_taken=retries_taken))
+
+    def _unsent(self, call: Call) -> None:
+        try:
+            drive(unsent(call), self._execute)
+        except Exception:
+            log.warning("safe_openai.store_unavailable", check="release")
 
     def _finish(
         self, call: Call, outcome: Outcome, usage: TokenUsage | None, rid: str | None, chars: int
@@ -678,14 +701,18 @@ class AsyncSafeClient(_Guarded, openai.AsyncOpenAI):
 
             tap = UsageTap(hide_usage_chunk=call.hide_usage_chunk, async_finisher=finisher)
             stream_cls = guarded_stream_cls(stream_cls, is_async=True)
-        token = _active_tap.set(tap)
+        sending = _Sending(tap)
+        token = _sending.set(sending)
         try:
             result = await super().request(cast_to, options, stream=stream, stream_cls=stream_cls)
         except BaseException as exc:
-            await self._finish(call, "error", None, getattr(exc, "request_id", None), 0)
+            if sending.built:
+                await self._finish(call, "error", None, getattr(exc, "request_id", None), 0)
+            else:  # refused by the SDK before anything was built, or cancelled: nothing counts
+                await self._unsent(call)
             raise
         finally:
-            _active_tap.reset(token)
+            _sending.reset(token)
         if tap is not None:
             _end_unread_stream(result, tap)
             return result
@@ -739,6 +766,12 @@ class AsyncSafeClient(_Guarded, openai.AsyncOpenAI):
     ) -> httpx2.Request:
         return _with_tap(super()._build_request(options, retries_taken=retries_taken))
 
+    async def _unsent(self, call: Call) -> None:
+        try:
+            await adrive(unsent(call), self._execute)
+        except Exception:
+            log.warning("safe_openai.store_unavailable", check="release")
+
     async def _finish(
         self, call: Call, outcome: Outcome, usage: TokenUsage | None, rid: str | None, chars: int
     ) -> None:
@@ -751,7 +784,10 @@ class AsyncSafeClient(_Guarded, openai.AsyncOpenAI):
         state = self._safe
         if isinstance(command, StoreCall):
             try:
-                return await getattr(state.store, command.method)(*command.args, **command.kwargs)
+                pending = getattr(state.store, command.method)(*command.args, **command.kwargs)
+                if command.undo is None:
+                    return await pending
+                return await _settled(pending, getattr(state.store, command.undo))
             except SafeOpenAIError:
                 raise
             except Exception as exc:  # any driver error: a StoreError with the cause chained
@@ -773,6 +809,35 @@ class AsyncSafeClient(_Guarded, openai.AsyncOpenAI):
                 await state.spool.adrain(state.store)
             return _left_in_spool(state)
         return _run_local(state, command)
+
+
+async def _settled(pending: Awaitable[Any], undo: Callable[[Any], Awaitable[Any]]) -> Any:
+    """Await a store call that makes something (a reservation); if the caller is cancelled
+    meanwhile, let the call finish and ``undo`` what it made, then go on with the cancellation,
+    so a cancelled reservation is never left behind."""
+    task = asyncio.ensure_future(pending)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        made = await _outlast(task)
+        if made is not None and getattr(made, "admitted", True):
+            await _outlast(asyncio.ensure_future(undo(made)))
+        raise
+
+
+async def _outlast(task: asyncio.Future[Any]) -> Any:
+    """The result of ``task``, waiting it out through further cancellations (``None`` if it
+    failed); those cancellations are delivered by the caller's re-raise."""
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            continue
+        except Exception:
+            return None
+    if task.cancelled() or task.exception() is not None:
+        return None
+    return task.result()
 
 
 def _batch_step(options: FinalRequestOptions, path: str) -> str | None:
@@ -857,10 +922,13 @@ def _finished_at(batch: openai.types.Batch) -> datetime:
 
 
 def _with_tap(request: httpx2.Request) -> httpx2.Request:
-    """Attach the tap of the streamed call being sent, for the stream built from its response."""
-    tap = _active_tap.get()
-    if tap is not None:
-        request.extensions[TAP_KEY] = tap
+    """Note that the guarded call being sent built a request, and attach the tap of a streamed
+    call for the stream built from its response."""
+    sending = _sending.get()
+    if sending is not None:
+        sending.built = True
+        if sending.tap is not None:
+            request.extensions[TAP_KEY] = sending.tap
     return request
 
 

@@ -27,12 +27,13 @@ import structlog
 from ._extract import (
     EndpointSpec,
     Piece,
+    carries_no_model_content,
     extract,
     is_unguarded_content_path,
     resolve_endpoint,
 )
 from ._identity import current_customer, safety_identifier
-from ._moderation import ModerationInput, VerdictCache, inputs_for, roles_of
+from ._moderation import ModerationInput, VerdictCache, checked_results, inputs_for, roles_of
 from .errors import (
     CustomerRequired,
     CustomerSuspended,
@@ -64,6 +65,7 @@ __all__ = [
     "reserve",
     "suspend",
     "tag",
+    "unsent",
     "unsuspend",
 ]
 
@@ -74,11 +76,17 @@ T = TypeVar("T")
 
 @dataclass(frozen=True, slots=True)
 class StoreCall:
-    """Command: call ``store.<method>(*args, **kwargs)`` and send back the result."""
+    """Command: call ``store.<method>(*args, **kwargs)`` and send back the result.
+
+    ``undo`` names the store method that takes back what the call made (``release`` for a
+    reservation): a driver interrupted while the call runs (asyncio cancellation) lets the call
+    finish and undoes it instead of sending its result back, so nothing is left behind.
+    """
 
     method: str
     args: tuple[Any, ...] = ()
     kwargs: Mapping[str, Any] = field(default_factory=dict)
+    undo: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -231,7 +239,7 @@ def begin(
     policy = state.policy
     if spec is None:
         # A content path the guard cannot read, or a POST path it does not know at all.
-        if policy.allow_unguarded(path):
+        if carries_no_model_content(path) or policy.allow_unguarded(path):
             return None
         if is_unguarded_content_path(path):
             raise UnguardedPathError(
@@ -287,16 +295,15 @@ def begin(
         )
 
     call.reservation = yield from reserve(state, call, lambda: _worst_case(state, call))
-
     try:
         yield from _moderate(state, call, request, extraction.pieces)
+        if customer_id is not None:
+            yield from tag(state, spec, body, customer_id)
     except BaseException:
-        if call.reservation is not None:
-            yield from _release(call)
+        # Every exit before the call is sent gives back what it reserved: a refusal, a store
+        # error, a cancelled task, a KeyboardInterrupt or a gevent timeout alike.
+        yield from _release(call)
         raise
-
-    if customer_id is not None:
-        yield from tag(state, spec, body, customer_id)
 
     if spec.name == "chat.completions" and body.get("stream") is True:
         options = body.get("stream_options")
@@ -348,7 +355,7 @@ def reserve(
         return None
     try:
         reservation: Reservation = yield StoreCall(
-            "reserve", (customer_id, quota, demand()), {"now": call.created_at}
+            "reserve", (customer_id, quota, demand()), {"now": call.created_at}, undo="release"
         )
     except StoreError:
         if not state.policy.fail_open:
@@ -397,13 +404,13 @@ def _moderate(
     missing = [i for i, result in enumerate(results) if result is None]
     if missing:
         try:
-            fresh = yield Moderate(tuple(inputs[i] for i in missing))
-            if len(fresh) != len(missing):
-                raise ModerationUnavailable("The moderator returned the wrong number of results.")
+            fresh = checked_results(
+                (yield Moderate(tuple(inputs[i] for i in missing))), len(missing)
+            )
         except SafeOpenAIError as exc:
             if not isinstance(exc, ModerationUnavailable):
                 raise
-            if policy.fail_open:
+            if policy.fail_open and exc.outage:
                 log.warning(
                     "safe_openai.moderation_unavailable",
                     customer_id=call.customer_id,
@@ -646,6 +653,15 @@ def _write(state: GuardState, call: Call, record: UsageRecord) -> Flow[None]:
         state.spool_dirty = bool(left)
 
 
+def unsent(call: Call) -> Flow[None]:
+    """Give back a call's reservation when the SDK raised before building its request (a
+    value it cannot encode, a cancelled task): nothing was sent, so nothing counts."""
+    if call.finished:
+        return
+    call.finished = True
+    yield from _release(call)
+
+
 def finish(
     state: GuardState,
     call: Call,
@@ -735,7 +751,11 @@ def on_store(store: Any) -> Callable[[Command], Any]:
 
 
 def drive(flow: Flow[T], execute: Callable[[Command], Any]) -> T:
-    """Run a flow, carrying out each command with ``execute`` (sync)."""
+    """Run a flow, carrying out each command with ``execute`` (sync).
+
+    Whatever a command raises is thrown back into the flow, ``BaseException`` included (a
+    ``KeyboardInterrupt``, a gevent timeout), so the flow's own clean-up runs on every exit.
+    """
     value: Any = None
     error: BaseException | None = None
     while True:
@@ -747,12 +767,17 @@ def drive(flow: Flow[T], execute: Callable[[Command], Any]) -> T:
         value, error = None, None
         try:
             value = execute(command)
-        except Exception as exc:
+        except BaseException as exc:
             error = exc
 
 
 async def adrive(flow: Flow[T], execute: Callable[[Command], Awaitable[Any]]) -> T:
-    """Run a flow, carrying out each command with ``execute`` (async)."""
+    """Run a flow, carrying out each command with ``execute`` (async).
+
+    Whatever a command raises is thrown back into the flow, ``asyncio.CancelledError``
+    included, so a cancelled call still releases what it reserved before the cancellation
+    goes on.
+    """
     value: Any = None
     error: BaseException | None = None
     while True:
@@ -764,5 +789,5 @@ async def adrive(flow: Flow[T], execute: Callable[[Command], Awaitable[Any]]) ->
         value, error = None, None
         try:
             value = await execute(command)
-        except Exception as exc:
+        except BaseException as exc:
             error = exc

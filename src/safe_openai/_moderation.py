@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
@@ -203,23 +204,71 @@ class _WaitHonouringRetryAfter:
         return float(self._fallback(state))
 
 
+def _malformed(what: str) -> ModerationUnavailable:
+    return ModerationUnavailable(f"The moderator returned {what}.", outage=False)
+
+
 def _results(raw: object, expected: int) -> list[ModerationResult]:
-    """Parse the endpoint's answer: ``expected`` results, one per input of the batch."""
+    """Parse the endpoint's answer: ``expected`` results, one per input of the batch, each
+    with ``flagged``, ``categories`` and ``category_scores`` (anything less is malformed)."""
     results = raw.get("results") if isinstance(raw, Mapping) else None
-    if not isinstance(results, list) or len(results) != expected:
-        raise ModerationUnavailable("The moderation endpoint returned a malformed answer.")
+    if not isinstance(results, list):
+        raise _malformed("an answer without results")
     parsed = []
     for result in results:
-        if not isinstance(result, Mapping):
-            raise ModerationUnavailable("The moderation endpoint returned a malformed answer.")
+        if (
+            not isinstance(result, Mapping)
+            or not {
+                "flagged",
+                "categories",
+                "category_scores",
+            }
+            <= result.keys()
+        ):
+            raise _malformed("a result with missing fields")
+        scores = result["category_scores"]
         parsed.append(
             ModerationResult(
-                flagged=bool(result.get("flagged")),
-                categories=dict(result.get("categories") or {}),
-                scores={k: float(v) for k, v in (result.get("category_scores") or {}).items()},
+                flagged=result["flagged"],
+                categories=result["categories"],
+                scores=dict(scores) if isinstance(scores, Mapping) else scores,
             )
         )
-    return parsed
+    return checked_results(parsed, expected)
+
+
+def checked_results(results: object, expected: int) -> list[ModerationResult]:
+    """Any moderator's answer, checked before anything is judged or cached: one
+    :class:`~safe_openai.policy.ModerationResult` per input, each with a boolean ``flagged``,
+    categories that map names to booleans and scores that map names to finite numbers.
+
+    Raises:
+        ModerationUnavailable: the answer is incomplete or malformed (never an outage, so it
+            fails closed even under ``fail_open``).
+    """
+    if isinstance(results, (str, bytes, Mapping)) or not isinstance(results, Sequence):
+        raise _malformed("something other than a list of results")
+    if len(results) != expected:
+        raise _malformed(f"{len(results)} results for {expected} inputs")
+    checked: list[ModerationResult] = []
+    for result in results:
+        if not isinstance(result, ModerationResult) or not isinstance(result.flagged, bool):
+            raise _malformed("a result without a boolean 'flagged'")
+        categories, scores = result.categories, result.scores
+        if not isinstance(categories, Mapping) or not all(
+            isinstance(name, str) and isinstance(hit, bool) for name, hit in categories.items()
+        ):
+            raise _malformed("categories that are not names mapped to booleans")
+        if not isinstance(scores, Mapping) or not all(
+            isinstance(name, str)
+            and isinstance(score, (int, float))
+            and not isinstance(score, bool)
+            and math.isfinite(score)
+            for name, score in scores.items()
+        ):
+            raise _malformed("scores that are not names mapped to finite numbers")
+        checked.append(result)
+    return checked
 
 
 def _body(model: str, batch: Sequence[ModerationInput]) -> dict[str, Any]:
@@ -297,8 +346,20 @@ class OpenAIModerator(_EndpointModerator):
                         options={"max_retries": 0},
                     )
         except openai.OpenAIError as exc:
-            raise ModerationUnavailable("The moderation endpoint could not be reached.") from exc
+            raise _unavailable(exc) from exc
         return _results(raw, len(batch))
+
+
+def _unavailable(exc: openai.OpenAIError) -> ModerationUnavailable:
+    """A failed moderation call: an outage when it was worth retrying (a connection error, a
+    timeout, 429, 5xx); a refusal of the input (400, which a customer can provoke with an
+    image URL the endpoint cannot fetch) or of the key is none."""
+    if _retryable(exc):
+        return ModerationUnavailable("The moderation endpoint could not be reached.")
+    status = getattr(exc, "status_code", None)
+    return ModerationUnavailable(
+        f"The moderation endpoint refused the request (status {status}).", outage=False
+    )
 
 
 class AsyncOpenAIModerator(_EndpointModerator):
@@ -334,7 +395,7 @@ class AsyncOpenAIModerator(_EndpointModerator):
                         options={"max_retries": 0},
                     )
         except openai.OpenAIError as exc:
-            raise ModerationUnavailable("The moderation endpoint could not be reached.") from exc
+            raise _unavailable(exc) from exc
         return _results(raw, len(batch))
 
 

@@ -187,9 +187,22 @@ class BatchBlocked(ModerationBlocked):
 
 
 class ModerationUnavailable(SafeOpenAIError):
-    """Moderation could not be obtained and the policy fails closed; nothing was sent."""
+    """Moderation could not be obtained and the policy fails closed; nothing was sent.
+
+    Attributes:
+        outage: Whether the moderator was unreachable (a connection error, a timeout, a 429 or
+            5xx after retries), which a ``fail_open`` policy may send through. A refusal of the
+            input (a 400, which a customer can provoke) or a malformed or incomplete answer is
+            no outage: it fails closed whatever the policy says.
+    """
 
     user_message = "The service is temporarily unavailable. Please try again shortly."
+
+    def __init__(
+        self, message: str, *, customer_id: str | None = None, outage: bool = True
+    ) -> None:
+        super().__init__(message, customer_id=customer_id)
+        self.outage = outage
 
 
 class UnguardedPathError(SafeOpenAIError):

@@ -357,10 +357,19 @@ class DefaultPolicy(Policy):
         return judge_by_thresholds(results, self.thresholds)
 
 
+#: The category a block names when the endpoint flagged a result without naming a category.
+FLAGGED = "flagged"
+
+
 def judge_by_thresholds(
     results: Sequence[ModerationResult], thresholds: Mapping[str, float]
 ) -> Verdict:
     """Block on categories whose score reaches their threshold, or that the endpoint flagged.
+
+    A result the endpoint flagged blocks unless the thresholds explicitly clear it: every
+    category it flagged has a threshold and a score below it. Flagged with no category named,
+    or with a thresholded category that has no score, blocks (as :data:`FLAGGED`, or as that
+    category).
 
     Args:
         results: One moderation result per piece of content.
@@ -368,14 +377,15 @@ def judge_by_thresholds(
     """
     blocking: set[str] = set()
     for result in results:
-        # Flags matter only when something is flagged; thresholds always apply.
-        if result.flagged or any(result.categories.values()):
-            blocking.update(
-                c for c, hit in result.categories.items() if hit and c not in thresholds
-            )
+        hits = [c for c, hit in result.categories.items() if hit]
+        for category in hits:
+            if category not in thresholds or category not in result.scores:
+                blocking.add(category)
         for category, limit in thresholds.items():
             if result.scores.get(category, 0.0) >= limit:
                 blocking.add(category)
+        if result.flagged and not hits:
+            blocking.add(FLAGGED)
     if not blocking:
         return _PASS
     top: dict[str, float] = {}
