@@ -417,16 +417,31 @@ def test_requests_per_minute_refuses_with_retry_after(store: StoreDriver) -> Non
 
 
 def test_minute_window_slides_so_no_double_burst_at_a_minute_boundary(store: StoreDriver) -> None:
-    """Two requests just before xx:01:00 block two more just after it (sliding, not fixed)."""
+    """Two requests just before xx:01:00 block two more just after it (sliding, not fixed).
+
+    Both fall in the one-second bucket [59, 60), which leaves the window with its latest entry
+    (t=59.95): the documented bound, at most one bucket later than the exact window (59.9).
+    """
     quota = Quota(requests_per_minute=2)
     assert admitted(store.reserve("acme", quota, QuotaDemand(), now=at(59.9)))
     assert admitted(store.reserve("acme", quota, QuotaDemand(), now=at(59.95)))
     limit, retry_after = refused_by(store.reserve("acme", quota, QuotaDemand(), now=at(60.05)))
     assert limit == "requests_per_minute"
-    assert retry_after == pytest.approx(59.85, abs=1e-6)  # 59.9 + 60 - 60.05
-    limit, retry_after = refused_by(store.reserve("acme", quota, QuotaDemand(), now=at(119.85)))
-    assert retry_after == pytest.approx(0.05, abs=1e-6)
-    assert admitted(store.reserve("acme", quota, QuotaDemand(), now=at(119.9)))
+    assert retry_after == pytest.approx(59.9, abs=1e-6)  # 59.95 + 60 - 60.05
+    limit, retry_after = refused_by(store.reserve("acme", quota, QuotaDemand(), now=at(119.9)))
+    assert retry_after == pytest.approx(0.05, abs=1e-6)  # exact: admitted; bound: 1 bucket
+    assert admitted(store.reserve("acme", quota, QuotaDemand(), now=at(119.95)))
+
+
+def test_entries_sharing_a_bucket_never_count_longer_than_one_bucket(store: StoreDriver) -> None:
+    """Entries in one second count until the latest of them is 60 s old, never longer."""
+    quota = Quota(requests_per_minute=3)
+    for offset in (10.0, 10.5, 10.999):
+        assert admitted(store.reserve("acme", quota, QuotaDemand(), now=at(offset)))
+    limit, retry_after = refused_by(store.reserve("acme", quota, QuotaDemand(), now=at(30)))
+    assert (limit, retry_after) == ("requests_per_minute", pytest.approx(40.999, abs=1e-6))
+    assert not admitted(store.reserve("acme", quota, QuotaDemand(), now=at(70.998)))
+    assert admitted(store.reserve("acme", quota, QuotaDemand(), now=at(70.999)))
 
 
 def test_an_entry_exactly_sixty_seconds_old_no_longer_counts(store: StoreDriver) -> None:

@@ -1,4 +1,4 @@
-"""The quota arithmetic every backend shares: ``evaluate_quota``, table-driven, no store."""
+"""The quota arithmetic every backend shares: ``decide`` over buckets, table-driven, no store."""
 
 from __future__ import annotations
 
@@ -8,10 +8,41 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from safe_openai.policy import Quota
-from safe_openai.stores._types import QuotaDemand, WindowEntry, evaluate_quota
+from safe_openai.stores._memory import _Ledger
+from safe_openai.stores._types import (
+    Bucket,
+    DayTotal,
+    QuotaDemand,
+    QuotaState,
+    day_of,
+    decide,
+    to_us,
+)
 
 UTC = timezone.utc
 NOW = datetime(2025, 3, 14, 12, 0, tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class WindowEntry:
+    """A usage record that reached the model: when, its tokens and its cost."""
+
+    at: datetime
+    tokens: int
+    cost_usd: float
+
+
+def evaluate_quota(
+    quota: Quota,
+    demand: QuotaDemand,
+    entries: tuple[WindowEntry, ...] | list[WindowEntry],
+    now: datetime,
+) -> tuple[str | None, float | None]:
+    """``decide`` on the state a store keeps for these entries."""
+    ledger = _Ledger()
+    for entry in entries:
+        ledger.count(to_us(entry.at), entry.tokens, entry.cost_usd, in_minute=True)
+    return decide(quota, demand, ledger.state(), to_us(now))
 
 
 def ago(seconds: float, tokens: int = 0, cost: float = 0.0, *, now: datetime = NOW) -> WindowEntry:
@@ -146,3 +177,53 @@ def test_minute_window_slides_across_the_month_boundary() -> None:
     entries = [WindowEntry(datetime(2025, 3, 31, 23, 59, 50, tzinfo=UTC), 0, 0.0)]
     limit, retry_after = evaluate_quota(Quota(requests_per_minute=1), QuotaDemand(), entries, now)
     assert (limit, retry_after) == (RPM, pytest.approx(45.0))
+
+
+NOW_US = to_us(NOW)
+
+
+def test_buckets_of_one_second_count_until_their_latest_entry_leaves() -> None:
+    """A bucket holding entries at 0.0 s and 0.9 s counts until the later one is 60 s old."""
+    start = NOW_US - 59_500_000  # t = -59.5 s
+    bucket = Bucket(start // 1_000_000, 2, 0, 0.0, start + 400_000)  # latest at -59.1 s
+    state = QuotaState(seconds=[bucket])
+    assert decide(Quota(requests_per_minute=2), QuotaDemand(), state, NOW_US) == (
+        "requests_per_minute",
+        pytest.approx(0.9),
+    )
+    assert decide(Quota(requests_per_minute=2), QuotaDemand(), state, NOW_US + 900_000) == (
+        None,
+        None,
+    )
+
+
+def test_buckets_starting_beyond_the_skew_allowance_are_ignored() -> None:
+    """A bucket stamped more than CLOCK_SKEW after now is a clock error and does not count."""
+    ahead = NOW_US + 61_000_000
+    state = QuotaState(seconds=[Bucket(ahead // 1_000_000, 5, 0, 0.0, ahead)])
+    assert decide(Quota(requests_per_minute=1), QuotaDemand(), state, NOW_US) == (None, None)
+
+
+@pytest.mark.parametrize(("age_s", "counted"), [(599, True), (600, False)])
+def test_holds_count_in_the_day_until_their_bucket_is_a_ttl_old(age_s: int, counted: bool) -> None:
+    """A bucket of holds counts toward the day until its latest hold is RESERVATION_TTL old."""
+    at = NOW_US - age_s * 1_000_000
+    state = QuotaState(holds=[Bucket(at // 60_000_000, 1, 100, 0.0, at)])
+    limit, _ = decide(Quota(tokens_per_day=100), QuotaDemand(1), state, NOW_US)
+    assert (limit == "tokens_per_day") is counted
+
+
+def test_released_holds_count_nothing() -> None:
+    """A bucket whose holds were all committed or released counts no tokens or cost."""
+    state = QuotaState(holds=[Bucket(NOW_US // 60_000_000, 0, 0, 0.0, NOW_US)])
+    assert decide(Quota(tokens_per_day=1), QuotaDemand(1), state, NOW_US) == (None, None)
+
+
+def test_day_totals_of_tomorrow_count_within_the_skew_allowance() -> None:
+    """In the last minute of a day, records already stamped tomorrow count toward today."""
+    late = to_us(datetime(2025, 3, 14, 23, 59, 30, tzinfo=UTC))
+    tomorrow = DayTotal(day_of(late) + 1, 100, 1.0)
+    state = QuotaState(days=[tomorrow])
+    assert decide(Quota(tokens_per_day=100), QuotaDemand(1), state, late)[0] == "tokens_per_day"
+    early = late - 3600 * 1_000_000
+    assert decide(Quota(tokens_per_day=100), QuotaDemand(1), state, early) == (None, None)

@@ -1,31 +1,123 @@
-"""The in-memory store: one process, nothing kept. The reference for the store contract."""
+"""The in-memory store: one process, nothing kept. The reference for the store contract.
+
+Each customer's quota state is a handful of buckets (see :mod:`safe_openai.stores._types`):
+seconds of the minute windows, minutes of pending holds, and day totals, so a reservation costs
+the same however many records the customer, or any other customer, has.
+"""
 
 from __future__ import annotations
 
 import threading
 import uuid
-from dataclasses import replace
-from datetime import datetime, timezone
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from ..policy import Quota
 from ..usage import UsageRecord
 from ._adapter import AsyncAdapter
 from ._types import (
+    KEEP_HOLD_MINUTES,
+    KEEP_SECONDS,
+    MINUTE_US,
     RESERVATION_TTL,
+    SECOND_US,
+    Bucket,
     CustomerReport,
+    DayTotal,
     QuotaDemand,
+    QuotaState,
     Reservation,
     Suspension,
     Violation,
-    WindowEntry,
     add_to_report,
-    earliest_entry,
-    evaluate_quota,
+    day_of,
+    decide,
     finish_report,
+    from_us,
+    to_us,
 )
 
 __all__ = ["AsyncMemoryStore", "MemoryStore"]
+
+#: Day totals older than this many days are dropped (a month window needs at most 31).
+_KEEP_DAYS = 40
+_GC_US = int((RESERVATION_TTL + timedelta(hours=1)) / timedelta(microseconds=1))
+
+
+@dataclass(slots=True)
+class _Hold:
+    customer_id: str
+    at_us: int
+    tokens: int
+    cost_usd: float
+
+
+@dataclass(slots=True)
+class _Ledger:
+    """One customer's quota state: ``index -> [requests, tokens, cost, last_us]``."""
+
+    seconds: dict[int, list[Any]] = field(default_factory=dict)
+    holds: dict[int, list[Any]] = field(default_factory=dict)
+    days: dict[int, list[Any]] = field(default_factory=dict)
+
+    def prune(self, now_us: int) -> None:
+        """Drop buckets that can no longer count at ``now_us`` or later (a few dozen at most)."""
+        oldest = now_us // SECOND_US - KEEP_SECONDS
+        for index in [i for i in self.seconds if i < oldest]:
+            del self.seconds[index]
+        oldest = now_us // MINUTE_US - KEEP_HOLD_MINUTES
+        for index in [i for i in self.holds if i < oldest]:
+            del self.holds[index]
+        oldest = day_of(now_us) - _KEEP_DAYS
+        for index in [i for i in self.days if i < oldest]:
+            del self.days[index]
+
+    def state(self) -> QuotaState:
+        return QuotaState(
+            seconds=[Bucket(i, b[0], b[1], 0.0, b[3]) for i, b in self.seconds.items()],
+            holds=[Bucket(i, b[0], b[1], b[2], b[3]) for i, b in self.holds.items()],
+            days=[DayTotal(i, d[0], d[1]) for i, d in self.days.items()],
+        )
+
+    @staticmethod
+    def _add(buckets: dict[int, list[Any]], index: int, tokens: int, cost: float, at: int) -> None:
+        bucket = buckets.setdefault(index, [0, 0, 0.0, at])
+        bucket[0] += 1
+        bucket[1] += tokens
+        bucket[2] += cost
+        bucket[3] = max(bucket[3], at)
+
+    def hold(self, hold: _Hold) -> None:
+        self._add(self.seconds, hold.at_us // SECOND_US, hold.tokens, 0.0, hold.at_us)
+        self._add(self.holds, hold.at_us // MINUTE_US, hold.tokens, hold.cost_usd, hold.at_us)
+
+    def unhold(self, hold: _Hold, settled_tokens: int | None) -> None:
+        """Take a hold out of its hold bucket; ``settled_tokens`` replace its tokens in its
+        minute bucket (the call counts there), or ``None`` takes it out of that too."""
+        bucket = self.holds.get(hold.at_us // MINUTE_US)
+        if bucket is not None:
+            bucket[0] = max(bucket[0] - 1, 0)
+            bucket[1] -= hold.tokens
+            bucket[2] -= hold.cost_usd
+            if bucket[0] == 0:
+                bucket[1], bucket[2] = 0, 0.0
+        second = self.seconds.get(hold.at_us // SECOND_US)
+        if second is not None:
+            if settled_tokens is None:
+                second[0] = max(second[0] - 1, 0)
+                second[1] = max(second[1] - hold.tokens, 0)
+            else:
+                second[1] = max(second[1] - hold.tokens + settled_tokens, 0)
+
+    def count(self, at_us: int, tokens: int, cost: float, *, in_minute: bool) -> None:
+        """Count a usage record that reached the model at ``at_us``."""
+        if in_minute:
+            self._add(self.seconds, at_us // SECOND_US, tokens, 0.0, at_us)
+        day = self.days.setdefault(day_of(at_us), [0, 0.0])
+        day[0] += tokens
+        day[1] += cost
 
 
 class MemoryStore:
@@ -37,7 +129,10 @@ class MemoryStore:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._records: dict[str, UsageRecord] = {}
-        self._pending: dict[str, tuple[str, WindowEntry]] = {}
+        self._by_customer: dict[str, list[UsageRecord]] = {}
+        self._ledgers: dict[str, _Ledger] = {}
+        # insertion order is (nearly) time order, so abandoned holds are dropped from the front
+        self._holds: OrderedDict[str, _Hold] = OrderedDict()
         self._violations: list[Violation] = []
         self._suspensions: dict[str, Suspension] = {}
         self._identifiers: dict[str, str] = {}
@@ -49,63 +144,90 @@ class MemoryStore:
         """Open a store from a ``memory://`` URL (each call gives a new, empty store)."""
         return cls(**options)
 
+    def _ledger(self, customer_id: str) -> _Ledger:
+        ledger = self._ledgers.get(customer_id)
+        if ledger is None:
+            ledger = self._ledgers[customer_id] = _Ledger()
+        return ledger
+
     def reserve(
-        self, customer_id: str, quota: Quota, demand: QuotaDemand, *, now: datetime
+        self,
+        customer_id: str,
+        quota: Quota,
+        demand: QuotaDemand,
+        *,
+        now: datetime | None = None,
     ) -> Reservation:
+        """Check ``demand`` against ``quota`` and, if admitted, hold it as pending.
+
+        ``now`` defaults to this process's clock.
+        """
+        now_us = to_us(now if now is not None else datetime.now(timezone.utc))
         with self._lock:
-            since = earliest_entry(now)
-            stale = now - RESERVATION_TTL
-            entries = [
-                WindowEntry(r.created_at, r.tokens.total_tokens, r.cost_usd or 0.0)
-                for r in self._records.values()
-                if r.customer_id == customer_id and r.counts_as_request and r.created_at >= since
-            ]
-            entries += [
-                entry
-                for owner, entry in self._pending.values()
-                if owner == customer_id and entry.at > stale
-            ]
-            limit, retry_after = evaluate_quota(quota, demand, entries, now)
+            ledger = self._ledger(customer_id)
+            ledger.prune(now_us)
+            limit, retry_after = decide(quota, demand, ledger.state(), now_us)
             if limit is not None:
                 return Reservation("", customer_id, False, limit, retry_after)
+            while self._holds:
+                oldest = next(iter(self._holds.values()))
+                if oldest.at_us >= now_us - _GC_US:
+                    break
+                self._holds.popitem(last=False)  # abandoned by a caller that never came back
             reservation_id = uuid.uuid4().hex
-            for key in [k for k, (_, entry) in self._pending.items() if entry.at <= stale]:
-                del self._pending[key]  # abandoned by a caller that never came back
-            self._pending[reservation_id] = (
-                customer_id,
-                WindowEntry(now, demand.tokens, demand.cost_usd),
-            )
-            return Reservation(reservation_id, customer_id, True)
+            hold = _Hold(customer_id, now_us, int(demand.tokens), float(demand.cost_usd))
+            self._holds[reservation_id] = hold
+            ledger.hold(hold)
+            return Reservation(reservation_id, customer_id, True, at=from_us(now_us))
 
     def commit(self, reservation: Reservation, record: UsageRecord) -> None:
         with self._lock:
-            self._pending.pop(reservation.id, None)
-            self._keep(record)
+            self._settle(reservation, record)
 
     def release(self, reservation: Reservation) -> None:
         with self._lock:
-            self._pending.pop(reservation.id, None)
+            hold = self._holds.pop(reservation.id, None) if reservation.id else None
+            if hold is not None:
+                self._ledger(hold.customer_id).unhold(hold, None)
 
     def record_usage(self, record: UsageRecord) -> None:
         with self._lock:
-            self._keep(record)
+            self._settle(None, record)
 
-    def _keep(self, record: UsageRecord) -> None:
-        """Store a record once per ``record_id`` (one is made up when it has none)."""
+    def _settle(self, reservation: Reservation | None, record: UsageRecord) -> None:
+        """Drop the reservation's hold and keep the record once per ``record_id``; a new
+        record that reached the model counts where its hold did (or at its own time)."""
+        hold = None
+        if reservation is not None and reservation.id:
+            hold = self._holds.pop(reservation.id, None)
         if not record.record_id:
             record = replace(record, record_id=uuid.uuid4().hex)
-        self._records.setdefault(record.record_id, record)
+        new = record.record_id not in self._records
+        if new:
+            self._records[record.record_id] = record
+            self._by_customer.setdefault(record.customer_id, []).append(record)
+        counts = new and record.counts_as_request
+        tokens, cost = record.tokens.total_tokens, record.cost_usd or 0.0
+        if hold is not None:
+            settles = counts and hold.customer_id == record.customer_id
+            self._ledger(hold.customer_id).unhold(hold, tokens if settles else None)
+            if settles:
+                self._ledger(record.customer_id).count(hold.at_us, tokens, cost, in_minute=False)
+                return
+        if counts:
+            at = reservation.at if reservation is not None and reservation.at else None
+            at_us = to_us(at if at is not None else record.created_at)
+            self._ledger(record.customer_id).count(at_us, tokens, cost, in_minute=True)
 
     def usage_records(
         self, *, customer_id: str | None = None, since: datetime | None = None, limit: int = 1000
     ) -> list[UsageRecord]:
         with self._lock:
-            records = [
-                r
-                for r in self._records.values()
-                if (customer_id is None or r.customer_id == customer_id)
-                and (since is None or r.created_at >= since)
-            ]
+            if customer_id is None:
+                pool: list[UsageRecord] = list(self._records.values())
+            else:
+                pool = list(self._by_customer.get(customer_id, ()))
+            records = [r for r in pool if since is None or r.created_at >= since]
         records.sort(key=lambda r: r.created_at, reverse=True)
         return records[:limit]
 
@@ -115,10 +237,13 @@ class MemoryStore:
         sums: dict[str, dict[str, float | int]] = {}
         violations: dict[str, int] = {}
         with self._lock:
-            for record in self._records.values():
-                if (customer_id is None or record.customer_id == customer_id) and (
-                    since is None or record.created_at >= since
-                ):
+            pool = (
+                self._records.values()
+                if customer_id is None
+                else self._by_customer.get(customer_id, [])
+            )
+            for record in pool:
+                if since is None or record.created_at >= since:
                     add_to_report(sums, record)
             for violation in self._violations:
                 if (customer_id is None or violation.customer_id == customer_id) and (

@@ -12,10 +12,11 @@ starting at once serialise on a transaction-scoped advisory lock, so each step r
 Quota reservations are atomic across processes and hosts: each takes
 ``pg_advisory_xact_lock`` on a key derived from the schema and the customer (no row has to
 exist, so a customer first seen by many replicas at once still gets exactly its quota), reads
-its windows in one statement and inserts its hold before the transaction ends. The decision is
-:func:`~safe_openai.stores._types.evaluate_quota` itself. ``commit`` swaps the hold for the usage
-record in one transaction, so a concurrent reservation sees one or the other, never both or
-neither.
+its quota buckets and the server's clock in one statement and writes its hold in another before
+the transaction ends. The decision is :func:`~safe_openai.stores._types.decide` itself, on the
+server's clock (``clock_timestamp()``) unless the caller passes ``now``. ``commit`` swaps the
+hold for the usage record in one statement, so a concurrent reservation sees one or the other,
+never both or neither. Nothing outlives a transaction (no session state, no session locks).
 
 Times are ``timestamptz`` (microseconds, like Python). ``usage_report`` reads
 ``usage_records`` through indexes on ``(customer_id, created_at)`` and ``created_at``.
@@ -41,21 +42,26 @@ from ..errors import ConfigurationError, StoreError
 from ..policy import Quota
 from ..usage import SENT_OUTCOMES, UsageRecord
 from ._types import (
-    CLOCK_SKEW,
-    MINUTE,
+    KEEP_HOLD_MINUTES,
+    KEEP_SECONDS,
+    MINUTE_US,
     OUTCOME_COLUMNS,
     RESERVATION_TTL,
+    SECOND_US,
+    Bucket,
     CustomerReport,
+    DayTotal,
     QuotaDemand,
+    QuotaState,
     Reservation,
     Suspension,
     Violation,
-    WindowEntry,
-    day_start,
-    evaluate_quota,
+    day_of,
+    decide,
     finish_report,
-    month_start,
+    from_us,
     record_from_row,
+    to_us,
 )
 
 __all__ = ["DEFAULT_SCHEMA", "SCHEMA_VERSION", "AsyncPostgresStore", "PostgresStore"]
@@ -71,6 +77,7 @@ DEFAULT_TIMEOUT = 10.0
 #: Holds older than this are deleted. Longer than the TTL, so a replica whose clock runs a
 #: little ahead never deletes a hold the others still count.
 _PENDING_GC = RESERVATION_TTL + timedelta(hours=1)
+_TTL_S = int(RESERVATION_TTL.total_seconds())
 
 # --------------------------------------------------------------------------------------------
 # Schema. ``_MIGRATIONS[n]`` brings a schema from version ``n`` to ``n + 1``: append, never edit.
@@ -146,6 +153,48 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
             claimed_at timestamptz NOT NULL DEFAULT now()
         )""",
     ),
+    # Version 2: each customer's quota state is a few buckets (seconds of the minute windows,
+    # minutes of pending holds; quota_days already holds the day totals) instead of a log
+    # read on every reservation. The minute windows and holds that may still count are
+    # carried forward from version 1's rows.
+    (
+        """CREATE TABLE {schema}.quota_seconds (
+            customer_id text NOT NULL,
+            second bigint NOT NULL,
+            requests bigint NOT NULL,
+            tokens bigint NOT NULL,
+            last_us bigint NOT NULL,
+            PRIMARY KEY (customer_id, second)
+        )""",
+        """CREATE TABLE {schema}.quota_holds (
+            customer_id text NOT NULL,
+            minute bigint NOT NULL,
+            requests bigint NOT NULL,
+            tokens bigint NOT NULL,
+            cost_usd double precision NOT NULL,
+            last_us bigint NOT NULL,
+            PRIMARY KEY (customer_id, minute)
+        )""",
+        f"""INSERT INTO {{schema}}.quota_seconds (customer_id, second, requests, tokens, last_us)
+        SELECT customer_id, floor(extract(epoch FROM at))::bigint, count(*), sum(tokens),
+               max((extract(epoch FROM at) * 1000000)::bigint)
+        FROM (
+            SELECT customer_id, created_at AS at, input_tokens + output_tokens AS tokens
+            FROM {{schema}}.usage_records
+            WHERE outcome IN ({", ".join(repr(o) for o in sorted(SENT_OUTCOMES))})
+                AND created_at > clock_timestamp() - interval '{KEEP_SECONDS} seconds'
+            UNION ALL
+            SELECT customer_id, created_at, tokens FROM {{schema}}.reservations
+            WHERE created_at > clock_timestamp() - interval '{KEEP_SECONDS} seconds'
+        ) AS recent GROUP BY 1, 2""",
+        f"""INSERT INTO {{schema}}.quota_holds
+            (customer_id, minute, requests, tokens, cost_usd, last_us)
+        SELECT customer_id, floor(extract(epoch FROM created_at) / 60)::bigint, count(*),
+               sum(tokens), sum(cost_usd), max((extract(epoch FROM created_at) * 1000000)::bigint)
+        FROM {{schema}}.reservations
+        WHERE created_at > clock_timestamp() - interval '{_TTL_S} seconds'
+        GROUP BY 1, 2""",
+    ),
 )
 #: The schema version this release writes.
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -197,62 +246,114 @@ _STATEMENTS: dict[str, str] = {
             applied_at timestamptz NOT NULL DEFAULT now()
         )""",
     "set_version": "INSERT INTO {schema}.schema_version (version) VALUES (%(version)s)",
-    # One statement, so one snapshot: a concurrent commit (hold -> record) is seen entirely
-    # before or entirely after, never counted twice or not at all. The minute window (with
-    # entries stamped up to CLOCK_SKEW after now) comes row by row, since retry_after depends
-    # on each time;
-    # the rest of the month comes as sums
-    # anchored where evaluate_quota counts them as it would the rows: day tokens and cost at
-    # midnight, older cost at the month start, all before the minute window. Whole days
-    # before the minute window's day come from quota_days; only records since then are read.
-    "window": """
-        WITH entries AS (
-            SELECT created_at AS at, input_tokens + output_tokens AS tokens,
-                   coalesce(cost_usd, 0)::float8 AS cost
-            FROM {schema}.usage_records
-            WHERE customer_id = %(customer)s AND outcome = ANY(%(sent)s)
-                AND created_at >= %(records_from)s AND created_at <= %(horizon)s
-            UNION ALL
-            SELECT created_at, tokens, cost_usd FROM {schema}.reservations
-            WHERE customer_id = %(customer)s AND created_at > %(stale)s
-                AND created_at >= %(reservations_from)s AND created_at <= %(horizon)s
-        )
-        SELECT at, tokens, cost FROM entries WHERE at > %(minute_from)s
+    # One customer's quota state (see _types.QuotaState): a few dozen rows however busy it
+    # is, with the server's clock. Run after the customer's lock is taken, so its snapshot
+    # includes every write of the previous holder.
+    "quota_state": """
+        SELECT 'n', (extract(epoch FROM clock_timestamp()) * 1000000)::bigint, 0, 0, 0.0, 0
         UNION ALL
-        SELECT %(today)s, sum(tokens)::bigint, sum(cost)::float8 FROM entries
-        WHERE at <= %(minute_from)s AND at >= %(today)s HAVING count(*) > 0
+        SELECT 's', second, requests, tokens, 0.0, last_us FROM {schema}.quota_seconds
+        WHERE customer_id = %(customer)s AND second >= %(from_second)s
         UNION ALL
-        SELECT %(month)s, 0, sum(cost)::float8 FROM entries
-        WHERE at <= %(minute_from)s AND at < %(today)s AND at >= %(month)s
-        HAVING count(*) > 0
+        SELECT 'h', minute, requests, tokens, cost_usd, last_us FROM {schema}.quota_holds
+        WHERE customer_id = %(customer)s
         UNION ALL
-        SELECT %(month)s, 0, sum(cost_usd)::float8 FROM {schema}.quota_days
-        WHERE customer_id = %(customer)s AND day >= %(month_day)s AND day < %(days_before)s
-        HAVING count(*) > 0""",
+        SELECT 'd', day - DATE '1970-01-01', 0, tokens, cost_usd, 0 FROM {schema}.quota_days
+        WHERE customer_id = %(customer)s AND day >= DATE '1970-01-01' + %(from_day)s::int""",
+    "clock": "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint",
+    # The hold, its buckets, and the pruning of what can no longer count, in one statement.
     "hold": """
         WITH gc AS (
             DELETE FROM {schema}.reservations
             WHERE customer_id = %(customer)s AND created_at < %(gc)s
+        ), old_seconds AS (
+            DELETE FROM {schema}.quota_seconds
+            WHERE customer_id = %(customer)s AND second < %(old_second)s
+        ), old_holds AS (
+            DELETE FROM {schema}.quota_holds
+            WHERE customer_id = %(customer)s AND minute < %(old_minute)s
+        ), second AS (
+            INSERT INTO {schema}.quota_seconds AS q (customer_id, second, requests, tokens, last_us)
+            VALUES (%(customer)s, %(second)s, 1, %(tokens)s, %(at_us)s)
+            ON CONFLICT (customer_id, second) DO UPDATE SET
+                requests = q.requests + 1, tokens = q.tokens + EXCLUDED.tokens,
+                last_us = greatest(q.last_us, EXCLUDED.last_us)
+        ), minute AS (
+            INSERT INTO {schema}.quota_holds AS q
+                (customer_id, minute, requests, tokens, cost_usd, last_us)
+            VALUES (%(customer)s, %(minute)s, 1, %(tokens)s, %(cost)s, %(at_us)s)
+            ON CONFLICT (customer_id, minute) DO UPDATE SET
+                requests = q.requests + 1, tokens = q.tokens + EXCLUDED.tokens,
+                cost_usd = q.cost_usd + EXCLUDED.cost_usd,
+                last_us = greatest(q.last_us, EXCLUDED.last_us)
         )
         INSERT INTO {schema}.reservations (id, customer_id, created_at, tokens, cost_usd)
         VALUES (%(id)s, %(customer)s, %(now)s, %(tokens)s, %(cost)s)""",
-    "drop_hold": "DELETE FROM {schema}.reservations WHERE id = %(id)s",
-    # One statement: the record and its quota day are written together or not at all, and a
-    # record_id already stored adds nothing.
-    "insert_record": f"""
-        WITH inserted AS (
+    # A hold leaves its buckets (an emptied bucket of holds is zeroed exactly); its second
+    # keeps the call with the settled tokens when %(settled)s is not null.
+    "release": """
+        WITH hold AS (
+            DELETE FROM {schema}.reservations WHERE id = %(id)s
+            RETURNING customer_id, (extract(epoch FROM created_at) * 1000000)::bigint AS at_us,
+                      tokens, cost_usd
+        ), minute AS (
+            UPDATE {schema}.quota_holds AS q SET
+                requests = greatest(q.requests - 1, 0),
+                tokens = CASE WHEN q.requests <= 1 THEN 0 ELSE q.tokens - h.tokens END,
+                cost_usd = CASE WHEN q.requests <= 1 THEN 0 ELSE q.cost_usd - h.cost_usd END
+            FROM hold AS h
+            WHERE q.customer_id = h.customer_id AND q.minute = div(h.at_us, 60000000)
+        )
+        UPDATE {schema}.quota_seconds AS q SET
+            requests = greatest(q.requests - 1, 0), tokens = greatest(q.tokens - h.tokens, 0)
+        FROM hold AS h
+        WHERE q.customer_id = h.customer_id AND q.second = div(h.at_us, 1000000)""",
+    # One statement: the hold goes, the record is stored once per record_id, and only a new
+    # record that reached the model moves the counters: in its hold's second (settled
+    # tokens), or in the second of %(quota_us)s when it settles no hold, and in its day.
+    "settle": f"""
+        WITH hold AS (
+            DELETE FROM {{schema}}.reservations WHERE id = %(id)s
+            RETURNING customer_id, (extract(epoch FROM created_at) * 1000000)::bigint AS at_us,
+                      tokens, cost_usd
+        ), inserted AS (
             INSERT INTO {{schema}}.usage_records ({_RECORD_COLUMNS})
             VALUES (%(record_id)s, %(customer_id)s, %(endpoint)s, %(model)s, %(outcome)s,
                     %(input_tokens)s, %(cached_tokens)s, %(output_tokens)s,
                     %(reasoning_tokens)s, %(cost_usd)s, %(latency_s)s, %(created_at)s,
                     %(request_id)s)
             ON CONFLICT (record_id) DO NOTHING
-            RETURNING customer_id, created_at, outcome, input_tokens + output_tokens AS tokens,
-                      coalesce(cost_usd, 0)::float8 AS cost
+            RETURNING 1
+        ), counts AS (
+            SELECT EXISTS (SELECT 1 FROM inserted) AND %(counts)s AS yes
+        ), minute AS (
+            UPDATE {{schema}}.quota_holds AS q SET
+                requests = greatest(q.requests - 1, 0),
+                tokens = CASE WHEN q.requests <= 1 THEN 0 ELSE q.tokens - h.tokens END,
+                cost_usd = CASE WHEN q.requests <= 1 THEN 0 ELSE q.cost_usd - h.cost_usd END
+            FROM hold AS h
+            WHERE q.customer_id = h.customer_id AND q.minute = div(h.at_us, 60000000)
+        ), held_second AS (
+            UPDATE {{schema}}.quota_seconds AS q SET
+                requests = CASE WHEN c.yes THEN q.requests ELSE greatest(q.requests - 1, 0) END,
+                tokens = greatest(
+                    q.tokens - h.tokens + CASE WHEN c.yes THEN %(tokens)s ELSE 0 END, 0
+                )
+            FROM hold AS h, counts AS c
+            WHERE q.customer_id = h.customer_id AND q.second = div(h.at_us, 1000000)
+        ), own_second AS (
+            INSERT INTO {{schema}}.quota_seconds AS q
+                (customer_id, second, requests, tokens, last_us)
+            SELECT %(customer_id)s, div(%(quota_us)s::bigint, 1000000), 1, %(tokens)s,
+                   %(quota_us)s
+            FROM counts WHERE counts.yes AND NOT EXISTS (SELECT 1 FROM hold)
+            ON CONFLICT (customer_id, second) DO UPDATE SET
+                requests = q.requests + 1, tokens = q.tokens + EXCLUDED.tokens,
+                last_us = greatest(q.last_us, EXCLUDED.last_us)
         )
         INSERT INTO {{schema}}.quota_days AS days (customer_id, day, tokens, cost_usd)
-        SELECT customer_id, (created_at AT TIME ZONE 'UTC')::date, tokens, cost FROM inserted
-        WHERE outcome = ANY(%(sent)s)
+        SELECT %(customer_id)s, DATE '1970-01-01' + %(quota_day)s::int, %(tokens)s, %(cost)s
+        FROM counts WHERE counts.yes
         ON CONFLICT (customer_id, day) DO UPDATE
         SET tokens = days.tokens + EXCLUDED.tokens, cost_usd = days.cost_usd + EXCLUDED.cost_usd""",
     "records": f"""
@@ -397,58 +498,62 @@ def _migrate(q: _Sql) -> _Op[None]:
 
 
 def _reserve(
-    q: _Sql, customer_id: str, quota: Quota, demand: QuotaDemand, now: datetime
+    q: _Sql, customer_id: str, quota: Quota, demand: QuotaDemand, now: datetime | None
 ) -> _Op[Reservation]:
-    now = _utc(now)
-    entries: list[WindowEntry] = []
-    if not quota.is_unlimited:
+    # the caller's clock only bounds which day rows are read; with now=None the decision and
+    # the hold use the server's clock
+    local = _utc(now) if now is not None else datetime.now(timezone.utc)
+    if quota.is_unlimited:
+        rows = [] if now is not None else (yield _Query(q["clock"], {}))
+        now_us = to_us(local) if now is not None else int(rows[0][0])
+    else:
         # Held until commit: every replica deciding for this customer waits its turn, and the
         # key needs no row, so a customer's very first calls are serialised too.
         yield _Query(q["lock"], {"key": _lock_key("safe_openai.quota", q.schema, customer_id)})
-        minute_from = now - timedelta(seconds=MINUTE)
-        today, this_month = day_start(now), month_start(now)
-        # Records are read from the start of the minute window's day (yesterday during the
-        # first minute of a day) but never from after the window's start; the whole days
-        # before that come from quota_days, when the monthly limit needs them.
-        records_from = min(minute_from, max(day_start(minute_from), this_month))
-        if quota.usd_per_month is None and quota.tokens_per_day is None:
-            records_from = minute_from
         rows = yield _Query(
-            q["window"],
+            q["quota_state"],
             {
                 "customer": customer_id,
-                "sent": _SENT,
-                "records_from": records_from,
-                "reservations_from": min(minute_from, this_month),
-                "horizon": now + CLOCK_SKEW,
-                "stale": now - RESERVATION_TTL,
-                "minute_from": minute_from,
-                "today": today,
-                "month": this_month,
-                "month_day": this_month.date(),
-                # no day qualifies unless the monthly limit is set
-                "days_before": (
-                    records_from.date() if quota.usd_per_month is not None else this_month.date()
-                ),
+                "from_second": to_us(local) // SECOND_US - KEEP_SECONDS - 3600,
+                "from_day": day_of(to_us(local)) - 40,
             },
         )
-        entries = [WindowEntry(_utc(at), int(tokens), float(cost)) for at, tokens, cost in rows]
-    limit, retry_after = evaluate_quota(quota, demand, entries, now)
-    if limit is not None:
-        return Reservation("", customer_id, False, limit, retry_after)
+        seconds, holds, days = [], [], []
+        server_us = 0
+        for kind, index, requests, tokens, cost, last_us in rows:
+            if kind == "n":
+                server_us = int(index)
+            elif kind == "s":
+                seconds.append(Bucket(int(index), int(requests), int(tokens), 0.0, int(last_us)))
+            elif kind == "h":
+                holds.append(
+                    Bucket(int(index), int(requests), int(tokens), float(cost), int(last_us))
+                )
+            else:
+                days.append(DayTotal(int(index), int(tokens), float(cost)))
+        now_us = to_us(local) if now is not None else server_us
+        limit, retry_after = decide(quota, demand, QuotaState(seconds, holds, days), now_us)
+        if limit is not None:
+            return Reservation("", customer_id, False, limit, retry_after)
     reservation_id = uuid.uuid4().hex
+    at = from_us(now_us)
     yield _Query(
         q["hold"],
         {
             "id": reservation_id,
             "customer": customer_id,
-            "now": now,
+            "now": at,
+            "at_us": now_us,
+            "second": now_us // SECOND_US,
+            "minute": now_us // MINUTE_US,
             "tokens": int(demand.tokens),
             "cost": float(demand.cost_usd),
-            "gc": now - _PENDING_GC,
+            "gc": at - _PENDING_GC,
+            "old_second": now_us // SECOND_US - KEEP_SECONDS,
+            "old_minute": now_us // MINUTE_US - KEEP_HOLD_MINUTES,
         },
     )
-    return Reservation(reservation_id, customer_id, True)
+    return Reservation(reservation_id, customer_id, True, at=at)
 
 
 def _record_params(record: UsageRecord) -> dict[str, Any]:
@@ -492,19 +597,36 @@ def _suspension_from_row(row: Sequence[Any]) -> Suspension:
     )
 
 
+def _settle_params(reservation: Reservation | None, record: UsageRecord) -> dict[str, Any]:
+    when = reservation.at if reservation is not None and reservation.at else record.created_at
+    quota_us = to_us(_utc(when))
+    return {
+        **_record_params(record),
+        "id": reservation.id if reservation is not None else "",
+        "counts": record.counts_as_request,
+        "tokens": record.tokens.total_tokens,
+        "cost": float(record.cost_usd or 0.0),
+        "quota_us": quota_us,
+        "quota_day": day_of(quota_us),
+    }
+
+
 def _commit(q: _Sql, reservation: Reservation, record: UsageRecord) -> _Op[None]:
-    if reservation.id:
-        yield _Query(q["drop_hold"], {"id": reservation.id})
-    yield _Query(q["insert_record"], _record_params(record))
+    if reservation.id and reservation.customer_id != record.customer_id:
+        # a hold of another customer is released, not settled by this record
+        yield from _release(q, reservation)
+        yield _Query(q["settle"], _settle_params(None, record))
+    else:
+        yield _Query(q["settle"], _settle_params(reservation, record))
 
 
 def _release(q: _Sql, reservation: Reservation) -> _Op[None]:
     if reservation.id:
-        yield _Query(q["drop_hold"], {"id": reservation.id})
+        yield _Query(q["release"], {"id": reservation.id})
 
 
 def _record_usage(q: _Sql, record: UsageRecord) -> _Op[None]:
-    yield _Query(q["insert_record"], _record_params(record))
+    yield _Query(q["settle"], _settle_params(None, record))
 
 
 def _filters(customer_id: str | None, since: datetime | None) -> tuple[str, dict[str, Any]]:
@@ -710,8 +832,17 @@ class PostgresStore:
             return self._execute(op)
 
     def reserve(
-        self, customer_id: str, quota: Quota, demand: QuotaDemand, *, now: datetime
+        self,
+        customer_id: str,
+        quota: Quota,
+        demand: QuotaDemand,
+        *,
+        now: datetime | None = None,
     ) -> Reservation:
+        """Atomically check ``demand`` against ``quota`` and, if admitted, hold it as pending.
+
+        ``now`` defaults to the server's clock (``clock_timestamp()``), shared by every replica.
+        """
         return self._run(_reserve(self._sql, customer_id, quota, demand, now))
 
     def commit(self, reservation: Reservation, record: UsageRecord) -> None:
@@ -858,8 +989,17 @@ class AsyncPostgresStore:
             return await self._execute(op)
 
     async def reserve(
-        self, customer_id: str, quota: Quota, demand: QuotaDemand, *, now: datetime
+        self,
+        customer_id: str,
+        quota: Quota,
+        demand: QuotaDemand,
+        *,
+        now: datetime | None = None,
     ) -> Reservation:
+        """Atomically check ``demand`` against ``quota`` and, if admitted, hold it as pending.
+
+        ``now`` defaults to the server's clock (``clock_timestamp()``), shared by every replica.
+        """
         return await self._run(_reserve(self._sql, customer_id, quota, demand, now))
 
     async def commit(self, reservation: Reservation, record: UsageRecord) -> None:

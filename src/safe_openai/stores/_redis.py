@@ -33,10 +33,11 @@ anonymous customer ``""`` is written ``%``, since an empty tag would not pin a s
     P:{C}:sums           hash   "<YYYYMMDD>:<column>" -> daily report sums  durable
     P:{C}:viol           zset   violation JSON, scored by created_at (us)   durable
     P:{C}:susp           hash   since / until / reason                      durable
-    P:{C}:win            zset   "<tokens>|<cost>|<record key>" of calls     TTL 3 min
-                                that reached the model, scored by start
-                                time (us): the sliding 60 s window
-    P:{C}:pending        hash   reservation id -> "<at us>|<tokens>|<cost>" TTL 11 min
+    P:{C}:q:seconds      hash   "<second>" -> "<requests>|<tokens>|<us>"   TTL 5 min
+                                the minute buckets (us: latest entry)
+    P:{C}:q:holds        hash   "<minute>" -> "<n>|<tokens>|<cost>|<us>"   TTL 13 min
+                                pending holds for the day and month
+    P:{C}:hold:<id>      string one hold: "<at us>|<tokens>|<cost>"       TTL 11 min
     P:{C}:day:<YYYYMMDD> string tokens of that UTC day                      TTL to day end + 1 day
     P:{C}:month:<YYYYMM> string cost of that UTC month                      TTL to month end + 1 day
     P:customers          set    every customer id seen                      durable
@@ -45,9 +46,12 @@ anonymous customer ``""`` is written ``%``, since an empty tag would not pin a s
     P:request:<id>       string customer id                                 durable
     P:event:<id>         string webhook event claim                         TTL 7 days
 
-Quota decisions follow :func:`~safe_openai.stores._types.evaluate_quota` exactly, in one Lua
-script: times travel as integer microseconds since the epoch (exact in a Lua double), so the
-``retry_after`` values are the same floats the reference computes.
+Quota decisions follow :func:`~safe_openai.stores._types.decide` exactly, in one Lua script
+that reads O(1) state (about 130 second buckets at most) on the Redis server's clock (``TIME``)
+unless the caller passes ``now``: times travel as integer microseconds since the epoch (exact in
+a Lua double), so the ``retry_after`` values are the same floats the reference computes. Keys of
+the layout before buckets (``P:{C}:win``, ``P:{C}:pending``) are read once into the buckets by
+the customer's next reservation and deleted.
 """
 
 from __future__ import annotations
@@ -69,18 +73,23 @@ from ..errors import ConfigurationError, StoreError
 from ..policy import Quota
 from ..usage import UsageRecord
 from ._types import (
-    CLOCK_SKEW,
-    MINUTE,
+    KEEP_HOLD_MINUTES,
+    KEEP_SECONDS,
     RESERVATION_TTL,
+    SKEW_US,
+    TTL_US,
     CustomerReport,
     QuotaDemand,
     Reservation,
     Suspension,
     Violation,
     add_to_report,
+    day_of,
     day_start,
     finish_report,
+    from_us,
     month_start,
+    next_month,
 )
 
 __all__ = ["DEFAULT_PREFIX", "AsyncRedisStore", "RedisStore"]
@@ -92,11 +101,11 @@ DEFAULT_PREFIX = "safe_openai"
 
 _US = 1_000_000
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-#: The minute window keeps entries this long after they start: the 60 s window plus room for
-#: replicas whose clocks run behind.
-_WINDOW_KEEP_US = 120 * _US
-_WINDOW_TTL_S = 180
-_PENDING_TTL_S = int(RESERVATION_TTL.total_seconds()) + 60
+#: A customer's second buckets expire this long after their last write (they matter 2 minutes).
+_SECONDS_TTL_S = 300
+#: A hold expires a minute after its TTL; its customer's buckets of holds two after that.
+_HOLD_TTL_S = int(RESERVATION_TTL.total_seconds()) + 60
+_HOLDS_TTL_S = _HOLD_TTL_S + 120
 #: Webhook deliveries are retried for about three days; a week covers that with room to spare.
 _EVENT_CLAIM_TTL_S = 7 * 24 * 3600
 _BUCKET_GRACE = timedelta(days=1)
@@ -118,136 +127,314 @@ local function hmget_all(key, ids)
 end
 """
 
-# KEYS: win, pending, day, month
-# ARGV: now, minute_from, today, next_day, month_start, next_month, stale, keep_from,
-#       rpm, tpm, tpd, usd ('' = unlimited), demand tokens, demand cost, reservation id,
-#       pending TTL, horizon (now + CLOCK_SKEW)
-_RESERVE_LUA = """
-local now = tonumber(ARGV[1])
-local minute_from = tonumber(ARGV[2])
-local today = tonumber(ARGV[3])
-local next_day = tonumber(ARGV[4])
-local month = tonumber(ARGV[5])
-local next_month = tonumber(ARGV[6])
-local stale = tonumber(ARGV[7])
-local rpm = tonumber(ARGV[9])
-local tpm = tonumber(ARGV[10])
-local tpd = tonumber(ARGV[11])
-local usd = tonumber(ARGV[12])
-local demand_tokens = tonumber(ARGV[13])
-local demand_cost = tonumber(ARGV[14])
-local horizon = tonumber(ARGV[17])
-local MINUTE = 60000000
-
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[8])
--- committed usage of now's day and month; corrected below for entries of the minute window
--- structure that the buckets hold but the reference does not count, or the reverse
-local day_tokens = tonumber(redis.call('GET', KEYS[3]) or '0')
-local month_cost = tonumber(redis.call('GET', KEYS[4]) or '0')
-local minute = {}
-
-local committed = redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[2], '+inf', 'WITHSCORES')
-for i = 1, #committed, 2 do
-  local at = tonumber(committed[i + 1])
-  local tokens, cost = string.match(committed[i], '^(%d+)|([^|]*)|')
-  tokens = tonumber(tokens)
-  cost = tonumber(cost)
-  if at > horizon then
-    -- beyond the clock-skew allowance: a clock error the reference ignores, but the buckets
-    -- of its own day and month hold it
-    if at >= today and at < next_day then day_tokens = day_tokens - tokens end
-    if at >= month and at < next_month then month_cost = month_cost - cost end
-  else
-    -- the minute window slides across day and month boundaries, and takes entries stamped
-    -- a little after `now` (a caller that read the clock later but reserved first)
-    minute[#minute + 1] = {at, tokens}
-    -- stamped in the next day or month (a clock running ahead): counted, not in the buckets
-    if at >= next_day then day_tokens = day_tokens + tokens end
-    if at >= next_month then month_cost = month_cost + cost end
+# The quota state of one customer (see _types): seconds of the minute windows and minutes of
+# pending holds, as hash fields "<index>" -> "<requests>|<tokens>|<last us>" (holds:
+# "<requests>|<tokens>|<cost>|<last us>"), day and month counters, and one key per hold.
+_LUA_BUCKETS = (
+    f"""
+local SKEW = {SKEW_US}
+local TTL = {TTL_US}
+local KEEP_SECONDS = {KEEP_SECONDS}
+local KEEP_MINUTES = {KEEP_HOLD_MINUTES}
+local SECONDS_TTL = {_SECONDS_TTL_S}
+local HOLDS_TTL = {_HOLDS_TTL_S}
+"""
+    + """
+local function int(x) return string.format('%d', x) end
+local function read_seconds(key)
+  local out = {}
+  local flat = redis.call('HGETALL', key)
+  for i = 1, #flat, 2 do
+    local r, t, l = string.match(flat[i + 1], '^(-?%d+)|(-?%d+)|(-?%d+)$')
+    out[#out + 1] = {tonumber(flat[i]), tonumber(r), tonumber(t), 0, tonumber(l)}
   end
+  return out
 end
-
-local pending = redis.call('HGETALL', KEYS[2])
-for i = 1, #pending, 2 do
-  local at, tokens, cost = string.match(pending[i + 1], '^([^|]*)|([^|]*)|(.*)$')
+local function read_holds(key)
+  local out = {}
+  local flat = redis.call('HGETALL', key)
+  for i = 1, #flat, 2 do
+    local r, t, c, l = string.match(flat[i + 1], '^(-?%d+)|(-?%d+)|([^|]*)|(-?%d+)$')
+    out[#out + 1] = {tonumber(flat[i]), tonumber(r), tonumber(t), tonumber(c), tonumber(l)}
+  end
+  return out
+end
+local function get_second(key, index)
+  local raw = redis.call('HGET', key, int(index))
+  if not raw then return nil end
+  local r, t, l = string.match(raw, '^(-?%d+)|(-?%d+)|(-?%d+)$')
+  return {tonumber(r), tonumber(t), tonumber(l)}
+end
+local function put_second(key, index, b)
+  redis.call('HSET', key, int(index), int(b[1]) .. '|' .. int(b[2]) .. '|' .. int(b[3]))
+end
+local function add_second(key, index, tokens, at)
+  local b = get_second(key, index) or {0, 0, at}
+  b[1] = b[1] + 1
+  b[2] = b[2] + tokens
+  if at > b[3] then b[3] = at end
+  put_second(key, index, b)
+  redis.call('EXPIRE', key, SECONDS_TTL)
+end
+local function get_hold(key, index)
+  local raw = redis.call('HGET', key, int(index))
+  if not raw then return nil end
+  local r, t, c, l = string.match(raw, '^(-?%d+)|(-?%d+)|([^|]*)|(-?%d+)$')
+  return {tonumber(r), tonumber(t), tonumber(c), tonumber(l)}
+end
+local function put_hold(key, index, b)
+  redis.call('HSET', key, int(index),
+    int(b[1]) .. '|' .. int(b[2]) .. '|' .. string.format('%.17g', b[3]) .. '|' .. int(b[4]))
+end
+-- a hold leaves its buckets: replaced in its second by `settled` tokens, or taken out
+local function unhold(seconds_key, holds_key, raw, settled)
+  local at, tokens, cost = string.match(raw, '^(-?%d+)|(-?%d+)|(.*)$')
   at = tonumber(at)
   tokens = tonumber(tokens)
-  if at <= stale then
-    -- abandoned by a process that died between reserve and commit
-    redis.call('HDEL', KEYS[2], pending[i])
-  elseif at <= horizon then
-    if at >= month then month_cost = month_cost + tonumber(cost) end
-    if at >= today then day_tokens = day_tokens + tokens end
-    if at > minute_from then minute[#minute + 1] = {at, tokens} end
-  end
-end
-table.sort(minute, function(a, b) return a[1] < b[1] end)
-
-local function wait(until_us)
-  local left = until_us - now
-  if left < 0 then left = 0 end
-  return left
-end
-
-if rpm and #minute + 1 > rpm then
-  if rpm < 1 then return {0, 'requests_per_minute', -1} end
-  return {0, 'requests_per_minute', wait(minute[#minute + 1 - rpm][1] + MINUTE)}
-end
-if tpm then
-  local used = 0
-  for _, e in ipairs(minute) do used = used + e[2] end
-  if used + demand_tokens > tpm then
-    if demand_tokens > tpm then return {0, 'tokens_per_minute', -1} end
-    local excess = used + demand_tokens - tpm
-    local freed = 0
-    local frees_at = now
-    for _, e in ipairs(minute) do
-      freed = freed + e[2]
-      frees_at = e[1] + MINUTE
-      if freed >= excess then break end
+  cost = tonumber(cost)
+  local minute = math.floor(at / 60000000)
+  local h = get_hold(holds_key, minute)
+  if h then
+    if h[1] <= 1 then
+      h[1], h[2], h[3] = 0, 0, 0
+    else
+      h[1], h[2], h[3] = h[1] - 1, h[2] - tokens, h[3] - cost
     end
-    return {0, 'tokens_per_minute', wait(frees_at)}
+    put_hold(holds_key, minute, h)
+  end
+  local second = math.floor(at / 1000000)
+  local b = get_second(seconds_key, second)
+  if b then
+    if settled then
+      b[2] = math.max(b[2] - tokens + settled, 0)
+    else
+      b[1] = math.max(b[1] - 1, 0)
+      b[2] = math.max(b[2] - tokens, 0)
+    end
+    put_second(seconds_key, second, b)
+  end
+  return at
+end
+local function add_float(key, amount, ttl)
+  -- summed as doubles in call order; %.17g keeps every bit (INCRBYFLOAT would round through
+  -- long double and a 17-digit string)
+  local total = tonumber(redis.call('GET', key) or '0') + amount
+  redis.call('SET', key, string.format('%.17g', total), 'EX', ttl)
+end
+"""
+)
+
+# KEYS: seconds, holds, hold, day[-1..+2], month[-1..+2] (around the caller's clock), and the
+#       minute window and pending holds of the layout before buckets
+# ARGV: now ('' = this server's TIME), first day (days since the epoch of day[-1]), starts
+#       of month[-1..+2] and of the month after (us), rpm, tpm, tpd, usd ('' = unlimited),
+#       demand tokens, demand cost, hold TTL (s), decide ('1' = check the limits)
+_RESERVE_LUA = (
+    _LUA_BUCKETS
+    + """
+local now
+if ARGV[1] == '' then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+else
+  now = tonumber(ARGV[1])
+end
+local DAY = 86400000000
+local MINUTE = 60000000
+local today = math.floor(now / DAY)
+local di = today - tonumber(ARGV[2])
+local starts = {}
+for i = 0, 4 do starts[i] = tonumber(ARGV[3 + i]) end
+local mi = nil
+for i = 0, 2 do
+  if now >= starts[i] and now < starts[i + 1] then mi = i end
+end
+if di < 0 or di > 2 or mi == nil then
+  return redis.error_reply('safe_openai: the Redis clock is more than a day from this host')
+end
+local rpm = tonumber(ARGV[8])
+local tpm = tonumber(ARGV[9])
+local tpd = tonumber(ARGV[10])
+local usd = tonumber(ARGV[11])
+local demand_tokens = tonumber(ARGV[12])
+local demand_cost = tonumber(ARGV[13])
+local horizon = now + SKEW
+local minute_from = now - MINUTE
+
+-- keys of the layout before buckets are read once into the buckets and dropped: committed
+-- calls of the minute window, and holds (counted until they age out: their commits by an
+-- older replica are counted again, which only ever refuses earlier)
+if redis.call('EXISTS', KEYS[12]) == 1 then
+  local old = redis.call('ZRANGEBYSCORE', KEYS[12], now - 2 * MINUTE, '+inf', 'WITHSCORES')
+  for i = 1, #old, 2 do
+    local at = tonumber(old[i + 1])
+    add_second(KEYS[1], math.floor(at / 1000000), tonumber(string.match(old[i], '^(%d+)|')), at)
+  end
+  redis.call('DEL', KEYS[12])
+end
+if redis.call('EXISTS', KEYS[13]) == 1 then
+  local old = redis.call('HVALS', KEYS[13])
+  for _, raw in ipairs(old) do
+    local at, tokens, cost = string.match(raw, '^([^|]*)|([^|]*)|(.*)$')
+    at = tonumber(at)
+    if at > now - TTL then
+      add_second(KEYS[1], math.floor(at / 1000000), tonumber(tokens), at)
+      local m = math.floor(at / MINUTE)
+      local h = get_hold(KEYS[2], m) or {0, 0, 0, at}
+      h[1], h[2], h[3] = h[1] + 1, h[2] + tonumber(tokens), h[3] + tonumber(cost)
+      if at > h[4] then h[4] = at end
+      put_hold(KEYS[2], m, h)
+      redis.call('EXPIRE', KEYS[2], HOLDS_TTL)
+    end
+  end
+  redis.call('DEL', KEYS[13])
+end
+
+local minute = {}
+local oldest_second = math.floor(now / 1000000) - KEEP_SECONDS
+for _, b in ipairs(read_seconds(KEYS[1])) do
+  if b[1] < oldest_second then
+    redis.call('HDEL', KEYS[1], int(b[1]))
+  elseif b[5] > minute_from and b[1] * 1000000 <= horizon and (b[2] > 0 or b[3] > 0) then
+    minute[#minute + 1] = b
   end
 end
-if tpd and day_tokens + demand_tokens > tpd then
-  if demand_tokens > tpd then return {0, 'tokens_per_day', -1} end
-  return {0, 'tokens_per_day', next_day - now}
+local holds = {}
+local oldest_minute = math.floor(now / MINUTE) - KEEP_MINUTES
+for _, b in ipairs(read_holds(KEYS[2])) do
+  if b[1] < oldest_minute then
+    redis.call('HDEL', KEYS[2], int(b[1]))
+  else
+    holds[#holds + 1] = b
+  end
 end
--- compared at the report's precision, as the reference does: round(x, 9) in Python is the
--- double nearest the correctly rounded 9-decimal string, which is what %.9f gives here
-if usd and tonumber(string.format('%.9f', month_cost + demand_cost)) > usd then
-  if demand_cost > usd then return {0, 'usd_per_month', -1} end
-  return {0, 'usd_per_month', next_month - now}
-end
-redis.call('HSET', KEYS[2], ARGV[15], ARGV[1] .. '|' .. ARGV[13] .. '|' .. ARGV[14])
-redis.call('EXPIRE', KEYS[2], ARGV[16])
-return {1}
-"""
 
-# KEYS: pending, rec, recs, win, day, month, sums
-# ARGV: reservation id ('' = none), record key, record JSON, created_at, counts (1/0), tokens,
-#       cost, day TTL, month TTL, window TTL, day label, then (column, increment) pairs
-_RECORD_LUA = """
-if ARGV[1] ~= '' then redis.call('HDEL', KEYS[1], ARGV[1]) end
-if redis.call('HSETNX', KEYS[2], ARGV[2], ARGV[3]) == 0 then return 0 end
-redis.call('ZADD', KEYS[3], ARGV[4], ARGV[2])
-if ARGV[5] == '1' then
-  redis.call('ZADD', KEYS[4], ARGV[4], ARGV[6] .. '|' .. ARGV[7] .. '|' .. ARGV[2])
-  redis.call('EXPIRE', KEYS[4], ARGV[10])
-  redis.call('INCRBY', KEYS[5], ARGV[6])
-  redis.call('EXPIRE', KEYS[5], ARGV[8])
-  -- summed as doubles in call order, as the reference does; %.17g keeps every bit
-  -- (INCRBYFLOAT would round through long double and a 17-digit string)
-  local cost = tonumber(redis.call('GET', KEYS[6]) or '0') + tonumber(ARGV[7])
-  redis.call('SET', KEYS[6], string.format('%.17g', cost), 'EX', ARGV[9])
+local function refuse(limit, wait)
+  return {0, limit, wait}
 end
-for i = 12, #ARGV, 2 do
-  local column = ARGV[11] .. ':' .. ARGV[i]
-  local total = tonumber(redis.call('HGET', KEYS[7], column) or '0') + tonumber(ARGV[i + 1])
-  redis.call('HSET', KEYS[7], column, string.format('%.17g', total))
+local function frees(excess, field)
+  local freed = 0
+  local frees_at = now
+  for _, b in ipairs(minute) do
+    freed = freed + b[field]
+    frees_at = b[5] + MINUTE
+    if freed >= excess then break end
+  end
+  return math.max(0, frees_at - now)
+end
+
+if ARGV[15] == '1' then
+  table.sort(minute, function(a, b)
+    if a[5] ~= b[5] then return a[5] < b[5] end
+    return a[1] < b[1]
+  end)
+  if rpm then
+    local used = 0
+    for _, b in ipairs(minute) do used = used + b[2] end
+    if used + 1 > rpm then
+      if rpm < 1 then return refuse('requests_per_minute', -1) end
+      return refuse('requests_per_minute', frees(used + 1 - rpm, 2))
+    end
+  end
+  if tpm then
+    local used = 0
+    for _, b in ipairs(minute) do used = used + b[3] end
+    if used + demand_tokens > tpm then
+      if demand_tokens > tpm then return refuse('tokens_per_minute', -1) end
+      return refuse('tokens_per_minute', frees(used + demand_tokens - tpm, 3))
+    end
+  end
+  -- committed totals of today (and tomorrow, once now + skew reaches it) and of the month
+  local day_tokens = tonumber(redis.call('GET', KEYS[4 + di]) or '0')
+  if math.floor(horizon / DAY) > today then
+    day_tokens = day_tokens + tonumber(redis.call('GET', KEYS[5 + di]) or '0')
+  end
+  local month_cost = tonumber(redis.call('GET', KEYS[8 + mi]) or '0')
+  if horizon >= starts[mi + 1] then
+    month_cost = month_cost + tonumber(redis.call('GET', KEYS[9 + mi]) or '0')
+  end
+  table.sort(holds, function(a, b) return a[1] < b[1] end)
+  local stale = now - TTL
+  for _, b in ipairs(holds) do
+    local start = b[1] * MINUTE
+    if b[2] > 0 and b[5] > stale and start <= horizon then
+      if start >= today * DAY then day_tokens = day_tokens + b[3] end
+      if start >= starts[mi] then month_cost = month_cost + b[4] end
+    end
+  end
+  if tpd and day_tokens + demand_tokens > tpd then
+    if demand_tokens > tpd then return refuse('tokens_per_day', -1) end
+    return refuse('tokens_per_day', (today + 1) * DAY - now)
+  end
+  -- compared at the report's precision, as the reference does
+  if usd and tonumber(string.format('%.9f', month_cost + demand_cost)) > usd then
+    if demand_cost > usd then return refuse('usd_per_month', -1) end
+    return refuse('usd_per_month', starts[mi + 1] - now)
+  end
+end
+
+add_second(KEYS[1], math.floor(now / 1000000), demand_tokens, now)
+local m = math.floor(now / MINUTE)
+local h = get_hold(KEYS[2], m) or {0, 0, 0, now}
+h[1] = h[1] + 1
+h[2] = h[2] + demand_tokens
+h[3] = h[3] + demand_cost
+if now > h[4] then h[4] = now end
+put_hold(KEYS[2], m, h)
+redis.call('EXPIRE', KEYS[2], HOLDS_TTL)
+redis.call('SET', KEYS[3], int(now) .. '|' .. ARGV[12] .. '|' .. ARGV[13], 'EX', ARGV[14])
+return {1, int(now)}
+"""
+)
+
+# KEYS: seconds, holds, hold, rec, recs, day, month, sums
+# ARGV: record key, record JSON, created_at (us), counts (1/0), tokens, cost, day TTL,
+#       month TTL, day label, quota time (us: where a record without a hold counts), then
+#       (column, increment) pairs
+_RECORD_LUA = (
+    _LUA_BUCKETS
+    + """
+local hold = redis.call('GET', KEYS[3])
+if hold then redis.call('DEL', KEYS[3]) end
+if redis.call('HSETNX', KEYS[4], ARGV[1], ARGV[2]) == 0 then
+  -- already stored: the counters moved the first time; only the hold goes
+  if hold then unhold(KEYS[1], KEYS[2], hold, nil) end
+  return 0
+end
+redis.call('ZADD', KEYS[5], ARGV[3], ARGV[1])
+for i = 11, #ARGV, 2 do
+  local column = ARGV[9] .. ':' .. ARGV[i]
+  local total = tonumber(redis.call('HGET', KEYS[8], column) or '0') + tonumber(ARGV[i + 1])
+  redis.call('HSET', KEYS[8], column, string.format('%.17g', total))
+end
+local counts = ARGV[4] == '1'
+local tokens = tonumber(ARGV[5])
+if hold then
+  unhold(KEYS[1], KEYS[2], hold, counts and tokens or nil)
+elseif counts then
+  local at = tonumber(ARGV[10])
+  add_second(KEYS[1], math.floor(at / 1000000), tokens, at)
+end
+if counts then
+  redis.call('INCRBY', KEYS[6], ARGV[5])
+  redis.call('EXPIRE', KEYS[6], ARGV[7])
+  add_float(KEYS[7], tonumber(ARGV[6]), ARGV[8])
 end
 return 1
 """
+)
+
+# KEYS: seconds, holds, hold
+_RELEASE_LUA = (
+    _LUA_BUCKETS
+    + """
+local hold = redis.call('GET', KEYS[3])
+if not hold then return 0 end
+redis.call('DEL', KEYS[3])
+unhold(KEYS[1], KEYS[2], hold, nil)
+return 1
+"""
+)
 
 # KEYS: sums, recs, rec, viol, susp
 # ARGV: since day label ('' = everything), since (us), end of since's day (us), violations from
@@ -306,6 +493,7 @@ class _Script:
 
 _RESERVE = _Script(_RESERVE_LUA)
 _RECORD = _Script(_RECORD_LUA)
+_RELEASE = _Script(_RELEASE_LUA)
 _REPORT = _Script(_REPORT_LUA)
 _RECORDS = _Script(_RECORDS_LUA)
 
@@ -387,11 +575,6 @@ def _day_label(moment: datetime) -> str:
 
 def _month_label(moment: datetime) -> str:
     return _utc(moment).strftime("%Y%m")
-
-
-def _next_month_start(moment: datetime) -> datetime:
-    start = month_start(moment)
-    return (start + timedelta(days=32)).replace(day=1)
 
 
 def _ttl_seconds(until: datetime, moment: datetime) -> int:
@@ -500,59 +683,73 @@ def _check_prefix(prefix: str) -> str:
 # Operations (shared by both stores)
 
 
+def _quota_keys(keys: _Keys, customer_id: str, reservation_id: str) -> tuple[str, str, str]:
+    """The customer's second buckets, buckets of holds, and the key of one hold."""
+    return (
+        keys.of(customer_id, "q:seconds"),
+        keys.of(customer_id, "q:holds"),
+        keys.of(customer_id, f"hold:{reservation_id}"),
+    )
+
+
 def _reserve(
-    keys: _Keys, customer_id: str, quota: Quota, demand: QuotaDemand, now: datetime
+    keys: _Keys, customer_id: str, quota: Quota, demand: QuotaDemand, now: datetime | None
 ) -> _Op[Reservation]:
-    now = _utc(now)
-    now_us = _us(now)
+    # The caller's clock (or the given now) only picks the day and month counters around it;
+    # with now=None the script decides on the Redis server's clock.
+    local = _utc(now) if now is not None else datetime.now(timezone.utc)
+    today = day_start(local)
+    days = [today + timedelta(days=offset) for offset in (-1, 0, 1, 2)]
+    this_month = month_start(local)
+    months = [month_start(this_month - timedelta(days=1)), this_month]
+    while len(months) < 5:
+        months.append(next_month(months[-1]))
     reservation_id = uuid.uuid4().hex
     (reply,) = yield [
         _Eval(
             _RESERVE,
             (
+                *_quota_keys(keys, customer_id, reservation_id),
+                *(keys.of(customer_id, f"day:{_day_label(day)}") for day in days),
+                *(keys.of(customer_id, f"month:{_month_label(month)}") for month in months[:4]),
                 keys.of(customer_id, "win"),
                 keys.of(customer_id, "pending"),
-                keys.of(customer_id, f"day:{_day_label(now)}"),
-                keys.of(customer_id, f"month:{_month_label(now)}"),
             ),
             (
-                now_us,
-                now_us - int(MINUTE) * _US,
-                _us(day_start(now)),
-                _us(day_start(now) + timedelta(days=1)),
-                _us(month_start(now)),
-                _us(_next_month_start(now)),
-                _us(now - RESERVATION_TTL),
-                now_us - _WINDOW_KEEP_US,
+                "" if now is None else _us(local),
+                day_of(_us(days[0])),
+                *(_us(month) for month in months),
                 _limit(quota.requests_per_minute),
                 _limit(quota.tokens_per_minute),
                 _limit(quota.tokens_per_day),
                 _limit(quota.usd_per_month),
                 int(demand.tokens),
                 _float(demand.cost_usd),
-                reservation_id,
-                _PENDING_TTL_S,
-                _us(now + CLOCK_SKEW),
+                _HOLD_TTL_S,
+                "0" if quota.is_unlimited else "1",
             ),
         )
     ]
     if int(reply[0]) == 1:
-        return Reservation(reservation_id, customer_id, True)
+        return Reservation(reservation_id, customer_id, True, at=from_us(int(reply[1])))
     retry_us = int(reply[2])
-    # integer microseconds / 10**6 is exactly how timedelta.total_seconds() rounds
+    # integer microseconds / 10**6 is exactly how the reference rounds
     retry_after = None if retry_us < 0 else retry_us / _US
     return Reservation("", customer_id, False, _text(reply[1]), retry_after)
 
 
-def _record(keys: _Keys, record: UsageRecord, reservation_id: str) -> _Op[None]:
+def _record(keys: _Keys, record: UsageRecord, reservation: Reservation | None) -> _Op[None]:
     customer = record.customer_id
     at = _utc(record.created_at)
+    # where the record counts when it settles no hold: at its reservation's time, else its own
+    quota_at = _utc(reservation.at) if reservation is not None and reservation.at else at
     # a record without an id gets one, as in the SQL stores, and is read back with it
     key = record.record_id or uuid.uuid4().hex
     sums: dict[str, dict[str, float | int]] = {}
     add_to_report(sums, record)
     columns = [(name, value) for name, value in sums[customer].items() if value]
     columns.append(("records", 1))
+    reservation_id = reservation.id if reservation is not None else ""
     yield [
         # the set of customers lives in another slot, so it is kept outside the script; a
         # customer listed with nothing written yet shows in no report
@@ -560,26 +757,24 @@ def _record(keys: _Keys, record: UsageRecord, reservation_id: str) -> _Op[None]:
         _Eval(
             _RECORD,
             (
-                keys.of(customer, "pending"),
+                *_quota_keys(keys, customer, reservation_id),
                 keys.of(customer, "rec"),
                 keys.of(customer, "recs"),
-                keys.of(customer, "win"),
-                keys.of(customer, f"day:{_day_label(at)}"),
-                keys.of(customer, f"month:{_month_label(at)}"),
+                keys.of(customer, f"day:{_day_label(quota_at)}"),
+                keys.of(customer, f"month:{_month_label(quota_at)}"),
                 keys.of(customer, "sums"),
             ),
             (
-                reservation_id,
                 key,
                 json.dumps({**record.to_dict(), "record_id": key}, separators=(",", ":")),
                 _us(at),
                 "1" if record.counts_as_request else "0",
                 record.tokens.total_tokens,
                 _float(record.cost_usd),
-                _ttl_seconds(day_start(at) + timedelta(days=1), at),
-                _ttl_seconds(_next_month_start(at), at),
-                _WINDOW_TTL_S,
+                _ttl_seconds(day_start(quota_at) + timedelta(days=1), quota_at),
+                _ttl_seconds(next_month(quota_at), quota_at),
                 _day_label(at),
+                _us(quota_at),
                 *(part for name, value in columns for part in (name, _float(value))),
             ),
         ),
@@ -589,15 +784,15 @@ def _record(keys: _Keys, record: UsageRecord, reservation_id: str) -> _Op[None]:
 def _commit(keys: _Keys, reservation: Reservation, record: UsageRecord) -> _Op[None]:
     if reservation.id and reservation.customer_id != record.customer_id:
         # two customers are two slots: drop the hold first, then write the record
-        yield [_cmd("hdel", keys.of(reservation.customer_id, "pending"), reservation.id)]
-        yield from _record(keys, record, "")
+        yield from _release(keys, reservation)
+        yield from _record(keys, record, None)
     else:
-        yield from _record(keys, record, reservation.id)
+        yield from _record(keys, record, reservation)
 
 
 def _release(keys: _Keys, reservation: Reservation) -> _Op[None]:
     if reservation.id:
-        yield [_cmd("hdel", keys.of(reservation.customer_id, "pending"), reservation.id)]
+        yield [_Eval(_RELEASE, _quota_keys(keys, reservation.customer_id, reservation.id), ())]
 
 
 def _customers(keys: _Keys, only: str | None) -> Generator[_Batch, list[Any], list[list[str]]]:
@@ -838,8 +1033,17 @@ class RedisStore:
                 return result
 
     def reserve(
-        self, customer_id: str, quota: Quota, demand: QuotaDemand, *, now: datetime
+        self,
+        customer_id: str,
+        quota: Quota,
+        demand: QuotaDemand,
+        *,
+        now: datetime | None = None,
     ) -> Reservation:
+        """Atomically check ``demand`` against ``quota`` and, if admitted, hold it as pending.
+
+        ``now`` defaults to the Redis server's clock (``TIME``), shared by every replica.
+        """
         return self._run(_reserve(self._keys, customer_id, quota, demand, now))
 
     def commit(self, reservation: Reservation, record: UsageRecord) -> None:
@@ -849,7 +1053,7 @@ class RedisStore:
         self._run(_release(self._keys, reservation))
 
     def record_usage(self, record: UsageRecord) -> None:
-        self._run(_record(self._keys, record, ""))
+        self._run(_record(self._keys, record, None))
 
     def usage_records(
         self, *, customer_id: str | None = None, since: datetime | None = None, limit: int = 1000
@@ -964,8 +1168,17 @@ class AsyncRedisStore:
                 return result
 
     async def reserve(
-        self, customer_id: str, quota: Quota, demand: QuotaDemand, *, now: datetime
+        self,
+        customer_id: str,
+        quota: Quota,
+        demand: QuotaDemand,
+        *,
+        now: datetime | None = None,
     ) -> Reservation:
+        """Atomically check ``demand`` against ``quota`` and, if admitted, hold it as pending.
+
+        ``now`` defaults to the Redis server's clock (``TIME``), shared by every replica.
+        """
         return await self._run(_reserve(self._keys, customer_id, quota, demand, now))
 
     async def commit(self, reservation: Reservation, record: UsageRecord) -> None:
@@ -975,7 +1188,7 @@ class AsyncRedisStore:
         await self._run(_release(self._keys, reservation))
 
     async def record_usage(self, record: UsageRecord) -> None:
-        await self._run(_record(self._keys, record, ""))
+        await self._run(_record(self._keys, record, None))
 
     async def usage_records(
         self, *, customer_id: str | None = None, since: datetime | None = None, limit: int = 1000

@@ -5,13 +5,13 @@ One database file can be shared by several worker processes (and their threads) 
 - the file runs in WAL mode, so readers never wait for the writer, with a busy timeout so a
   writer waits its turn instead of failing;
 - each thread has its own connection (``sqlite:///:memory:`` has a single, lock-protected one);
-- every write is one short ``BEGIN IMMEDIATE`` transaction. ``reserve`` reads the window and
-  inserts its pending row in one, ``commit`` swaps the pending row for the usage record in one,
+- every write is one short ``BEGIN IMMEDIATE`` transaction. ``reserve`` reads the customer's
+  quota buckets and writes its hold in one, ``commit`` swaps the hold for the usage record in one,
   so no reservation is double-counted and no write is lost. Threads of one process queue for
   their turn on a lock, so SQLite's sleep-and-retry busy handler only arbitrates between
   processes;
-- ``reserve`` reads the minute window row by row and the rest of the month from an hourly rollup
-  kept by a trigger, so its cost does not grow with a busy customer's month of records;
+- ``reserve`` reads a few dozen bucket rows (see :mod:`safe_openai.stores._types`): its cost does
+  not grow with the customer's volume; times are the host's clock (SQLite has none of its own);
 - a store used before ``fork()`` (a preloading web server) leaves the parent's connections
   alone in the child and opens its own.
 
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import sqlite3
 import threading
@@ -43,20 +42,27 @@ from ..policy import Quota
 from ..usage import SENT_OUTCOMES, UsageRecord
 from ._adapter import AsyncAdapter
 from ._types import (
-    MINUTE,
+    KEEP_HOLD_MINUTES,
+    KEEP_SECONDS,
+    MINUTE_US,
     OUTCOME_COLUMNS,
     RESERVATION_TTL,
+    SECOND_US,
+    Bucket,
     CustomerReport,
+    DayTotal,
     QuotaDemand,
+    QuotaState,
     Reservation,
     Suspension,
     Violation,
-    WindowEntry,
-    day_start,
-    evaluate_quota,
+    counted_days,
+    day_of,
+    decide,
     finish_report,
-    month_start,
+    from_us,
     record_from_row,
+    to_us,
 )
 
 __all__ = ["SCHEMA_VERSION", "AsyncSQLiteStore", "SQLiteStore"]
@@ -69,7 +75,6 @@ _OPTIONS = frozenset({"timeout", "synchronous"})
 #: little ahead never deletes a reservation the others still count.
 _PENDING_GC = RESERVATION_TTL + timedelta(hours=1)
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
-_NO_HOUR_LIMIT = 2**62
 # Connections inherited across fork(): never used or closed in the child (closing could
 # checkpoint or unlink the WAL under the parent's feet), only kept from the garbage collector.
 _ABANDONED: list[sqlite3.Connection] = []
@@ -110,6 +115,7 @@ def _sql_list(values: Sequence[str]) -> str:
 _SENT = _sql_list(sorted(SENT_OUTCOMES))
 # floor(ts / 3600) in SQL without the optional math functions: CAST truncates toward zero.
 _FLOOR_HOUR = "(CAST({ts} / 3600.0 AS INTEGER) - ({ts} / 3600.0 < CAST({ts} / 3600.0 AS INTEGER)))"
+_FLOOR = "(CAST({ts} AS INTEGER) - ({ts} < CAST({ts} AS INTEGER)))"
 
 _SCHEMA_V1: Final = (
     """CREATE TABLE usage_records (
@@ -188,8 +194,67 @@ def _migrate_to_1(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
+# Version 2: each customer's quota state is a few buckets (seconds of the minute windows,
+# minutes of pending holds, day totals) instead of a log scanned on every reservation.
+_SCHEMA_V2: Final = (
+    """CREATE TABLE quota_seconds (
+        customer_id TEXT NOT NULL,
+        second INTEGER NOT NULL,
+        requests INTEGER NOT NULL,
+        tokens INTEGER NOT NULL,
+        last_us INTEGER NOT NULL,
+        PRIMARY KEY (customer_id, second)
+    ) WITHOUT ROWID""",
+    """CREATE TABLE quota_holds (
+        customer_id TEXT NOT NULL,
+        minute INTEGER NOT NULL,
+        requests INTEGER NOT NULL,
+        tokens INTEGER NOT NULL,
+        cost_usd REAL NOT NULL,
+        last_us INTEGER NOT NULL,
+        PRIMARY KEY (customer_id, minute)
+    ) WITHOUT ROWID""",
+    """CREATE TABLE quota_days (
+        customer_id TEXT NOT NULL,
+        day INTEGER NOT NULL,
+        tokens INTEGER NOT NULL,
+        cost_usd REAL NOT NULL,
+        PRIMARY KEY (customer_id, day)
+    ) WITHOUT ROWID""",
+    # carry the data of version 1 forward: every day's totals, and the minute windows and
+    # holds that may still count (by this host's clock, :now)
+    f"""INSERT INTO quota_days (customer_id, day, tokens, cost_usd)
+    SELECT customer_id, {_FLOOR.format(ts="created_at / 86400.0")},
+           SUM(input_tokens + output_tokens), TOTAL(cost_usd)
+    FROM usage_records WHERE outcome IN ({_SENT}) GROUP BY 1, 2""",
+    f"""INSERT INTO quota_seconds (customer_id, second, requests, tokens, last_us)
+    SELECT customer_id, {_FLOOR.format(ts="at")}, COUNT(*), SUM(tokens),
+           MAX(CAST(ROUND(at * 1000000.0) AS INTEGER))
+    FROM (
+        SELECT customer_id, created_at AS at, input_tokens + output_tokens AS tokens
+        FROM usage_records WHERE outcome IN ({_SENT}) AND created_at > :now - {KEEP_SECONDS}
+        UNION ALL
+        SELECT customer_id, at, tokens FROM pending WHERE at > :now - {KEEP_SECONDS}
+    ) GROUP BY 1, 2""",
+    f"""INSERT INTO quota_holds (customer_id, minute, requests, tokens, cost_usd, last_us)
+    SELECT customer_id, {_FLOOR.format(ts="at / 60.0")}, COUNT(*), SUM(tokens), TOTAL(cost_usd),
+           MAX(CAST(ROUND(at * 1000000.0) AS INTEGER))
+    FROM pending WHERE at > :now - {int(RESERVATION_TTL.total_seconds())} GROUP BY 1, 2""",
+    "DROP TRIGGER usage_records_hourly",
+    "DROP TABLE usage_hourly",
+)
+
+
+def _migrate_to_2(conn: sqlite3.Connection) -> None:
+    for statement in _SCHEMA_V2:
+        conn.execute(statement, {"now": time.time()} if ":now" in statement else ())
+
+
 #: ``_MIGRATIONS[n]`` brings a file from schema version ``n`` to ``n + 1``. Append, never edit.
-_MIGRATIONS: Final[tuple[Callable[[sqlite3.Connection], None], ...]] = (_migrate_to_1,)
+_MIGRATIONS: Final[tuple[Callable[[sqlite3.Connection], None], ...]] = (
+    _migrate_to_1,
+    _migrate_to_2,
+)
 #: The schema version this release writes.
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
 
@@ -220,38 +285,59 @@ _INSERT_RECORD = (
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
-# Window entries that a sliding minute window needs one by one: records that reached the model
-# and live pending reservations after :start (later than now too: see evaluate_quota).
-_MINUTE_ENTRIES = f"""
-    SELECT created_at, input_tokens + output_tokens, COALESCE(cost_usd, 0.0)
-    FROM usage_records
-    WHERE customer_id = :customer AND created_at > :start AND outcome IN ({_SENT})
+# One customer's quota state (see _types.QuotaState): a few dozen rows however busy it is.
+_QUOTA_STATE = """
+    SELECT 's', second, requests, tokens, 0.0, last_us FROM quota_seconds
+    WHERE customer_id = :customer AND second >= :from_second
     UNION ALL
-    SELECT at, tokens, cost_usd FROM pending
-    WHERE customer_id = :customer AND at > :live
+    SELECT 'h', minute, requests, tokens, cost_usd, last_us FROM quota_holds
+    WHERE customer_id = :customer AND minute >= :from_minute
+    UNION ALL
+    SELECT 'd', day, 0, tokens, cost_usd, 0 FROM quota_days
+    WHERE customer_id = :customer AND day >= :from_day AND day <= :to_day
 """
-
-# The month from its start up to :upper (inclusive, may be +inf), summed: (tokens since
-# midnight, cost since midnight, cost before it). Hours before :upper_hour come from the rollup,
-# records from :rows_from on row by row, pending reservations always row by row.
-_MONTH_SUMS = f"""
-    SELECT COALESCE(SUM(CASE WHEN at >= :day THEN tokens ELSE 0 END), 0),
-           TOTAL(CASE WHEN at >= :day THEN cost ELSE 0.0 END),
-           TOTAL(CASE WHEN at < :day THEN cost ELSE 0.0 END)
-    FROM (
-        SELECT hour * 3600.0 AS at, tokens, cost_usd AS cost
-        FROM usage_hourly
-        WHERE customer_id = :customer AND hour >= :month_hour AND hour < :upper_hour
-        UNION ALL
-        SELECT created_at, input_tokens + output_tokens, COALESCE(cost_usd, 0.0)
-        FROM usage_records
-        WHERE customer_id = :customer AND created_at >= :rows_from AND created_at <= :upper
-            AND outcome IN ({_SENT})
-        UNION ALL
-        SELECT at, tokens, cost_usd FROM pending
-        WHERE customer_id = :customer AND at > :stale AND at >= :month AND at <= :upper
-    )
+_ADD_SECOND = """
+    INSERT INTO quota_seconds (customer_id, second, requests, tokens, last_us)
+    VALUES (:customer, :index, 1, :tokens, :at)
+    ON CONFLICT (customer_id, second) DO UPDATE SET
+        requests = requests + 1, tokens = tokens + excluded.tokens,
+        last_us = MAX(last_us, excluded.last_us)
 """
+_ADD_HOLD = """
+    INSERT INTO quota_holds (customer_id, minute, requests, tokens, cost_usd, last_us)
+    VALUES (:customer, :index, 1, :tokens, :cost, :at)
+    ON CONFLICT (customer_id, minute) DO UPDATE SET
+        requests = requests + 1, tokens = tokens + excluded.tokens,
+        cost_usd = cost_usd + excluded.cost_usd, last_us = MAX(last_us, excluded.last_us)
+"""
+_ADD_DAY = """
+    INSERT INTO quota_days (customer_id, day, tokens, cost_usd)
+    VALUES (:customer, :day, :tokens, :cost)
+    ON CONFLICT (customer_id, day) DO UPDATE SET
+        tokens = tokens + excluded.tokens, cost_usd = cost_usd + excluded.cost_usd
+"""
+# A hold leaves its bucket of holds; an emptied bucket is zeroed exactly (no float residue).
+_DROP_HOLD = """
+    UPDATE quota_holds SET
+        requests = MAX(requests - 1, 0),
+        tokens = CASE WHEN requests <= 1 THEN 0 ELSE tokens - :tokens END,
+        cost_usd = CASE WHEN requests <= 1 THEN 0.0 ELSE cost_usd - :cost END
+    WHERE customer_id = :customer AND minute = :minute
+"""
+# ... and its minute bucket: replaced by the settled call's tokens, or taken out.
+_SETTLE_SECOND = """
+    UPDATE quota_seconds SET tokens = MAX(tokens - :tokens + :settled, 0)
+    WHERE customer_id = :customer AND second = :second
+"""
+_UNDO_SECOND = """
+    UPDATE quota_seconds SET requests = MAX(requests - 1, 0), tokens = MAX(tokens - :tokens, 0)
+    WHERE customer_id = :customer AND second = :second
+"""
+_PRUNE = (
+    "DELETE FROM quota_seconds WHERE customer_id = :customer AND second < :old_second",
+    "DELETE FROM quota_holds WHERE customer_id = :customer AND minute < :old_minute",
+    "DELETE FROM pending WHERE customer_id = :customer AND at < :old_pending",
+)
 
 _REPORT_SUMS = ", ".join(
     [
@@ -280,11 +366,6 @@ def _ts(moment: datetime) -> float:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
     return moment.timestamp()
-
-
-def _hour(moment: datetime) -> int:
-    """Whole hours since the epoch at ``moment`` (exact integer arithmetic)."""
-    return (_utc(moment) - _EPOCH) // timedelta(hours=1)
 
 
 def _dt(seconds: float) -> datetime:
@@ -345,63 +426,87 @@ def _where(conditions: Sequence[tuple[str, Any]]) -> tuple[str, list[Any]]:
     return " WHERE " + " AND ".join(sql for sql, _ in used), [value for _, value in used]
 
 
-def _window_entries(
-    conn: sqlite3.Connection, customer_id: str, quota: Quota, now: datetime
-) -> list[WindowEntry]:
-    """What :func:`evaluate_quota` needs to decide ``quota`` at ``now``, read in two queries.
-
-    The minute window comes row by row (its ``retry_after`` depends on each entry's time). The
-    rest of the month comes as two sums placed where :func:`evaluate_quota` counts them exactly
-    as it would the rows: day tokens and cost at midnight, older cost at the month's start, both
-    outside the minute window. Records are summed from the ``usage_hourly`` rollup by whole
-    hours: every hour from the month's start on when no minute limit is set, else the hours
-    before the one the minute window starts in, the rest of that hour row by row.
-    """
-    minute_from = now - timedelta(seconds=MINUTE)
-    stale = now - RESERVATION_TTL
-    entries: list[WindowEntry] = []
-    by_minute = quota.requests_per_minute is not None or quota.tokens_per_minute is not None
-    if by_minute:
-        rows = conn.execute(
-            _MINUTE_ENTRIES,
-            {
-                "customer": customer_id,
-                "start": _ts(minute_from),
-                "live": _ts(max(minute_from, stale)),
-            },
-        ).fetchall()
-        entries = [WindowEntry(_dt(at), tokens, cost) for at, tokens, cost in rows]
-    if quota.tokens_per_day is not None or quota.usd_per_month is not None:
-        today, this_month = day_start(now), month_start(now)
-        if by_minute:
-            # The minute rows were read one by one: sum only what comes before them.
-            upper_hour = _hour(minute_from)
-            upper = _ts(minute_from)
-            rows_from = _ts(max(this_month, _EPOCH + timedelta(hours=upper_hour)))
+def _quota_state(conn: sqlite3.Connection, customer_id: str, now_us: int) -> QuotaState:
+    """The customer's buckets and day totals that can count at ``now_us``."""
+    token_days, cost_days = counted_days(now_us)
+    rows = conn.execute(
+        _QUOTA_STATE,
+        {
+            "customer": customer_id,
+            "from_second": now_us // SECOND_US - 61,
+            "from_minute": now_us // MINUTE_US - KEEP_HOLD_MINUTES,
+            "from_day": min(token_days.start, cost_days.start),
+            "to_day": max(token_days.stop, cost_days.stop) - 1,
+        },
+    ).fetchall()
+    seconds, holds, days = [], [], []
+    for kind, index, requests, tokens, cost, last_us in rows:
+        if kind == "s":
+            seconds.append(Bucket(index, requests, tokens, 0.0, last_us))
+        elif kind == "h":
+            holds.append(Bucket(index, requests, tokens, cost, last_us))
         else:
-            # No row is needed one by one: the rollup has every hour, however late.
-            upper_hour, upper, rows_from = _NO_HOUR_LIMIT, math.inf, math.inf
-        day_tokens, day_cost, older_cost = conn.execute(
-            _MONTH_SUMS,
-            {
-                "customer": customer_id,
-                "day": _ts(today),
-                "month": _ts(this_month),
-                "month_hour": _hour(this_month),
-                "upper_hour": upper_hour,
-                "rows_from": rows_from,
-                "stale": _ts(stale),
-                "upper": upper,
-            },
+            days.append(DayTotal(index, tokens, cost))
+    return QuotaState(seconds, holds, days)
+
+
+def _count(
+    conn: sqlite3.Connection,
+    customer_id: str,
+    at_us: int,
+    tokens: int,
+    cost: float,
+    *,
+    minute: bool,
+) -> None:
+    """Count a usage record that reached the model at ``at_us`` (see _memory._Ledger.count)."""
+    if minute:
+        conn.execute(
+            _ADD_SECOND,
+            {"customer": customer_id, "index": at_us // SECOND_US, "tokens": tokens, "at": at_us},
+        )
+    conn.execute(
+        _ADD_DAY, {"customer": customer_id, "day": day_of(at_us), "tokens": tokens, "cost": cost}
+    )
+
+
+def _settle(conn: sqlite3.Connection, reservation: Reservation | None, record: UsageRecord) -> None:
+    """Drop the reservation's hold and store the record once per ``record_id``; a new record
+    that reached the model counts where its hold did (or at its own time)."""
+    hold = None
+    if reservation is not None and reservation.id:
+        hold = conn.execute(
+            "SELECT customer_id, at, tokens, cost_usd FROM pending WHERE id = ?",
+            (reservation.id,),
         ).fetchone()
-        # A non-zero sum implies rows at or after its anchor and at or before ``upper``, so
-        # the anchor never falls inside a minute window that was read row by row (and when
-        # none was read, no minute limit is set and the window does not matter).
-        if day_tokens or day_cost:
-            entries.append(WindowEntry(today, int(day_tokens), float(day_cost)))
-        if older_cost:
-            entries.append(WindowEntry(this_month, 0, float(older_cost)))
-    return entries
+        if hold is not None:
+            conn.execute("DELETE FROM pending WHERE id = ?", (reservation.id,))
+    new = conn.execute(_INSERT_RECORD, _record_row(record)).rowcount == 1
+    counts = new and record.counts_as_request
+    tokens, cost = record.tokens.total_tokens, record.cost_usd or 0.0
+    if hold is not None:
+        owner, at, held_tokens, held_cost = hold
+        at_us = to_us(_dt(at))
+        settles = counts and owner == record.customer_id
+        conn.execute(
+            _DROP_HOLD,
+            {
+                "customer": owner,
+                "minute": at_us // MINUTE_US,
+                "tokens": held_tokens,
+                "cost": held_cost,
+            },
+        )
+        second = {"customer": owner, "second": at_us // SECOND_US, "tokens": held_tokens}
+        if settles:
+            conn.execute(_SETTLE_SECOND, {**second, "settled": tokens})
+            _count(conn, owner, at_us, tokens, cost, minute=False)
+            return
+        conn.execute(_UNDO_SECOND, second)
+    if counts:
+        when = reservation.at if reservation is not None and reservation.at else None
+        at_us = to_us(when if when is not None else record.created_at)
+        _count(conn, record.customer_id, at_us, tokens, cost, minute=True)
 
 
 # --- the stores -----------------------------------------------------------------------------
@@ -638,44 +743,80 @@ class SQLiteStore:
     # --- quotas -----------------------------------------------------------------------------
 
     def reserve(
-        self, customer_id: str, quota: Quota, demand: QuotaDemand, *, now: datetime
+        self,
+        customer_id: str,
+        quota: Quota,
+        demand: QuotaDemand,
+        *,
+        now: datetime | None = None,
     ) -> Reservation:
-        """Atomically check ``demand`` against ``quota`` and, if admitted, hold it as pending."""
-        now = _utc(now)
+        """Atomically check ``demand`` against ``quota`` and, if admitted, hold it as pending.
+
+        ``now`` defaults to this host's clock (SQLite has none of its own).
+        """
+        now_us = to_us(now if now is not None else datetime.now(timezone.utc))
         with self._transaction("reserve quota", "IMMEDIATE") as conn:
-            entries = [] if quota.is_unlimited else _window_entries(conn, customer_id, quota, now)
-            limit, retry_after = evaluate_quota(quota, demand, entries, now)
-            if limit is not None:
-                return Reservation("", customer_id, False, limit, retry_after)
+            if not quota.is_unlimited:
+                state = _quota_state(conn, customer_id, now_us)
+                limit, retry_after = decide(quota, demand, state, now_us)
+                if limit is not None:
+                    return Reservation("", customer_id, False, limit, retry_after)
             reservation_id = uuid.uuid4().hex
-            conn.execute(
-                "DELETE FROM pending WHERE customer_id = ? AND at < ?",
-                (customer_id, _ts(now - _PENDING_GC)),
-            )
+            at = from_us(now_us)
+            for statement in _PRUNE:
+                conn.execute(
+                    statement,
+                    {
+                        "customer": customer_id,
+                        "old_second": now_us // SECOND_US - KEEP_SECONDS,
+                        "old_minute": now_us // MINUTE_US - KEEP_HOLD_MINUTES,
+                        "old_pending": _ts(at - _PENDING_GC),
+                    },
+                )
+            tokens, cost = int(demand.tokens), float(demand.cost_usd)
+            held = {"customer": customer_id, "tokens": tokens, "cost": cost, "at": now_us}
+            conn.execute(_ADD_SECOND, {**held, "index": now_us // SECOND_US})
+            conn.execute(_ADD_HOLD, {**held, "index": now_us // MINUTE_US})
             conn.execute(
                 "INSERT INTO pending (id, customer_id, at, tokens, cost_usd) "
                 "VALUES (?, ?, ?, ?, ?)",
-                (reservation_id, customer_id, _ts(now), demand.tokens, demand.cost_usd),
+                (reservation_id, customer_id, _ts(at), tokens, cost),
             )
-        return Reservation(reservation_id, customer_id, True)
+        return Reservation(reservation_id, customer_id, True, at=at)
 
     def commit(self, reservation: Reservation, record: UsageRecord) -> None:
         """Replace a pending reservation by the call's actual usage record, atomically."""
         with self._transaction("commit usage", "IMMEDIATE") as conn:
-            conn.execute("DELETE FROM pending WHERE id = ?", (reservation.id,))
-            conn.execute(_INSERT_RECORD, _record_row(record))
+            _settle(conn, reservation, record)
 
     def release(self, reservation: Reservation) -> None:
         """Drop a pending reservation (the call was never sent)."""
+        if not reservation.id:
+            return
         with self._transaction("release a reservation", "IMMEDIATE") as conn:
+            hold = conn.execute(
+                "SELECT customer_id, at, tokens, cost_usd FROM pending WHERE id = ?",
+                (reservation.id,),
+            ).fetchone()
+            if hold is None:
+                return
             conn.execute("DELETE FROM pending WHERE id = ?", (reservation.id,))
+            owner, at, tokens, cost = hold
+            at_us = to_us(_dt(at))
+            conn.execute(
+                _DROP_HOLD,
+                {"customer": owner, "minute": at_us // MINUTE_US, "tokens": tokens, "cost": cost},
+            )
+            conn.execute(
+                _UNDO_SECOND, {"customer": owner, "second": at_us // SECOND_US, "tokens": tokens}
+            )
 
     # --- usage ------------------------------------------------------------------------------
 
     def record_usage(self, record: UsageRecord) -> None:
         """Store a usage record. Writing the same ``record_id`` twice stores it once."""
         with self._transaction("record usage", "IMMEDIATE") as conn:
-            conn.execute(_INSERT_RECORD, _record_row(record))
+            _settle(conn, None, record)
 
     def usage_records(
         self, *, customer_id: str | None = None, since: datetime | None = None, limit: int = 1000

@@ -2,16 +2,26 @@
 
 Quota semantics (the contract every backend implements exactly):
 
-- Everything is timestamped at the *start* of a call: pending reservations at reservation time,
-  usage records at their ``created_at``.
-- Windows at ``now``: the minute window is every entry after ``now - 60 s`` (it slides across
-  day and month boundaries); the day window starts at UTC midnight; the month window at 00:00
-  UTC on the first of the month. Entries stamped up to :data:`CLOCK_SKEW` after ``now`` count
-  (a concurrent caller read the clock later but reserved first).
-- Usage in a window is the sum over usage records that reached the model
-  (:attr:`UsageRecord.counts_as_request`) plus every live pending reservation (younger than
-  :data:`RESERVATION_TTL`) in that window: requests count 1 each, tokens count
-  ``input + output``, cost counts ``cost_usd`` (``None`` as 0).
+- Every quota entry has a time: a pending reservation the time it was made (the store's clock
+  where it has one, see :func:`decide`), a usage record that reached the model
+  (:attr:`UsageRecord.counts_as_request`) the time of the reservation it settles, or its
+  ``created_at`` when it settles none.
+- The minute windows are kept as one bucket per second (:data:`BUCKET`): requests, tokens and
+  the time of the latest entry put in it. A bucket counts at ``now`` while its latest entry is
+  younger than 60 s, so every entry counts at least as long as the exact sliding window would
+  count it and at most one bucket (1 s) longer: the window never admits more than the exact
+  sliding window, and refuses at most 1 s early. When the entries of one bucket are all the
+  latest of it (one entry per second, the common case) the answer is exact. ``retry_after`` is
+  when enough buckets have left the window, so waiting that long is always enough.
+- The day window starts at UTC midnight and the month window at 00:00 UTC on the first; both are
+  exact counters (tokens per UTC day, cost per UTC day summed over the month).
+- A pending reservation counts in the minute buckets like a record, and in the day and month
+  windows through one bucket per minute of holds (:data:`HOLD_BUCKET`) until it is committed,
+  released or older than :data:`RESERVATION_TTL` (a crashed process's hold ages out; a bucket
+  ages out with its latest hold, so a hold counts at most a minute past its TTL).
+- Entries stamped up to :data:`CLOCK_SKEW` after ``now`` count (a concurrent caller read the
+  clock later but reserved first); buckets starting later than that are ignored.
+- Requests count 1 each, tokens ``input + output``, cost ``cost_usd`` (``None`` as 0).
 - A demand is admitted when, for every limit set, ``used + demand <= limit`` (requests: demand
   1). Limits are checked in the order requests_per_minute, tokens_per_minute, tokens_per_day,
   usd_per_month; the first that fails is reported with its ``retry_after``.
@@ -20,7 +30,7 @@ Quota semantics (the contract every backend implements exactly):
 from __future__ import annotations
 
 import calendar
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, cast
@@ -29,21 +39,33 @@ from ..policy import Quota
 from ..usage import Outcome, TokenUsage, UsageRecord
 
 __all__ = [
+    "BUCKET",
+    "CLOCK_SKEW",
+    "HOLD_BUCKET",
+    "KEEP_HOLD_MINUTES",
+    "KEEP_SECONDS",
     "OUTCOME_COLUMNS",
     "RESERVATION_TTL",
+    "Bucket",
     "CustomerReport",
+    "DayTotal",
     "QuotaDemand",
+    "QuotaState",
     "Reservation",
     "Suspension",
     "Violation",
-    "WindowEntry",
     "add_to_report",
+    "counted_days",
+    "day_of",
     "day_start",
-    "earliest_entry",
-    "evaluate_quota",
+    "decide",
     "finish_report",
+    "from_us",
+    "month_of",
     "month_start",
+    "next_month",
     "record_from_row",
+    "to_us",
 ]
 
 #: A pending reservation older than this is treated as abandoned (its process died).
@@ -51,6 +73,22 @@ RESERVATION_TTL = timedelta(minutes=10)
 MINUTE = 60.0
 #: How far after ``now`` an entry may be stamped and still count (clock skew between hosts).
 CLOCK_SKEW = timedelta(seconds=60)
+#: Width of one bucket of the minute windows.
+BUCKET = timedelta(seconds=1)
+#: Width of one bucket of pending holds (what the day and month windows count of them).
+HOLD_BUCKET = timedelta(minutes=1)
+#: Minute buckets this many seconds older than the newest ``now`` a store saw are dropped: the
+#: window (60 s), the skew allowance (60 s) and a margin.
+KEEP_SECONDS = 128
+#: Buckets of holds this many minutes older than ``now`` are dropped (the TTL and a margin).
+KEEP_HOLD_MINUTES = int(RESERVATION_TTL / HOLD_BUCKET) + 2
+
+SECOND_US = 1_000_000
+MINUTE_US = 60 * SECOND_US
+DAY_US = 86_400 * SECOND_US
+SKEW_US = int(CLOCK_SKEW / timedelta(microseconds=1))
+TTL_US = int(RESERVATION_TTL / timedelta(microseconds=1))
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +170,8 @@ class Reservation:
         admitted: Whether the demand fits every limit.
         limit: The name of the limit that refused it.
         retry_after: Seconds until enough capacity frees, or ``None`` when waiting cannot help.
+        at: When the store placed the hold (its own clock where it has one); the usage record
+            that settles it counts at this time. ``None`` when unknown.
     """
 
     id: str
@@ -139,15 +179,72 @@ class Reservation:
     admitted: bool
     limit: str | None = None
     retry_after: float | None = None
+    at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
-class WindowEntry:
-    """One counted item in a quota window: a usage record or a pending reservation."""
+class Bucket:
+    """One bucket of a customer's quota state.
 
-    at: datetime
+    Attributes:
+        index: Seconds since the epoch (a minute bucket) or minutes since the epoch (a bucket
+            of holds).
+        requests: Entries in it (minute buckets), or live holds in it (buckets of holds).
+        tokens: Their tokens.
+        cost_usd: Their cost (buckets of holds only; 0 in minute buckets).
+        last_us: Microseconds since the epoch of the latest entry ever put in it.
+    """
+
+    index: int
+    requests: int
     tokens: int
     cost_usd: float
+    last_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class DayTotal:
+    """Committed usage of one customer on one UTC day (``day``: days since the epoch)."""
+
+    day: int
+    tokens: int
+    cost_usd: float
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaState:
+    """What :func:`decide` needs of one customer: O(1) in the customer's volume.
+
+    Any superset of the buckets and days that matter at ``now`` may be given; the rest are
+    ignored.
+    """
+
+    seconds: Sequence[Bucket] = ()
+    holds: Sequence[Bucket] = ()
+    days: Sequence[DayTotal] = ()
+
+
+def to_us(moment: datetime) -> int:
+    """Microseconds since the epoch (a naive datetime is UTC): exact as integers and doubles."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return (moment - _EPOCH) // timedelta(microseconds=1)
+
+
+def from_us(us: int) -> datetime:
+    """The UTC datetime ``us`` microseconds after the epoch."""
+    return _EPOCH + timedelta(microseconds=us)
+
+
+def day_of(us: int) -> int:
+    """The UTC day (days since the epoch) of an instant."""
+    return us // DAY_US
+
+
+def month_of(us: int) -> tuple[int, int]:
+    """The UTC (year, month) of an instant."""
+    moment = from_us(us)
+    return moment.year, moment.month
 
 
 def day_start(now: datetime) -> datetime:
@@ -161,86 +258,91 @@ def month_start(now: datetime) -> datetime:
     return day_start(now).replace(day=1)
 
 
-def _next_month(now: datetime) -> datetime:
+def next_month(now: datetime) -> datetime:
+    """00:00 UTC on the first of the month after ``now``'s."""
     start = month_start(now)
     days = calendar.monthrange(start.year, start.month)[1]
     return start + timedelta(days=days)
 
 
-def window_starts(now: datetime) -> tuple[datetime, datetime]:
-    """Where the windows at ``now`` start: (minute window, month)."""
-    return now - timedelta(seconds=MINUTE), month_start(now)
+def counted_days(now_us: int) -> tuple[range, range]:
+    """The UTC days whose committed totals count at ``now``: (for tokens, for cost).
+
+    Tokens count from today, cost from the first of the month, both up to the day that
+    ``now + CLOCK_SKEW`` falls in (tomorrow, in the last minute of a day).
+    """
+    last = day_of(now_us + SKEW_US)
+    first_of_month = day_of(to_us(month_start(from_us(now_us))))
+    return range(day_of(now_us), last + 1), range(first_of_month, last + 1)
 
 
-def earliest_entry(now: datetime) -> datetime:
-    """The oldest instant an entry can matter to :func:`evaluate_quota` at ``now``."""
-    return min(window_starts(now))
-
-
-def evaluate_quota(
-    quota: Quota, demand: QuotaDemand, entries: Iterable[WindowEntry], now: datetime
+def decide(
+    quota: Quota, demand: QuotaDemand, state: QuotaState, now_us: int
 ) -> tuple[str | None, float | None]:
-    """Decide a demand against the entries counted so far.
+    """Decide a demand against a customer's quota state (see the module docstring).
 
     Args:
         quota: The customer's limits.
         demand: What the new call may consume.
-        entries: Usage records that reached the model and live pending reservations, at least
-            those since :func:`window_starts` (older ones are ignored).
-        now: The current time (UTC).
+        state: The customer's buckets and day totals.
+        now_us: The current time, microseconds since the epoch.
 
     Returns:
         ``(None, None)`` when admitted, else the refusing limit's name and its ``retry_after``.
     """
-    minute_from = now - timedelta(seconds=MINUTE)
-    today = day_start(now)
-    this_month = month_start(now)
-    horizon = now + CLOCK_SKEW
-    minute: list[WindowEntry] = []
-    day_tokens = 0
-    month_cost = 0.0
-    for entry in entries:
-        # Entries stamped a little after ``now`` (a concurrent caller read the clock later but
-        # reserved first, or another host's clock runs ahead) count: skipping them would let
-        # concurrent callers overshoot. Entries beyond the skew allowance are clock errors.
-        if entry.at > horizon:
-            continue
-        if entry.at >= this_month:
-            month_cost += entry.cost_usd
-        if entry.at >= today:
-            day_tokens += entry.tokens
-        if entry.at > minute_from:
-            # The minute window slides across day and month boundaries.
-            minute.append(entry)
-    minute.sort(key=lambda e: e.at)
+    minute_from = now_us - MINUTE_US
+    horizon = now_us + SKEW_US
+    minute = sorted(
+        (
+            b
+            for b in state.seconds
+            if b.last_us > minute_from
+            and b.index * SECOND_US <= horizon
+            and (b.requests > 0 or b.tokens > 0)
+        ),
+        key=lambda b: (b.last_us, b.index),
+    )
 
     if quota.requests_per_minute is not None:
         limit = quota.requests_per_minute
-        if len(minute) + 1 > limit:
+        used = sum(b.requests for b in minute)
+        if used + 1 > limit:
             if limit < 1:
                 return "requests_per_minute", None
-            must_expire = len(minute) + 1 - limit
-            frees_at = minute[must_expire - 1].at + timedelta(seconds=MINUTE)
-            return "requests_per_minute", max(0.0, (frees_at - now).total_seconds())
+            return "requests_per_minute", _frees(minute, used + 1 - limit, now_us, "requests")
     if quota.tokens_per_minute is not None:
         limit = quota.tokens_per_minute
-        used = sum(e.tokens for e in minute)
+        used = sum(b.tokens for b in minute)
         if used + demand.tokens > limit:
             if demand.tokens > limit:
                 return "tokens_per_minute", None
             excess = used + demand.tokens - limit
-            freed = 0
-            frees_at = now
-            for entry in minute:
-                freed += entry.tokens
-                frees_at = entry.at + timedelta(seconds=MINUTE)
-                if freed >= excess:
-                    break
-            return "tokens_per_minute", max(0.0, (frees_at - now).total_seconds())
+            return "tokens_per_minute", _frees(minute, excess, now_us, "tokens")
+
+    token_days, cost_days = counted_days(now_us)
+    today_us = token_days.start * DAY_US
+    month_us = cost_days.start * DAY_US
+    day_tokens = 0
+    month_cost = 0.0
+    for total in sorted(state.days, key=lambda d: d.day):
+        if total.day in token_days:
+            day_tokens += total.tokens
+        if total.day in cost_days:
+            month_cost += total.cost_usd
+    stale = now_us - TTL_US
+    for hold in sorted(state.holds, key=lambda b: b.index):
+        start = hold.index * MINUTE_US
+        if hold.requests <= 0 or hold.last_us <= stale or start > horizon:
+            continue
+        if start >= today_us:
+            day_tokens += hold.tokens
+        if start >= month_us:
+            month_cost += hold.cost_usd
+
     if quota.tokens_per_day is not None and day_tokens + demand.tokens > quota.tokens_per_day:
         if demand.tokens > quota.tokens_per_day:
             return "tokens_per_day", None
-        return "tokens_per_day", (today + timedelta(days=1) - now).total_seconds()
+        return "tokens_per_day", (today_us + DAY_US - now_us) / SECOND_US
     # Costs are summed floats: compare at the report's precision so 0.1 + 0.2 fits in 0.3.
     if (
         quota.usd_per_month is not None
@@ -248,8 +350,20 @@ def evaluate_quota(
     ):
         if demand.cost_usd > quota.usd_per_month:
             return "usd_per_month", None
-        return "usd_per_month", (_next_month(now) - now).total_seconds()
+        return "usd_per_month", (to_us(next_month(from_us(now_us))) - now_us) / SECOND_US
     return None, None
+
+
+def _frees(minute: Sequence[Bucket], excess: int, now_us: int, field_name: str) -> float:
+    """Seconds until the oldest buckets holding ``excess`` requests or tokens have all left."""
+    freed = 0
+    frees_at = now_us
+    for bucket in minute:
+        freed += bucket.requests if field_name == "requests" else bucket.tokens
+        frees_at = bucket.last_us + MINUTE_US
+        if freed >= excess:
+            break
+    return max(0, frees_at - now_us) / SECOND_US
 
 
 def add_to_report(report: dict[str, dict[str, float | int]], record: UsageRecord) -> None:
