@@ -65,12 +65,14 @@ from ._guard import (
     begin,
     drive,
     finish,
+    moderate_output,
     suspend,
     unsent,
     unsuspend,
 )
 from ._identity import resolve_secret, safety_identifier, validate_customer_id
 from ._moderation import AsyncOpenAIModerator, ModerationInput, OpenAIModerator, VerdictCache
+from ._output import OutputWindows, answer_texts
 from ._streams import TAP_KEY, UsageTap, guarded_stream_cls
 from .errors import (
     BatchFileError,
@@ -338,6 +340,20 @@ class _Guarded:
         client = cast("openai.OpenAI | openai.AsyncOpenAI", self)
         return route_of(client._prepare_url(url).path, client.base_url.path)
 
+    def _output_flow(self, call: Call, texts: list[str], rid: str | None) -> Flow[None]:
+        return moderate_output(self._safe, call, texts, request_id=rid)
+
+    def _windows(self, call: Call) -> OutputWindows | None:
+        """The output windows of a streamed call whose output is moderated."""
+        if call.output_mode is None:
+            return None
+        policy = self._safe.policy
+        return OutputWindows(
+            chars=policy.output_window_chars,
+            sentences=policy.output_window_sentences,
+            hold=call.output_mode == "block",
+        )
+
     def _finish_flow(
         self, call: Call, outcome: Outcome, usage: TokenUsage | None, rid: str | None, chars: int
     ) -> Flow[None]:
@@ -474,6 +490,8 @@ class SafeClient(_Guarded, openai.OpenAI):
                 finisher=lambda outcome, usage, rid, chars: self._finish(
                     call, outcome, usage, rid, chars
                 ),
+                windows=self._windows(call),
+                check=lambda texts, rid: drive(self._output_flow(call, texts, rid), self._execute),
             )
             stream_cls = guarded_stream_cls(stream_cls, is_async=False)
         sending = _Sending(tap)
@@ -494,6 +512,9 @@ class SafeClient(_Guarded, openai.OpenAI):
         if isinstance(result, APIResponse) and _is_json(result.http_response):
             result.http_response.read()  # small JSON bodies: read now to record their usage
         self._finish(call, "ok", *_usage_of(result), 0)
+        if call.output_mode is not None:
+            texts, rid = _answer_of(result, _read_answer(result))
+            drive(self._output_flow(call, texts, rid), self._execute)
         return result
 
     def _batch_request(self, step: str, cast_to: Any, options: FinalRequestOptions) -> Any:
@@ -699,7 +720,15 @@ class AsyncSafeClient(_Guarded, openai.AsyncOpenAI):
             ) -> None:
                 await self._finish(call, outcome, usage, rid, chars)
 
-            tap = UsageTap(hide_usage_chunk=call.hide_usage_chunk, async_finisher=finisher)
+            async def check(texts: list[str], rid: str | None) -> None:
+                await adrive(self._output_flow(call, texts, rid), self._execute)
+
+            tap = UsageTap(
+                hide_usage_chunk=call.hide_usage_chunk,
+                async_finisher=finisher,
+                windows=self._windows(call),
+                async_check=check,
+            )
             stream_cls = guarded_stream_cls(stream_cls, is_async=True)
         sending = _Sending(tap)
         token = _sending.set(sending)
@@ -719,6 +748,9 @@ class AsyncSafeClient(_Guarded, openai.AsyncOpenAI):
         if isinstance(result, AsyncAPIResponse) and _is_json(result.http_response):
             await result.http_response.aread()  # small JSON bodies: read now to record usage
         await self._finish(call, "ok", *_usage_of(result), 0)
+        if call.output_mode is not None:
+            texts, rid = _answer_of(result, await _aread_answer(result))
+            await adrive(self._output_flow(call, texts, rid), self._execute)
         return result
 
     async def _batch_request(self, step: str, cast_to: Any, options: FinalRequestOptions) -> Any:
@@ -940,6 +972,42 @@ def _end_unread_stream(result: object, tap: UsageTap) -> None:
 
 def _is_json(response: httpx2.Response) -> bool:
     return "json" in response.headers.get("content-type", "")
+
+
+_RAW_RESPONSES = (LegacyAPIResponse, APIResponse, AsyncAPIResponse)
+
+
+def _read_answer(result: object) -> object:
+    """The answer whose output is moderated: the parsed object, or a raw response's JSON body
+    (read now: output moderation needs it before the caller gets the response)."""
+    if not isinstance(result, _RAW_RESPONSES):
+        return result
+    if not isinstance(result, AsyncAPIResponse):
+        result.http_response.read()
+    return _json_body(result.http_response)
+
+
+async def _aread_answer(result: object) -> object:
+    """:func:`_read_answer` for the async client."""
+    if isinstance(result, AsyncAPIResponse):
+        await result.http_response.aread()
+    return _read_answer(result)
+
+
+def _json_body(response: httpx2.Response) -> object:
+    if not _is_json(response):
+        return None
+    try:
+        return response.json()
+    except ValueError:
+        return None
+
+
+def _answer_of(result: object, answer: object) -> tuple[list[str], str | None]:
+    """The output texts of an answer, and its request id."""
+    if isinstance(result, _RAW_RESPONSES):
+        return answer_texts(answer), result.request_id
+    return answer_texts(answer), getattr(result, "_request_id", None)
 
 
 def _usage_of(result: object) -> tuple[TokenUsage | None, str | None]:

@@ -34,18 +34,28 @@ from ._extract import (
 )
 from ._identity import current_customer, safety_identifier
 from ._moderation import ModerationInput, VerdictCache, checked_results, inputs_for, roles_of
+from ._output import OutputMode
 from .errors import (
+    ConfigurationError,
     CustomerRequired,
     CustomerSuspended,
     ModerationBlocked,
     ModerationUnavailable,
+    OutputBlocked,
     PolicyDenied,
     QuotaExceeded,
     SafeOpenAIError,
     StoreError,
     UnguardedPathError,
 )
-from .policy import Decision, GuardedRequest, ModerationResult, Policy
+from .policy import (
+    OUTPUT_MODES,
+    Decision,
+    GuardedRequest,
+    ModerationResult,
+    Policy,
+    check_output_settings,
+)
 from .stores._types import QuotaDemand, Reservation, Violation
 from .usage import Outcome, PriceTable, TokenUsage, UsageRecord, estimate_tokens
 
@@ -61,6 +71,7 @@ __all__ = [
     "check_standing",
     "drive",
     "finish",
+    "moderate_output",
     "on_store",
     "reserve",
     "suspend",
@@ -206,6 +217,10 @@ class Call:
     reservation: Reservation | None = None
     hide_usage_chunk: bool = False
     finished: bool = False
+    #: What the policy does with this call's output (``None``: not moderated).
+    output_mode: OutputMode | None = None
+    #: A violation was already recorded for this call's output (one per call).
+    output_flagged: bool = False
 
     @property
     def customer_key(self) -> str:
@@ -294,6 +309,8 @@ def begin(
             kinds=extraction.unmoderatable,
         )
 
+    call.output_mode = output_mode_of(policy, spec, request)
+
     call.reservation = yield from reserve(state, call, lambda: _worst_case(state, call))
     try:
         yield from _moderate(state, call, request, extraction.pieces)
@@ -319,6 +336,125 @@ def begin(
         model=call.model,
     )
     return call
+
+
+#: Endpoints whose answers output moderation reads.
+OUTPUT_ENDPOINTS = frozenset({"chat.completions", "responses", "completions"})
+
+
+def output_mode_of(
+    policy: Policy, spec: EndpointSpec, request: GuardedRequest
+) -> OutputMode | None:
+    """The policy's output moderation for a request (``None`` on endpoints without text output).
+
+    Raises:
+        ConfigurationError: The policy answered something else than ``None``, ``"record"`` or
+            ``"block"`` (nothing is sent).
+    """
+    if spec.name not in OUTPUT_ENDPOINTS:
+        return None
+    mode = policy.output_moderation_for(request)
+    if mode not in OUTPUT_MODES:
+        raise ConfigurationError(
+            f'Policy.output_moderation_for must return None, "record" or "block", got {mode!r}'
+        )
+    if mode is not None:
+        check_output_settings(mode, policy.output_window_chars, policy.output_window_sentences)
+    return mode
+
+
+def moderate_output(
+    state: GuardState, call: Call, texts: Sequence[str], *, request_id: str | None = None
+) -> Flow[None]:
+    """Moderate text the model returned for ``call`` (a whole answer, or a stream's window).
+
+    Flagged output is recorded as a violation with ``source="output"`` (once per call, a strike
+    unless :attr:`Policy.output_strikes` is false). Under ``"block"`` it raises; under
+    ``"record"`` the caller gets the output all the same. An outage follows ``fail_open``:
+    ``"block"`` failing closed withholds the output, anything else lets it through, logged.
+
+    Raises:
+        OutputBlocked: ``"block"`` and the policy judged the text blocked.
+        ModerationUnavailable: ``"block"``, failing closed, and moderation could not be had.
+    """
+    mode = call.output_mode
+    if mode is None:
+        return
+    inputs = inputs_for(Piece("text", text, "assistant", "output") for text in texts)
+    if not inputs:
+        return
+    policy = state.policy
+    keys = [VerdictCache.key(state.moderation_model, item) for item in inputs]
+    results: list[ModerationResult | None] = [state.cache.get(key) for key in keys]
+    missing = [i for i, result in enumerate(results) if result is None]
+    if missing:
+        try:
+            fresh = checked_results(
+                (yield Moderate(tuple(inputs[i] for i in missing))), len(missing)
+            )
+        except ModerationUnavailable as exc:
+            # as for input: a malformed answer is no outage, so it withholds even failing open
+            if mode == "block" and not (policy.fail_open and exc.outage):
+                log.error(
+                    "safe_openai.output_moderation_unavailable",
+                    customer_id=call.customer_id,
+                    endpoint=call.endpoint,
+                    action="withheld",
+                )
+                raise
+            log.warning(
+                "safe_openai.output_moderation_unavailable",
+                customer_id=call.customer_id,
+                endpoint=call.endpoint,
+                action="delivered",
+            )
+            return
+        for i, result in zip(missing, fresh, strict=True):
+            results[i] = result
+            state.cache.put(keys[i], result)
+    judged = [result for result in results if result is not None]
+    request = GuardedRequest(
+        call.customer_id, call.endpoint, call.model, MappingProxyType(call.body)
+    )
+    verdict = policy.judge_output(request, judged)
+    if not verdict.blocked:
+        return
+    log.warning(
+        "safe_openai.output_flagged",
+        customer_id=call.customer_id,
+        endpoint=call.endpoint,
+        categories=list(verdict.categories),
+        top_score=round(verdict.top_score, 4),
+        action="withheld" if mode == "block" else "delivered",
+    )
+    if call.customer_id is not None and not call.output_flagged:
+        call.output_flagged = True
+        if policy.output_strikes:
+            violation = Violation(
+                customer_id=call.customer_id,
+                created_at=_now(),
+                source="output",
+                categories=verdict.categories,
+                top_score=verdict.top_score,
+                endpoint=call.endpoint,
+                detail=request_id or "",
+            )
+            alone = [
+                key
+                for key, result in zip(keys, judged, strict=True)
+                if policy.judge_output(request, [result]).blocked
+            ]
+            yield from strike(state, violation, alone or keys)
+        else:
+            log.info("safe_openai.output_flagged_without_strike", customer_id=call.customer_id)
+    if mode == "block":
+        raise OutputBlocked(
+            call.customer_id,
+            categories=verdict.categories,
+            scores=verdict.scores,
+            endpoint=call.endpoint,
+            request_id=request_id,
+        )
 
 
 def check_standing(state: GuardState, call: Call) -> Flow[None]:

@@ -2,6 +2,13 @@
 usage exactly once when the stream ends, whether it is read to the end, closed, broken out of,
 fails, or is garbage-collected unread (then the usage is an estimate, marked ``estimated``).
 
+Under output moderation the tap also carries the stream's output windows
+(:class:`~safe_openai._output.OutputWindows`): in ``"block"`` mode events are held and released
+window by window, each window moderated first (a flag ends the stream with ``OutputBlocked``);
+in ``"record"`` mode events flow as they come and the whole output is moderated once when the
+stream ends or is closed. Usage is noted as each event arrives, so a stream that is blocked, or
+whose last events are never released, still records what it spent.
+
 The stream classes subclass the SDK's ``Stream`` / ``AsyncStream``, so callers still get the
 SDK's own type. They reach their call's :class:`UsageTap` through the httpx request's
 extensions, which works in every SDK mode (plain, ``with_raw_response``,
@@ -18,9 +25,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, Generic, TypeVar
 
 import httpx2
+import structlog
 from openai import AsyncStream, Stream
 from openai._streaming import extract_stream_chunk_type
 
+from ._output import OutputWindows
 from .usage import Outcome, TokenUsage, token_usage_from_payload
 
 __all__ = [
@@ -32,6 +41,8 @@ __all__ = [
     "run_soon",
 ]
 
+log = structlog.get_logger("safe_openai")
+
 #: Key of the :class:`UsageTap` in ``httpx2.Request.extensions``.
 TAP_KEY = "safe_openai.tap"
 
@@ -39,6 +50,9 @@ _T = TypeVar("_T")
 
 Finisher = Callable[[Outcome, "TokenUsage | None", "str | None", int], None]
 AsyncFinisher = Callable[[Outcome, "TokenUsage | None", "str | None", int], Awaitable[None]]
+#: Moderates output texts of the call (the request id for the error); raises to block.
+Checker = Callable[[list[str], "str | None"], None]
+AsyncChecker = Callable[[list[str], "str | None"], Awaitable[None]]
 
 _USAGE_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed"})
 
@@ -50,6 +64,9 @@ class UsageTap:
         hide_usage_chunk: Drop the chat usage-only chunk (the caller did not ask for it).
         finisher: Records the usage (sync client).
         async_finisher: Records the usage (async client).
+        windows: The output windows, when the call's output is moderated.
+        check: Moderates output texts (sync client).
+        async_check: Moderates output texts (async client).
     """
 
     def __init__(
@@ -58,8 +75,15 @@ class UsageTap:
         hide_usage_chunk: bool,
         finisher: Finisher | None = None,
         async_finisher: AsyncFinisher | None = None,
+        windows: OutputWindows | None = None,
+        check: Checker | None = None,
+        async_check: AsyncChecker | None = None,
     ) -> None:
         self.hide_usage_chunk = hide_usage_chunk
+        self.windows = windows
+        self._check = check
+        self._async_check = async_check
+        self._said_checked = False
         self.usage: TokenUsage | None = None
         self.output_chars = 0
         self.request_id: str | None = None
@@ -113,13 +137,48 @@ class UsageTap:
     def _outcome(self) -> Outcome:
         return "ok" if self.usage is not None else "estimated"
 
-    def end(self) -> None:
-        """Record the usage now (sync client), once."""
+    def check_window(self) -> None:
+        """Moderate the window that is due (``"block"``); raises when it is blocked."""
+        windows = self.windows
+        if windows is not None and self._check is not None:
+            self._check(windows.texts(), self.request_id)
+            windows.judged()
+
+    async def acheck_window(self) -> None:
+        """Moderate the window that is due (``"block"``, async client)."""
+        windows = self.windows
+        if windows is not None and self._async_check is not None:
+            await self._async_check(windows.texts(), self.request_id)
+            windows.judged()
+
+    def _said(self) -> list[str] | None:
+        """The whole output to moderate once at the end (``"record"``), or ``None``."""
+        windows = self.windows
+        if windows is None or windows.hold or self._said_checked:
+            return None
+        self._said_checked = True
+        return windows.said()
+
+    def end(self, *, moderate: bool = True) -> None:
+        """Record the usage now (sync client), once; under ``"record"``, moderate the output
+        first (not from a finalizer)."""
+        said = self._said() if moderate else None
+        if said and self._check is not None:
+            try:
+                self._check(said, self.request_id)
+            except Exception:
+                log.exception("safe_openai.output_check_failed")
         if self._finisher is not None and self._claim():
             self._finisher(self._outcome(), self.usage, self.request_id, self.output_chars)
 
-    async def aend(self) -> None:
-        """Record the usage now (async client), once."""
+    async def aend(self, *, moderate: bool = True) -> None:
+        """Record the usage now (async client), once (see :meth:`end`)."""
+        said = self._said() if moderate else None
+        if said and self._async_check is not None:
+            try:
+                await self._async_check(said, self.request_id)
+            except Exception:
+                log.exception("safe_openai.output_check_failed")
         if self._async_finisher is not None and self._claim():
             await self._async_finisher(
                 self._outcome(), self.usage, self.request_id, self.output_chars
@@ -128,9 +187,9 @@ class UsageTap:
     def end_soon(self) -> None:
         """Record the usage from a finalizer: now for sync, as a task on the loop for async."""
         if self._finisher is not None:
-            self.end()
+            self.end(moderate=False)
         else:
-            run_soon(self.aend)
+            run_soon(lambda: self.aend(moderate=False))
 
 
 _PENDING: set[asyncio.Task[None]] = set()
@@ -163,19 +222,72 @@ def _run_detached(coro: Awaitable[None]) -> None:
 
 
 def _tap_sync(iterator: Iterator[_T], tap: UsageTap) -> Iterator[_T]:
+    windows = tap.windows
+    if windows is None or not windows.hold:
+        try:
+            for item in iterator:
+                if not tap.observe(item):
+                    if windows is not None:
+                        windows.add(item)
+                    yield item
+        finally:
+            tap.end()
+        return
     try:
         for item in iterator:
-            if not tap.observe(item):
-                yield item
+            if tap.observe(item):
+                continue
+            windows.add(item)
+            if windows.due:
+                tap.check_window()
+            yield from windows.release()
+        windows.end()
+        if windows.due:
+            tap.check_window()
+        yield from windows.release()
+    except BaseException:
+        # Blocked, failed or abandoned: what is held is never delivered; stop the answer.
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            with contextlib.suppress(Exception):
+                close()
+        raise
     finally:
         tap.end()
 
 
 async def _tap_async(iterator: AsyncIterator[_T], tap: UsageTap) -> AsyncIterator[_T]:
+    windows = tap.windows
+    if windows is None or not windows.hold:
+        try:
+            async for item in iterator:
+                if not tap.observe(item):
+                    if windows is not None:
+                        windows.add(item)
+                    yield item
+        finally:
+            await tap.aend()
+        return
     try:
         async for item in iterator:
-            if not tap.observe(item):
-                yield item
+            if tap.observe(item):
+                continue
+            windows.add(item)
+            if windows.due:
+                await tap.acheck_window()
+            for released in windows.release():
+                yield released
+        windows.end()
+        if windows.due:
+            await tap.acheck_window()
+        for released in windows.release():
+            yield released
+    except BaseException:
+        aclose = getattr(iterator, "aclose", None)
+        if aclose is not None:
+            with contextlib.suppress(Exception):
+                await aclose()
+        raise
     finally:
         await tap.aend()
 

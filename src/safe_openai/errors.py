@@ -11,7 +11,8 @@ existing ``except openai.OpenAIError`` keeps catching them::
         ├── QuotaExceeded            a quota would be exceeded; nothing was sent
         ├── PolicyDenied             the policy refused the request; nothing was sent
         ├── ModerationBlocked        moderation flagged the content; nothing was sent
-        │   └── BatchBlocked         ... in lines of a Batch API input file; not uploaded
+        │   ├── BatchBlocked         ... in lines of a Batch API input file; not uploaded
+        │   └── OutputBlocked        ... in the model's answer; withheld from the caller
         ├── ModerationUnavailable    moderation could not be obtained (fail closed)
         ├── UnguardedPathError       an SDK path the guard cannot cover was refused
         ├── BatchFileError           a Batch API file or batch safe_openai cannot accept
@@ -41,6 +42,7 @@ __all__ = [
     "CustomerSuspended",
     "ModerationBlocked",
     "ModerationUnavailable",
+    "OutputBlocked",
     "PolicyDenied",
     "QuotaExceeded",
     "SafeOpenAIError",
@@ -184,6 +186,32 @@ class BatchBlocked(ModerationBlocked):
         shown = ", ".join(f"{n} ({', '.join(c)})" for n, c in list(self.lines.items())[:10])
         more = f" and {len(self.lines) - 10} more" if len(self.lines) > 10 else ""
         self.args = (f"Batch input file blocked by moderation: line {shown}{more}.",)
+
+
+class OutputBlocked(ModerationBlocked):
+    """Moderation flagged the model's answer, under a policy that blocks output; the caller
+    receives none of the flagged text. Unlike its base class, the request **was** sent: its
+    usage is recorded. A stream raises it from its iteration, after the text judged clean.
+
+    Attributes:
+        request_id: OpenAI's ``x-request-id`` of the answer, when known.
+    """
+
+    user_message = "The answer was withheld because it may violate our content policy."
+
+    def __init__(
+        self,
+        customer_id: str | None,
+        *,
+        categories: tuple[str, ...],
+        scores: Mapping[str, float],
+        endpoint: str,
+        request_id: str | None = None,
+    ) -> None:
+        super().__init__(customer_id, categories=categories, scores=scores, endpoint=endpoint)
+        self.request_id = request_id
+        self.message = f"Output of {endpoint} withheld by moderation: {', '.join(categories)}."
+        self.args = (self.message,)
 
 
 class ModerationUnavailable(SafeOpenAIError):

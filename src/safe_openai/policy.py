@@ -15,6 +15,7 @@ from typing import Any, Literal
 from .errors import ConfigurationError
 
 __all__ = [
+    "OUTPUT_MODES",
     "Decision",
     "DefaultPolicy",
     "GuardedRequest",
@@ -140,6 +141,10 @@ _ALLOW = Decision()
 #: Roles a policy may name in ``moderate_roles``.
 KNOWN_ROLES = frozenset({"user", "tool", "assistant", "system", "developer"})
 
+#: What a policy may do with a call's output: nothing (``None``), ``"record"`` a violation and
+#: return the output, or ``"block"`` flagged output (see :meth:`Policy.output_moderation_for`).
+OUTPUT_MODES: tuple[str | None, ...] = (None, "record", "block")
+
 #: What a policy does about an OpenAI safety event.
 SafetyAction = Literal["strike", "suspend", "ignore"]
 
@@ -209,6 +214,19 @@ class Policy:
     repeat_strike_window: timedelta = timedelta(minutes=10)
     #: The moderation model.
     moderation_model: str = "omni-moderation-latest"
+    #: What to do with the model's output on chat completions, Responses and completions:
+    #: ``None`` (not moderated), ``"record"`` (returned; a flag is recorded as a violation) or
+    #: ``"block"`` (flagged output never reaches the caller: ``OutputBlocked``).
+    output_moderation: Literal["record", "block"] | None = None
+    #: Whether flagged output is a strike against the customer (a recorded violation, counted
+    #: towards :attr:`strike_limit`). ``False``: it is logged, not recorded.
+    output_strikes: bool = True
+    #: A streamed answer under ``"block"`` is held back in windows moderated before they are
+    #: released: a window closes at this many characters of one output...
+    output_window_chars: int = 200
+    #: ...or at this many sentence ends in it (``None``: characters only), or when the output
+    #: or the stream ends.
+    output_window_sentences: int | None = 2
 
     def quota_for(self, customer_id: str) -> Quota | None:
         """Return the customer's quota (override for tiers). ``None`` means unlimited."""
@@ -224,6 +242,18 @@ class Policy:
         The default blocks on every category the endpoint flagged.
         """
         return judge_by_thresholds(results, {})
+
+    def output_moderation_for(self, request: GuardedRequest) -> Literal["record", "block"] | None:
+        """Whether and how to moderate the output of this request (override per customer, model
+        or endpoint, e.g. ``"block"`` for a free tier only). The default:
+        :attr:`output_moderation`. Called only for chat completions, Responses and completions.
+        """
+        return self.output_moderation
+
+    def judge_output(self, request: GuardedRequest, results: Sequence[ModerationResult]) -> Verdict:
+        """Judge the moderation results of a call's output. The default judges it as
+        :meth:`judge` judges requests."""
+        return self.judge(request, results)
 
     def action_for_safety_event(self, event_type: str) -> SafetyAction:
         """What to do when OpenAI reports enforcement against one of your customers.
@@ -276,6 +306,11 @@ class DefaultPolicy(Policy):
         max_output_tokens: Cap on the output tokens a request may ask for.
         system_instruction: An instruction placed before every chat or Responses request, to
             keep the model inside the customer's domain.
+        output_moderation: ``None`` (the default: output is not moderated), ``"record"`` or
+            ``"block"`` (see :attr:`Policy.output_moderation`).
+        output_strikes: Whether flagged output is a strike (a recorded violation).
+        output_window_chars: Characters of streamed output held back per window (``"block"``).
+        output_window_sentences: Sentence ends that close a window sooner (``None``: never).
     """
 
     def __init__(
@@ -292,7 +327,12 @@ class DefaultPolicy(Policy):
         allowed_models: Sequence[str] | None = None,
         max_output_tokens: int | None = None,
         system_instruction: str | None = None,
+        output_moderation: Literal["record", "block"] | None = None,
+        output_strikes: bool = True,
+        output_window_chars: int = 200,
+        output_window_sentences: int | None = 2,
     ) -> None:
+        check_output_settings(output_moderation, output_window_chars, output_window_sentences)
         for category, limit in (thresholds or {}).items():
             if (
                 isinstance(limit, bool)
@@ -336,6 +376,10 @@ class DefaultPolicy(Policy):
         self.allowed_models = frozenset(allowed_models) if allowed_models is not None else None
         self.max_output_tokens = max_output_tokens
         self.system_instruction = system_instruction
+        self.output_moderation = output_moderation
+        self.output_strikes = bool(output_strikes)
+        self.output_window_chars = output_window_chars
+        self.output_window_sentences = output_window_sentences
 
     def quota_for(self, customer_id: str) -> Quota | None:
         return self.quota
@@ -359,6 +403,22 @@ class DefaultPolicy(Policy):
 
 #: The category a block names when the endpoint flagged a result without naming a category.
 FLAGGED = "flagged"
+
+
+def check_output_settings(mode: object, chars: object, sentences: object) -> None:
+    """Raise :class:`ConfigurationError` for an output moderation setting that cannot work."""
+    if mode not in OUTPUT_MODES:
+        raise ConfigurationError(
+            f'output_moderation must be None, "record" or "block", got {mode!r}'
+        )
+    if isinstance(chars, bool) or not isinstance(chars, int) or chars < 1:
+        raise ConfigurationError(f"output_window_chars must be an int >= 1, got {chars!r}")
+    if sentences is not None and (
+        isinstance(sentences, bool) or not isinstance(sentences, int) or sentences < 1
+    ):
+        raise ConfigurationError(
+            f"output_window_sentences must be an int >= 1 or None, got {sentences!r}"
+        )
 
 
 def judge_by_thresholds(

@@ -347,14 +347,20 @@ class AsyncOpenAIKwargs(TypedDict):
 class _ChunkStream(httpx2.SyncByteStream, httpx2.AsyncByteStream):
     """A response body delivered one SSE event at a time, like the real service."""
 
-    def __init__(self, chunks: Sequence[bytes]) -> None:
+    def __init__(self, chunks: Sequence[bytes], delay: float = 0.0) -> None:
         self._chunks = chunks
+        self._delay = delay
 
     def __iter__(self) -> Iterator[bytes]:
-        yield from self._chunks
+        for number, chunk in enumerate(self._chunks):
+            if number and self._delay:
+                time.sleep(self._delay)
+            yield chunk
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        for chunk in self._chunks:
+        for number, chunk in enumerate(self._chunks):
+            if number and self._delay:
+                await anyio.sleep(self._delay)
             yield chunk
 
 
@@ -383,9 +389,10 @@ def _sse_event(value: JSON) -> bytes:
 _SSE_DONE = b"data: [DONE]\n\n"
 
 
-def _split_deltas(text: str, pieces: int = 4) -> list[str]:
-    """Split ``text`` into at most ``pieces`` deltas of similar length (none for no text)."""
-    size = max(1, math.ceil(len(text) / pieces))
+def _split_deltas(text: str, pieces: int = 4, size: int | None = None) -> list[str]:
+    """Split ``text`` into at most ``pieces`` deltas of similar length, or into deltas of
+    ``size`` characters when given (none for no text)."""
+    size = size or max(1, math.ceil(len(text) / pieces))
     return [text[i : i + size] for i in range(0, len(text), size)]
 
 
@@ -508,6 +515,12 @@ class FakeOpenAI(httpx2.BaseTransport, httpx2.AsyncBaseTransport):
             with a call of its first function tool with these arguments, plain or streamed;
             once a tool output is in the request, the answer is text as usual. This drives an
             agent's tool loop.
+        delta_chars: Streamed text comes in deltas of this many characters (default: the
+            reply in four deltas), so a test can place a flagged word mid-stream: with
+            ``reply="... kill ..."`` the fake's own moderation flags the answer's text (output
+            moderation), as it flags any text containing a ``flag_words`` entry.
+        event_delay: Seconds between the events of a streamed reply (``anyio.sleep`` on the
+            async path), for time-to-first-token measurements.
 
     Raises:
         ValueError: A ``flag_words`` or ``scores`` entry names an unknown category.
@@ -527,6 +540,8 @@ class FakeOpenAI(httpx2.BaseTransport, httpx2.AsyncBaseTransport):
         reasoning_tokens: int = 0,
         delay: float = 0.0,
         tool_arguments: Mapping[str, Any] | None = None,
+        delta_chars: int | None = None,
+        event_delay: float = 0.0,
     ) -> None:
         self.flag_words: dict[str, str] = dict(
             DEFAULT_FLAG_WORDS if flag_words is None else flag_words
@@ -544,6 +559,10 @@ class FakeOpenAI(httpx2.BaseTransport, httpx2.AsyncBaseTransport):
         self.reasoning_tokens = reasoning_tokens
         self.delay = delay
         self.tool_arguments = dict(tool_arguments) if tool_arguments is not None else None
+        if delta_chars is not None and (isinstance(delta_chars, bool) or delta_chars < 1):
+            raise ValueError(f"delta_chars must be >= 1 or None, got {delta_chars!r}")
+        self.delta_chars = delta_chars
+        self.event_delay = event_delay
         self._lock = threading.Lock()
         self._requests: list[RecordedRequest] = []
         self._counter = 0
@@ -863,7 +882,7 @@ class FakeOpenAI(httpx2.BaseTransport, httpx2.AsyncBaseTransport):
             return httpx2.Response(
                 reply.status,
                 headers=response_headers,
-                stream=_ChunkStream(reply.chunks),
+                stream=_ChunkStream(reply.chunks, self.event_delay),
                 request=request,
             )
         return httpx2.Response(
@@ -1211,8 +1230,8 @@ class FakeOpenAI(httpx2.BaseTransport, httpx2.AsyncBaseTransport):
             }
         )
 
-    @staticmethod
     def _chat_stream(
+        self,
         completion_id: str,
         model: str,
         text: str,
@@ -1248,7 +1267,8 @@ class FakeOpenAI(httpx2.BaseTransport, httpx2.AsyncBaseTransport):
             first = {"role": "assistant", "content": "", "refusal": None}
             chunks.append(chunk([choice(index, first)]))
             chunks.extend(
-                chunk([choice(index, {"content": piece})]) for piece in _split_deltas(text)
+                chunk([choice(index, {"content": piece})])
+                for piece in _split_deltas(text, size=self.delta_chars)
             )
             chunks.append(chunk([choice(index, {}, finish)]))
         if include_usage:
@@ -1369,7 +1389,7 @@ class FakeOpenAI(httpx2.BaseTransport, httpx2.AsyncBaseTransport):
         extra: JSON = {"usage": None} if include_usage else {}
         chunks: list[bytes] = []
         for choice in choices:
-            for piece in _split_deltas(choice["text"]):
+            for piece in _split_deltas(choice["text"], size=self.delta_chars):
                 delta = {"index": choice["index"], "text": piece, "logprobs": None}
                 chunks.append(
                     _sse_data({**envelope, **extra, "choices": [{**delta, "finish_reason": None}]})
@@ -1509,8 +1529,7 @@ class FakeOpenAI(httpx2.BaseTransport, httpx2.AsyncBaseTransport):
         chunks = [_sse_event({**event, "sequence_number": n}) for n, event in enumerate(events)]
         return _Reply(chunks=chunks, headers=_SSE_HEADERS)
 
-    @staticmethod
-    def _responses_stream(response: JSON, item: JSON, part: JSON) -> _Reply:
+    def _responses_stream(self, response: JSON, item: JSON, part: JSON) -> _Reply:
         pending = {
             **response,
             "status": "in_progress",
@@ -1536,7 +1555,7 @@ class FakeOpenAI(httpx2.BaseTransport, httpx2.AsyncBaseTransport):
         ]
         events.extend(
             {"type": "response.output_text.delta", **where, "delta": piece, "logprobs": []}
-            for piece in _split_deltas(part["text"])
+            for piece in _split_deltas(part["text"], size=self.delta_chars)
         )
         events += [
             {"type": "response.output_text.done", **where, "text": part["text"], "logprobs": []},
