@@ -165,6 +165,7 @@ class OutputWindows:
         self._extra: list[str] = []
         self._judged_extra: set[str] = set()
         self._due = False
+        self._closing = False
         #: Windows moderated so far (for tests and logs).
         self.windows = 0
 
@@ -172,6 +173,12 @@ class OutputWindows:
     def due(self) -> bool:
         """Whether held text must be moderated before anything more is released."""
         return self._due
+
+    @property
+    def closing(self) -> bool:
+        """Whether the due window closed because an output or the stream ended: what follows
+        is the answer's tail (its usage), not more generated text."""
+        return self._closing
 
     @property
     def held(self) -> int:
@@ -197,7 +204,7 @@ class OutputWindows:
             ):
                 self._due = True
         if ended and self._open():
-            self._due = True
+            self._due = self._closing = True
         if self._note(summaries):
             self._due = True
 
@@ -216,7 +223,7 @@ class OutputWindows:
     def end(self) -> None:
         """The stream ended: whatever is open must be judged before the rest is released."""
         if self._open() or self._extra:
-            self._due = True
+            self._due = self._closing = True
 
     def texts(self) -> list[str]:
         """What to moderate now: each open window with the unfinished sentence before it, and
@@ -233,7 +240,7 @@ class OutputWindows:
                 output.sentences = 0
         self._judged_extra.update(self._extra)
         self._extra.clear()
-        self._due = False
+        self._due = self._closing = False
         self.windows += 1
 
     def release(self) -> list[Any]:

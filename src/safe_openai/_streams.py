@@ -30,6 +30,7 @@ from openai import AsyncStream, Stream
 from openai._streaming import extract_stream_chunk_type
 
 from ._output import OutputWindows
+from .errors import SafeOpenAIError
 from .usage import Outcome, TokenUsage, token_usage_from_payload
 
 __all__ = [
@@ -221,6 +222,33 @@ def _run_detached(coro: Awaitable[None]) -> None:
         asyncio.run(run())
 
 
+def _check_window(tap: UsageTap, windows: OutputWindows, iterator: Iterator[Any]) -> None:
+    """Moderate the due window; when it blocks as the answer ends, read the answer's tail (its
+    usage event) without delivering it, so the real usage is recorded, not an estimate."""
+    try:
+        tap.check_window()
+    except SafeOpenAIError:
+        if windows.closing:
+            with contextlib.suppress(Exception):
+                for item in iterator:
+                    tap.observe(item)
+        raise
+
+
+async def _acheck_window(
+    tap: UsageTap, windows: OutputWindows, iterator: AsyncIterator[Any]
+) -> None:
+    """:func:`_check_window` for the async client."""
+    try:
+        await tap.acheck_window()
+    except SafeOpenAIError:
+        if windows.closing:
+            with contextlib.suppress(Exception):
+                async for item in iterator:
+                    tap.observe(item)
+        raise
+
+
 def _tap_sync(iterator: Iterator[_T], tap: UsageTap) -> Iterator[_T]:
     windows = tap.windows
     if windows is None or not windows.hold:
@@ -239,11 +267,11 @@ def _tap_sync(iterator: Iterator[_T], tap: UsageTap) -> Iterator[_T]:
                 continue
             windows.add(item)
             if windows.due:
-                tap.check_window()
+                _check_window(tap, windows, iterator)
             yield from windows.release()
         windows.end()
         if windows.due:
-            tap.check_window()
+            _check_window(tap, windows, iterator)
         yield from windows.release()
     except BaseException:
         # Blocked, failed or abandoned: what is held is never delivered; stop the answer.
@@ -274,12 +302,12 @@ async def _tap_async(iterator: AsyncIterator[_T], tap: UsageTap) -> AsyncIterato
                 continue
             windows.add(item)
             if windows.due:
-                await tap.acheck_window()
+                await _acheck_window(tap, windows, iterator)
             for released in windows.release():
                 yield released
         windows.end()
         if windows.due:
-            await tap.acheck_window()
+            await _acheck_window(tap, windows, iterator)
         for released in windows.release():
             yield released
     except BaseException:
