@@ -237,3 +237,11 @@ def test_bad_output_settings_are_configuration_errors(
 ) -> None:
     with pytest.raises(ConfigurationError, match=message):
         DefaultPolicy(**settings)
+
+
+def test_a_sentence_end_split_between_deltas_counts() -> None:
+    windows = OutputWindows(chars=1000, sentences=1)
+    windows.add(chat_chunk("One."))
+    assert not windows.due  # a full stop needs the space after it
+    windows.add(chat_chunk(" Two"))
+    assert windows.due

@@ -198,7 +198,8 @@ class OutputWindows:
             output = self._outputs.setdefault(key, _Output())
             output.parts.append(text)
             output.open += text
-            output.sentences += len(_SENTENCE_END.findall(text))
+            # counted over the whole open window: a sentence end split between deltas counts
+            output.sentences = len(_SENTENCE_END.findall(output.open))
             if len(output.open) >= self.chars or (
                 self.sentences is not None and output.sentences >= self.sentences
             ):
