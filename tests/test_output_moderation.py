@@ -673,3 +673,17 @@ async def test_a_stream_cancelled_while_a_window_is_moderated_records_once() -> 
         assert "".join(delivered) == ""  # the held window never came out
         [record] = await client.store.usage_records()
         assert record.outcome == "estimated"
+
+
+def test_a_malformed_answer_on_output_withholds_it_even_failing_open() -> None:
+    class Malformed:
+        def moderate(self, inputs: Sequence[ModerationInput]) -> list[ModerationResult]:
+            if any(item.value != QUESTION for item in inputs):
+                return []  # no result for the answer: not an outage, a broken moderator
+            return [ModerationResult(False, {}, {}) for _ in inputs]
+
+    fake = FakeOpenAI(reply=CLEAN)
+    with make_client(fake, policy=policy("block", fail_open=True), moderator=Malformed()) as client:
+        with pytest.raises(ModerationUnavailable):
+            call(client.for_customer("acme"), "chat")
+        assert len(client.store.usage_records()) == 1
