@@ -42,6 +42,7 @@ from ._batches import (
     remember,
     remember_file,
 )
+from ._bodies import meter_body
 from ._connections import (
     GuardedAsyncBeta,
     GuardedAsyncResponses,
@@ -49,7 +50,8 @@ from ._connections import (
     GuardedResponses,
     opening_guarded_socket,
 )
-from ._extract import body_from_content, is_guarded, normalize_path, route_of
+from ._copies import GUARD_PARAMETERS, signed_copy
+from ._extract import body_from_content, is_guarded, normalize_path, resolve_endpoint, route_of
 from ._guard import (
     MODERATION_CONCURRENCY,
     Call,
@@ -118,6 +120,7 @@ _STATE_KWARG = "_safe_state"
 # A relative path of plain segments: the URL the SDK builds from it is the base URL plus it.
 _PLAIN_PATH = re.compile(r"/?[A-Za-z0-9_-]+(?:/[A-Za-z0-9_-]+)*/?")
 _CUSTOMER_KWARG = "_safe_customer"
+_ROOT_KWARG = "_safe_root"
 
 
 def _is_async_store(store: object) -> bool:
@@ -190,7 +193,7 @@ def _json_usage(response: httpx2.Response) -> TokenUsage | None:
         return None
     try:
         return token_usage_from_payload(response.json())
-    except ValueError:
+    except (ValueError, httpx2.ResponseNotRead):
         return None
 
 
@@ -204,6 +207,8 @@ def _setup_state(
     spool: LocalSpool | Literal[False] | None,
     is_async: bool,
 ) -> GuardState:
+    if not is_async and inspect.iscoroutinefunction(getattr(moderator, "moderate", None)):
+        raise ConfigurationError("SafeClient needs a sync moderator.")
     policy = policy if policy is not None else DefaultPolicy()
     if not isinstance(policy, Policy):
         raise ConfigurationError(
@@ -244,6 +249,45 @@ def _setup_state(
         spool_dirty=spool is not None and spool.waiting(),
         owns_store=owns_store,
     )
+
+
+def derive_state(
+    state: GuardState, changes: Mapping[str, Any], *, is_async: bool
+) -> tuple[GuardState, bool]:
+    """The state of a copy given guard settings of its own (``copy(policy=...)``), and whether
+    the copy owns (and closes) the store it gets. Unchanged parts are shared with ``state``:
+    the store and its spool, the verdict cache while the moderator and its model stay, the
+    identifier map while the secret and the store stay.
+    """
+    if not changes:
+        return state, False
+    new_store = "store" in changes
+    moderator = changes.get("moderator", state.moderator)
+    if "moderator" not in changes and "policy" in changes and _is_default_moderator(moderator):
+        moderator = None  # the default moderator follows the new policy's moderation model
+    spool = changes.get("spool", None if new_store else (state.spool or False))
+    derived = _setup_state(
+        policy=changes.get("policy", state.policy),
+        store=changes["store"] if new_store else state.store,
+        identifier_secret=changes.get("identifier_secret", state.secret),
+        moderator=moderator,
+        prices=changes.get("prices", state.prices),
+        spool=spool,
+        is_async=is_async,
+    )
+    if not new_store:
+        derived.owns_store = False
+        derived.recent_blocks = state.recent_blocks
+        derived.batch_demands = state.batch_demands
+        if derived.secret == state.secret:
+            derived.known_identifiers = state.known_identifiers
+    if derived.moderator is state.moderator and derived.moderation_model == state.moderation_model:
+        derived.cache = state.cache
+    return derived, derived.owns_store
+
+
+def _is_default_moderator(moderator: object) -> bool:
+    return isinstance(moderator, (OpenAIModerator, AsyncOpenAIModerator))
 
 
 class _Guarded:
@@ -291,22 +335,28 @@ class _Guarded:
 
     def for_customer(self, customer_id: str) -> Self:
         """A client bound to one end customer, sharing this client's connections and state."""
-        return self.copy(_extra_kwargs={_CUSTOMER_KWARG: validate_customer_id(customer_id)})
+        bound: Self = self._safe_copy(
+            {"_extra_kwargs": {_CUSTOMER_KWARG: validate_customer_id(customer_id)}}
+        )
+        return bound
 
-    def copy(self, **kwargs: Any) -> Self:
-        """The SDK's ``copy`` that keeps the guard, the store and the bound customer.
+    def _safe_copy(self, kwargs: dict[str, Any]) -> Self:
+        """The SDK's ``copy`` that keeps the guard, the store and the bound customer, or gives
+        the copy guard settings of its own (``policy=``, ``store=``, ...).
 
         Libraries copy clients with any mix of arguments (``http_client=client._client``,
         ``_extra_kwargs={}``, ``max_retries=...``): the state rides along whatever is given.
         """
+        changes = {name: kwargs.pop(name) for name in GUARD_PARAMETERS if name in kwargs}
+        # None keeps the client's setting, as it does for the SDK's own options.
+        changes = {name: value for name, value in changes.items() if value is not None}
         extra = dict(kwargs.pop("_extra_kwargs", None) or {})
-        extra[_STATE_KWARG] = self._safe
+        state, owns = derive_state(self._safe, changes, is_async=isinstance(self, AsyncSafeClient))
+        extra[_STATE_KWARG] = state
+        extra[_ROOT_KWARG] = owns
         extra.setdefault(_CUSTOMER_KWARG, self._safe_customer)
         copied: Self = cast(Any, super()).copy(_extra_kwargs=extra, **kwargs)
         return copied
-
-    # The SDK binds ``with_options`` to its own ``copy``; rebind it or copies lose the guard.
-    with_options = copy
 
     def _begin(
         self, options: FinalRequestOptions, path: str
@@ -314,6 +364,12 @@ class _Guarded:
         """The folded options and the guard's flow for a call, or ``None`` to pass it through."""
         if not is_guarded(options.method, path):
             return None
+        if resolve_endpoint(path) is None:
+            # A content path the guard cannot inspect (Realtime calls, Live, evals): only the
+            # policy decides, whatever the body is (SDP, multipart), so it is not parsed.
+            return options, begin(
+                self._safe, bound_customer=self._safe_customer, path=path, body={}
+            )
         options, body = _fold_body(options)
         flow = begin(self._safe, bound_customer=self._safe_customer, path=path, body=body)
         return options, flow
@@ -322,9 +378,21 @@ class _Guarded:
         """Every WebSocket the SDK opens (Responses, Realtime and its beta, Live, translations)
         asks for its query here first: the last point to refuse one the guard does not watch.
         """
-        refuse_websocket(self._safe, str(url))
+        refuse_websocket(self._safe, self._socket_path(url, sys._getframe(1)))
         params: httpx2.QueryParams = cast(Any, super())._websocket_query_params(url, extra_query)
         return params
+
+    def _socket_path(self, url: httpx2.URL, caller: FrameType) -> str:
+        """The API path of the socket whose query is built for ``url``. Helpers that build the
+        query from the base URL, before the socket's path is known (the SDK's
+        ``TranslationSession``), are named by the socket they open.
+        """
+        path = normalize_path(str(url))
+        client = cast("openai.OpenAI | openai.AsyncOpenAI", self)
+        if path == normalize_path(str(client.base_url)):
+            module = str(caller.f_globals.get("__name__", ""))
+            return _BASE_URL_SOCKETS.get(module, path)
+        return path
 
     def _api_path(self, url: str) -> str:
         """The API route the SDK will really request for ``url``, relative to the base URL.
@@ -394,11 +462,9 @@ class SafeClient(_Guarded, openai.OpenAI):
     ) -> None:
         state: GuardState | None = openai_kwargs.pop(_STATE_KWARG, None)
         bound: str | None = openai_kwargs.pop(_CUSTOMER_KWARG, None)
+        root: bool = openai_kwargs.pop(_ROOT_KWARG, state is None)
         super().__init__(**openai_kwargs)
-        root = state is None
         if state is None:
-            if inspect.iscoroutinefunction(getattr(moderator, "moderate", None)):
-                raise ConfigurationError("SafeClient needs a sync moderator.")
             state = _setup_state(
                 policy=policy,
                 store=store,
@@ -408,9 +474,31 @@ class SafeClient(_Guarded, openai.OpenAI):
                 spool=spool,
                 is_async=False,
             )
-            if state.moderator is None:
-                state.moderator = OpenAIModerator(self, model=state.moderation_model)
+        if state.moderator is None:
+            state.moderator = OpenAIModerator(self, model=state.moderation_model)
         self._adopt(state, bound, root=root)
+
+    @signed_copy(
+        openai.OpenAI.copy,
+        {
+            "policy": Policy | None,
+            "store": UsageStore | str | None,
+            "identifier_secret": str | bytes | None,
+            "moderator": Any,
+            "prices": PriceTable | None,
+            "spool": LocalSpool | Literal[False] | None,
+        },
+    )
+    def copy(self, **kwargs: Any) -> Self:
+        """A copy of this client, as ``openai.OpenAI.copy``: the SDK's options override this
+        client's, and the guard's settings (``policy``, ``store``, ``identifier_secret``,
+        ``moderator``, ``prices``, ``spool``) too; everything not given (or ``None``) is kept,
+        the bound customer included.
+        """
+        return self._safe_copy(kwargs)
+
+    # The SDK binds ``with_options`` to its own ``copy``; rebind it or copies lose the guard.
+    with_options = copy
 
     @property
     def store(self) -> UsageStore:
@@ -509,8 +597,21 @@ class SafeClient(_Guarded, openai.OpenAI):
         if tap is not None:
             _end_unread_stream(result, tap)
             return result
-        if isinstance(result, APIResponse) and _is_json(result.http_response):
-            result.http_response.read()  # small JSON bodies: read now to record their usage
+        if (
+            call.output_mode is None
+            and isinstance(result, APIResponse)
+            and _is_json(result.http_response)
+        ):
+            # with_streaming_response: the usage is recorded as the caller's read ends (output
+            # moderation, when on, reads the answer first: it must be checked before it is seen)
+            body_tap = UsageTap(
+                hide_usage_chunk=False,
+                finisher=lambda outcome, usage, rid, chars: self._finish(
+                    call, outcome, usage, rid, chars
+                ),
+            )
+            if meter_body(result.http_response, body_tap, is_async=False):
+                return result
         self._finish(call, "ok", *_usage_of(result), 0)
         if call.output_mode is not None:
             texts, rid = _answer_of(result, _read_answer(result))
@@ -634,8 +735,8 @@ class AsyncSafeClient(_Guarded, openai.AsyncOpenAI):
     ) -> None:
         state: GuardState | None = openai_kwargs.pop(_STATE_KWARG, None)
         bound: str | None = openai_kwargs.pop(_CUSTOMER_KWARG, None)
+        root: bool = openai_kwargs.pop(_ROOT_KWARG, state is None)
         super().__init__(**openai_kwargs)
-        root = state is None
         if state is None:
             state = _setup_state(
                 policy=policy,
@@ -646,9 +747,31 @@ class AsyncSafeClient(_Guarded, openai.AsyncOpenAI):
                 spool=spool,
                 is_async=True,
             )
-            if state.moderator is None:
-                state.moderator = AsyncOpenAIModerator(self, model=state.moderation_model)
+        if state.moderator is None:
+            state.moderator = AsyncOpenAIModerator(self, model=state.moderation_model)
         self._adopt(state, bound, root=root)
+
+    @signed_copy(
+        openai.AsyncOpenAI.copy,
+        {
+            "policy": Policy | None,
+            "store": AsyncUsageStore | str | None,
+            "identifier_secret": str | bytes | None,
+            "moderator": Any,
+            "prices": PriceTable | None,
+            "spool": LocalSpool | Literal[False] | None,
+        },
+    )
+    def copy(self, **kwargs: Any) -> Self:
+        """A copy of this client, as ``openai.AsyncOpenAI.copy``: the SDK's options override this
+        client's, and the guard's settings (``policy``, ``store``, ``identifier_secret``,
+        ``moderator``, ``prices``, ``spool``) too; everything not given (or ``None``) is kept,
+        the bound customer included.
+        """
+        return self._safe_copy(kwargs)
+
+    # The SDK binds ``with_options`` to its own ``copy``; rebind it or copies lose the guard.
+    with_options = copy
 
     @property
     def store(self) -> AsyncUsageStore:
@@ -713,12 +836,13 @@ class AsyncSafeClient(_Guarded, openai.AsyncOpenAI):
         if call is None:
             return await super().request(cast_to, options, stream=stream, stream_cls=stream_cls)
         tap: UsageTap | None = None
-        if stream and stream_cls is not None:
 
-            async def finisher(
-                outcome: Outcome, usage: TokenUsage | None, rid: str | None, chars: int
-            ) -> None:
-                await self._finish(call, outcome, usage, rid, chars)
+        async def finisher(
+            outcome: Outcome, usage: TokenUsage | None, rid: str | None, chars: int
+        ) -> None:
+            await self._finish(call, outcome, usage, rid, chars)
+
+        if stream and stream_cls is not None:
 
             async def check(texts: list[str], rid: str | None) -> None:
                 await adrive(self._output_flow(call, texts, rid), self._execute)
@@ -745,8 +869,16 @@ class AsyncSafeClient(_Guarded, openai.AsyncOpenAI):
         if tap is not None:
             _end_unread_stream(result, tap)
             return result
-        if isinstance(result, AsyncAPIResponse) and _is_json(result.http_response):
-            await result.http_response.aread()  # small JSON bodies: read now to record usage
+        if (
+            call.output_mode is None
+            and isinstance(result, AsyncAPIResponse)
+            and _is_json(result.http_response)
+        ):
+            # with_streaming_response: the usage is recorded as the caller's read ends (output
+            # moderation, when on, reads the answer first: it must be checked before it is seen)
+            body_tap = UsageTap(hide_usage_chunk=False, async_finisher=finisher)
+            if meter_body(result.http_response, body_tap, is_async=True):
+                return result
         await self._finish(call, "ok", *_usage_of(result), 0)
         if call.output_mode is not None:
             texts, rid = _answer_of(result, await _aread_answer(result))
@@ -1061,6 +1193,10 @@ def _run_local(state: GuardState, command: Command) -> None:
         log.error("safe_openai.usage_lost", customer_id=command.record.customer_id)
         return
     state.spool.append(command.record, command.reservation_id)
+
+
+#: Sockets whose query the SDK builds from the base URL, by the module that builds it.
+_BASE_URL_SOCKETS = {"openai.lib.realtime_translation": "/realtime/translations"}
 
 
 def refuse_websocket(state: GuardState, url: str) -> None:

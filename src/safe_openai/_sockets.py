@@ -231,15 +231,18 @@ class SocketSession:
             return drained
 
 
-def _event(data: str | bytes) -> dict[str, Any]:
+#: What :meth:`Policy.allow_unguarded` is asked about a frame that is not a JSON event.
+RAW_FRAME = f"wss:{CREATE_PATH}#raw"
+
+
+def _event(data: str | bytes) -> dict[str, Any] | None:
+    """The JSON event ``data`` carries, or ``None`` when it is not one."""
     try:
         event = json.loads(data)
     except (ValueError, UnicodeDecodeError):
-        event = None
+        return None
     if not isinstance(event, dict) or not isinstance(event.get("type"), str):
-        raise UnguardedPathError(
-            "A WebSocket message that is not a JSON event cannot be moderated, so it was not sent."
-        )
+        return None
     return event
 
 
@@ -252,8 +255,17 @@ def outgoing(session: SocketSession, data: str | bytes) -> Flow[tuple[str | byte
         UnguardedPathError: a message that is not an event this guard understands.
     """
     event = _event(data)
-    kind = event["type"]
     state = session.state
+    if event is None:
+        if not state.policy.allow_unguarded(RAW_FRAME):
+            raise UnguardedPathError(
+                "A WebSocket message that is not a JSON event cannot be moderated, so it was not "
+                f"sent; allow {RAW_FRAME!r} in the policy (Policy.allow_unguarded) if that is "
+                "intended."
+            )
+        log.warning("safe_openai.unguarded_event_allowed", endpoint=RAW_FRAME)
+        return data, None
+    kind = event["type"]
     if kind == "response.create":
         body = {key: value for key, value in event.items() if key != "type"}
         call = yield from begin(
