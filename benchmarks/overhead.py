@@ -41,7 +41,7 @@ def build(calls: int) -> dict[str, Callable[[int], None]]:
     fake = FakeOpenAI(reply="ok")
     plain = openai.OpenAI(**fake.openai_kwargs())
     safe = SafeClient(
-        **fake.openai_kwargs(), identifier_secret="bench", store="memory://", spool=False
+        **fake.openai_kwargs(), identifier_secret="benchmark-secret", store="memory://", spool=False
     ).for_customer("acme")
     history = [{"role": "user", "content": "What is the capital of France?"}]
     counter = iter(range(10**9))

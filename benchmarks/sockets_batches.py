@@ -48,7 +48,7 @@ def socket_variants(stack: ExitStack, calls: int) -> dict[str, Callable[[], None
     safe = SafeClient(
         **fake.openai_kwargs(),
         websocket_base_url=url,
-        identifier_secret="bench",
+        identifier_secret="benchmark-secret",
         store="memory://",
         spool=False,
     ).for_customer("acme")
@@ -70,7 +70,7 @@ def batch_variants(lines: int) -> dict[str, Callable[[], None]]:
     fake = FakeOpenAI()
     plain = openai.OpenAI(**fake.openai_kwargs())
     safe = SafeClient(
-        **fake.openai_kwargs(), identifier_secret="bench", store="memory://", spool=False
+        **fake.openai_kwargs(), identifier_secret="benchmark-secret", store="memory://", spool=False
     ).for_customer("acme")
     numbers: Iterator[int] = iter(range(10**9))
 

@@ -128,7 +128,7 @@ def guarded_call_ms(store: UsageStore, calls: int) -> float:
     fake = FakeOpenAI(reply="ok")
     client = SafeClient(
         **fake.openai_kwargs(),
-        identifier_secret="bench",
+        identifier_secret="benchmark-secret",
         store=store,
         spool=False,
         policy=DefaultPolicy(quota=GUARDED_QUOTA),

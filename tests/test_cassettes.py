@@ -35,7 +35,7 @@ def make_client(transport: httpx2.BaseTransport) -> SafeClient:
         api_key="sk-cassette",
         base_url="http://cassette.openai.test/v1",
         http_client=httpx2.Client(transport=transport),
-        identifier_secret="cassette-secret",
+        identifier_secret="cassette-secret!",
         store="memory://",
         spool=False,
         max_retries=0,

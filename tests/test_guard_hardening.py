@@ -5,7 +5,9 @@ the smaller ones (secrets, quotas, ids, URLs, thresholds, local refusals, fail-o
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -13,18 +15,29 @@ import pytest
 
 from safe_openai import (
     AsyncSafeClient,
+    ConfigurationError,
     DefaultPolicy,
+    InvalidCustomerId,
     ModerationBlocked,
     ModerationUnavailable,
+    PolicyDenied,
+    Price,
+    PriceTable,
     Quota,
     SafeClient,
+    SafeOpenAIError,
     UnguardedPathError,
+    UnpricedModel,
+    customer,
+    testing,
 )
 from safe_openai._identity import safety_identifier
 from safe_openai._moderation import ModerationInput
-from safe_openai.policy import ModerationResult
-from safe_openai.stores._memory import AsyncMemoryStore
-from safe_openai.testing import FakeOpenAI
+from safe_openai.policy import MODERATION_CATEGORIES, ModerationResult
+from safe_openai.stores import Spool as LocalSpool
+from safe_openai.stores import async_store_from_url, store_from_url
+from safe_openai.stores._memory import AsyncMemoryStore, MemoryStore
+from safe_openai.testing import PNG_BYTES, FakeOpenAI
 
 from .conftest import SECRET, make_async_client, make_client
 
@@ -372,3 +385,210 @@ async def test_fail_open_still_sends_through_an_outage(fake: FakeOpenAI) -> None
     async with make_async_client(fake, policy=DefaultPolicy(fail_open=True)) as client:
         await client.for_customer("acme").chat.completions.create(**_hello())
     assert len(fake.model_requests) == 1
+
+
+# --- defect 2: a remote image URL is moderated again on every request -----------------------
+
+REMOTE = "https://images.example/cat.png"
+DATA_URL = "data:image/png;base64," + base64.b64encode(PNG_BYTES).decode()
+
+
+def _with_image(url: str) -> dict[str, Any]:
+    parts = [
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": url}},
+    ]
+    return {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": parts}]}
+
+
+def test_a_remote_image_url_is_moderated_on_every_request(fake: FakeOpenAI) -> None:
+    """The file behind a URL can be swapped between requests: its verdict is not reused."""
+    with make_client(fake) as client:
+        acme = client.for_customer("acme")
+        acme.chat.completions.create(**_with_image(REMOTE))
+        fake.scores[REMOTE] = {"sexual": 0.99}  # the customer swaps the file
+        with pytest.raises(ModerationBlocked):
+            acme.chat.completions.create(**_with_image(REMOTE))
+    assert fake.moderation_inputs.count(REMOTE) == 2
+    assert fake.moderation_inputs.count("what is this?") == 1  # texts are still cached
+    assert len(fake.model_requests) == 1
+
+
+async def test_async_remote_image_urls_are_not_cached_but_data_urls_are(fake: FakeOpenAI) -> None:
+    async with make_async_client(fake) as client:
+        acme = client.for_customer("acme")
+        for url in (REMOTE, REMOTE, DATA_URL, DATA_URL):
+            await acme.chat.completions.create(**_with_image(url))
+    assert fake.moderation_inputs.count(REMOTE) == 2
+    assert fake.moderation_inputs.count(DATA_URL) == 1  # judged by its content
+
+
+# --- defect 8: no spending without limit on an unpriced model --------------------------------
+
+CENT_A_MONTH = DefaultPolicy(quota=Quota(usd_per_month=0.01))
+
+
+def test_an_unpriced_model_is_refused_under_a_cost_quota(fake: FakeOpenAI) -> None:
+    with make_client(fake, policy=CENT_A_MONTH) as client:
+        acme = client.for_customer("acme")
+        with pytest.raises(UnpricedModel, match="with_overrides") as caught:
+            acme.chat.completions.create(
+                **{**_hello(), "model": "my-fine-tune"}, max_tokens=100_000
+            )
+        assert caught.value.model == "my-fine-tune"
+        assert isinstance(caught.value, ConfigurationError)
+        [record] = client.store.usage_records()
+        assert record.outcome == "denied"
+    assert fake.model_requests == []
+
+
+async def test_a_priced_model_runs_under_a_cost_quota(fake: FakeOpenAI) -> None:
+    prices = PriceTable().with_overrides({"my-fine-tune": Price(input=0.3, output=1.2)})
+    async with make_async_client(fake, policy=CENT_A_MONTH, prices=prices) as client:
+        acme = client.for_customer("acme")
+        await acme.chat.completions.create(**{**_hello(), "model": "my-fine-tune"}, max_tokens=50)
+        with pytest.raises(UnpricedModel):
+            await acme.responses.create(model="another-model", input="hello")
+    assert len(fake.model_requests) == 1
+
+
+def test_an_unpriced_model_runs_without_a_cost_quota(fake: FakeOpenAI) -> None:
+    policy = DefaultPolicy(quota=Quota(requests_per_minute=10))
+    with make_client(fake, policy=policy) as client:
+        client.for_customer("acme").chat.completions.create(**{**_hello(), "model": "my-fine-tune"})
+    assert len(fake.model_requests) == 1
+
+
+# --- defect 11: reasoning items sent back by the client are moderated ------------------------
+
+EVERY_ROLE = DefaultPolicy(moderate_roles=("user", "tool", "assistant", "system", "developer"))
+
+
+@pytest.mark.parametrize("where", ["summary", "content"])
+def test_reasoning_item_text_is_moderated(fake: FakeOpenAI, where: str) -> None:
+    kind = "summary_text" if where == "summary" else "reasoning_text"
+    item = {"type": "reasoning", "id": "rs_1", where: [{"type": kind, "text": BAD}]}
+    with make_client(fake, policy=EVERY_ROLE) as client, pytest.raises(ModerationBlocked):
+        client.for_customer("acme").responses.create(
+            model="gpt-4o-mini", input=[item, {"role": "user", "content": "go on"}]
+        )
+    assert fake.model_requests == []
+    assert BAD in fake.moderation_inputs
+
+
+async def test_async_reasoning_items_are_moderated(fake: FakeOpenAI) -> None:
+    item = {"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": BAD}]}
+    async with make_async_client(fake, policy=EVERY_ROLE) as client:
+        with pytest.raises(ModerationBlocked):
+            await client.for_customer("acme").responses.create(model="gpt-4o-mini", input=[item])
+    assert fake.model_requests == []
+
+
+# --- defect 12: the smaller ones -------------------------------------------------------------
+
+
+def test_repr_of_the_client_state_hides_the_identifier_secret(client: SafeClient) -> None:
+    assert SECRET not in repr(client._safe)
+    assert SECRET not in repr(vars(client))
+
+
+@pytest.mark.parametrize(
+    "secret", [123, 1.5, True, ["x" * 20], "x", "short-secret", " " * 32, b"\t" * 20, "\ud800" * 20]
+)
+def test_identifier_secret_must_be_a_long_enough_str_or_bytes(
+    fake: FakeOpenAI, secret: Any
+) -> None:
+    with pytest.raises(ConfigurationError, match="identifier secret") as caught:
+        make_client(fake, identifier_secret=secret)
+    assert str(secret) not in str(caught.value) or len(str(secret)) < 3
+
+
+def test_a_long_random_secret_is_accepted(fake: FakeOpenAI) -> None:
+    make_client(fake, identifier_secret=b"\x00\x01" * 8).close()
+    make_client(fake, identifier_secret="s" * 16).close()
+
+
+@pytest.mark.parametrize("field", ["requests_per_minute", "tokens_per_day", "usd_per_month"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1, -0.5])
+def test_quota_rejects_nan_infinity_and_negatives(field: str, value: float) -> None:
+    with pytest.raises(ConfigurationError, match=field):
+        Quota(**{field: value})
+
+
+@pytest.mark.parametrize("bad", ["", "   ", 5, None, "x" * 257, "\ud800", "acme\udfff"])
+def test_bad_customer_ids_raise_a_library_error_that_is_a_value_error(
+    client: SafeClient, bad: Any
+) -> None:
+    for attempt in (lambda: client.for_customer(bad), lambda: customer(bad).__enter__()):
+        with pytest.raises(InvalidCustomerId) as caught:
+            attempt()
+        assert isinstance(caught.value, ValueError)
+        assert isinstance(caught.value, SafeOpenAIError)
+
+
+def test_a_lone_surrogate_customer_leaves_no_reservation(fake: FakeOpenAI) -> None:
+    with make_client(fake, policy=ONE_A_MINUTE) as client:
+        with pytest.raises(InvalidCustomerId):
+            client.for_customer("acme\ud800").chat.completions.create(**_hello())
+        with pytest.raises(InvalidCustomerId), customer("acme\ud800"):
+            pass
+        assert client.store.usage_records() == []
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://[::1", "redis://127.0.0.1:port/0", "rediss://u:pw@[::1/0"]
+)
+def test_a_malformed_store_url_is_a_configuration_error(url: str) -> None:
+    with pytest.raises(ConfigurationError, match="cannot be parsed") as caught:
+        store_from_url(url)
+    assert "pw" not in str(caught.value)
+    with pytest.raises(ConfigurationError):
+        async_store_from_url(url)
+
+
+@pytest.mark.parametrize("category", ["violance", "self_harm", "Violence", "flagged"])
+def test_a_threshold_for_an_unknown_category_is_a_configuration_error(category: str) -> None:
+    with pytest.raises(ConfigurationError, match="unknown category"):
+        DefaultPolicy(thresholds={category: 0.5})
+
+
+def test_a_policy_for_a_custom_moderator_names_its_own_categories() -> None:
+    class KeywordPolicy(DefaultPolicy):
+        categories = frozenset({"profanity"})
+
+    assert KeywordPolicy(thresholds={"profanity": 0.5}).thresholds == {"profanity": 0.5}
+
+
+def test_the_policy_knows_the_categories_the_fake_api_scores() -> None:
+    assert set(MODERATION_CATEGORIES) == set(testing.MODERATION_CATEGORIES)
+
+
+class _WriteFailingStore(MemoryStore):
+    def commit(self, *args: Any, **kwargs: Any) -> None:
+        raise ConnectionError("store down")
+
+    record_usage = record_violation = remember_identifier = commit
+
+
+class _FullDisk(LocalSpool):
+    def append(self, *args: Any, **kwargs: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+
+def test_a_refusal_stands_when_store_and_spool_both_fail(fake: FakeOpenAI, tmp_path: Path) -> None:
+    """The refusal's record is lost (and logged as such), the refusal is not: the caller gets
+    ``ModerationBlocked`` or ``PolicyDenied``, not the spool's ``OSError``."""
+    spool = _FullDisk(tmp_path)
+    bad = [{"role": "user", "content": BAD}]
+    with (
+        make_client(fake, store=_WriteFailingStore(), spool=spool) as client,
+        pytest.raises(ModerationBlocked),
+    ):
+        client.for_customer("acme").chat.completions.create(model="gpt-4o-mini", messages=bad)
+    policy = DefaultPolicy(allowed_models=["gpt-4o"])
+    with (
+        make_client(fake, store=_WriteFailingStore(), spool=spool, policy=policy) as client,
+        pytest.raises(PolicyDenied),
+    ):
+        client.for_customer("acme").chat.completions.create(**_hello())
+    assert fake.model_requests == []

@@ -36,8 +36,8 @@ def test_missing_secret_names_the_environment_variable(monkeypatch: pytest.Monke
     monkeypatch.delenv("SAFE_OPENAI_IDENTIFIER_SECRET", raising=False)
     with pytest.raises(ConfigurationError, match="SAFE_OPENAI_IDENTIFIER_SECRET"):
         resolve_secret(None)
-    monkeypatch.setenv("SAFE_OPENAI_IDENTIFIER_SECRET", "from-env")
-    assert resolve_secret(None) == b"from-env"
+    monkeypatch.setenv("SAFE_OPENAI_IDENTIFIER_SECRET", "from-the-environment")
+    assert resolve_secret(None) == b"from-the-environment"
 
 
 def test_customer_context_nests_and_resets() -> None:

@@ -32,7 +32,7 @@ class DenyUnmoderatable(DefaultPolicy):
 FAKE = FakeOpenAI(flag_words={})
 CLIENT = SafeClient(
     **FAKE.openai_kwargs(),
-    identifier_secret="property",
+    identifier_secret="property-test-secret",
     store="memory://",
     spool=False,
     max_retries=0,

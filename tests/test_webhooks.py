@@ -38,7 +38,7 @@ from safe_openai.policy import SafetyAction
 from safe_openai.stores._memory import MemoryStore
 from safe_openai.webhooks import AsyncSafetyWebhookHandler, SafetyEvent, SafetyWebhookHandler
 
-IDENTIFIER_SECRET = "s"
+IDENTIFIER_SECRET = "webhook-test-identifier-secret"
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode()
 OTHER_SECRET = "whsec_" + base64.b64encode(b"fedcba9876543210fedcba9876543210").decode()
 

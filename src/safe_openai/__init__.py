@@ -21,6 +21,7 @@ from .errors import (
     ConfigurationError,
     CustomerRequired,
     CustomerSuspended,
+    InvalidCustomerId,
     ModerationBlocked,
     ModerationUnavailable,
     OutputBlocked,
@@ -29,6 +30,7 @@ from .errors import (
     SafeOpenAIError,
     StoreError,
     UnguardedPathError,
+    UnpricedModel,
     WebhookVerificationError,
 )
 from .policy import (
@@ -58,6 +60,7 @@ __all__ = [
     "Decision",
     "DefaultPolicy",
     "GuardedRequest",
+    "InvalidCustomerId",
     "ModerationBlocked",
     "ModerationInput",
     "ModerationResult",
@@ -75,6 +78,7 @@ __all__ = [
     "StoreError",
     "TokenUsage",
     "UnguardedPathError",
+    "UnpricedModel",
     "UsageRecord",
     "Verdict",
     "WebhookVerificationError",

@@ -272,7 +272,7 @@ def _moderate(
         for key, item in zip(line.keys, line.inputs, strict=True):
             if key in found or key in missing:
                 continue
-            cached = state.cache.get(key)
+            cached = state.cache.get(key) if VerdictCache.cacheable(item) else None
             if cached is not None:
                 found[key] = cached
             else:
@@ -286,7 +286,8 @@ def _moderate(
         for keys, results in zip(calls, answers, strict=True):
             for key, result in zip(keys, checked_results(results, len(keys)), strict=True):
                 found[key] = result
-                state.cache.put(key, result)
+                if VerdictCache.cacheable(missing[key]):
+                    state.cache.put(key, result)
     except SafeOpenAIError as exc:
         if not isinstance(exc, ModerationUnavailable):
             raise

@@ -220,7 +220,13 @@ def _responses_input(items: object, out: Extraction, where: str = "input") -> No
                 value = item.get(key)
                 if isinstance(value, str):
                     out.text(value, "assistant", f"{here}.{key}")
-        elif kind in ("item_reference", "reasoning", "compaction"):
+        elif kind == "reasoning":
+            # The model's reasoning, sent back by the client in manual context management:
+            # its summary and content texts are the client's to write, so they are read (as
+            # the assistant's, like function call arguments); encrypted_content is opaque.
+            for key in ("summary", "content"):
+                _text_or_parts(item.get(key), "assistant", f"{here}.{key}", out)
+        elif kind in ("item_reference", "compaction"):
             # Server-side state: it was moderated when it was first sent.
             continue
         else:

@@ -47,6 +47,7 @@ from .errors import (
     SafeOpenAIError,
     StoreError,
     UnguardedPathError,
+    UnpricedModel,
 )
 from .policy import (
     OUTPUT_MODES,
@@ -155,7 +156,8 @@ class GuardState:
 
     policy: Policy
     store: Any
-    secret: bytes
+    #: Kept out of ``repr()``: error reporters that capture locals must not pick it up.
+    secret: bytes = field(repr=False)
     moderator: Any
     moderation_model: str
     prices: PriceTable
@@ -490,8 +492,14 @@ def reserve(
     if customer_id is None or quota is None or quota.is_unlimited:
         return None
     try:
+        wanted = demand()
+    except UnpricedModel:
+        yield from _refuse(state, call, "denied")
+        log.info("safe_openai.request_refused", customer_id=customer_id, reason="unpriced")
+        raise
+    try:
         reservation: Reservation = yield StoreCall(
-            "reserve", (customer_id, quota, demand()), {"now": call.created_at}, undo="release"
+            "reserve", (customer_id, quota, wanted), {"now": call.created_at}, undo="release"
         )
     except StoreError:
         if not state.policy.fail_open:
@@ -536,7 +544,10 @@ def _moderate(
         return
     policy = state.policy
     keys = [VerdictCache.key(state.moderation_model, item) for item in inputs]
-    results: list[ModerationResult | None] = [state.cache.get(key) for key in keys]
+    results: list[ModerationResult | None] = [
+        state.cache.get(key) if VerdictCache.cacheable(item) else None
+        for key, item in zip(keys, inputs, strict=True)
+    ]
     missing = [i for i, result in enumerate(results) if result is None]
     if missing:
         try:
@@ -565,7 +576,8 @@ def _moderate(
             raise
         for i, result in zip(missing, fresh, strict=True):
             results[i] = result
-            state.cache.put(keys[i], result)
+            if VerdictCache.cacheable(inputs[i]):
+                state.cache.put(keys[i], result)
     judged = [result for result in results if result is not None]
     verdict = policy.judge(request, judged)
     if not verdict.blocked:
@@ -736,8 +748,13 @@ def _release(call: Call) -> Flow[None]:
 
 
 def _refuse(state: GuardState, call: Call, outcome: Outcome) -> Flow[None]:
-    """Record a call that was never sent (zero tokens), so reports show it."""
-    yield from _write(state, call, _record(state, call, outcome, TokenUsage(), None))
+    """Record a call that was never sent (zero tokens), so reports show it. The refusal stands
+    whatever happens to its record: with the store and the spool both failing, the caller
+    still gets the refusal (``ModerationBlocked``, ...), not the spool's ``OSError``."""
+    try:
+        yield from _write(state, call, _record(state, call, outcome, TokenUsage(), None))
+    except Exception:
+        log.exception("safe_openai.usage_lost", customer_id=call.customer_id, outcome=outcome)
 
 
 def _record(
@@ -848,9 +865,13 @@ def _worst_case(state: GuardState, call: Call) -> QuotaDemand:
     if isinstance(n, int) and n > 1:
         output *= n
     tokens = TokenUsage(estimate_tokens(call.input_chars), 0, output)
-    return QuotaDemand(
-        tokens=tokens.total_tokens, cost_usd=state.prices.cost(call.model, tokens) or 0.0
-    )
+    cost = state.prices.cost(call.model, tokens)
+    if cost is None and call.customer_id is not None:
+        quota = state.policy.quota_for(call.customer_id)
+        if quota is not None and quota.usd_per_month is not None:
+            # An unpriced call would spend without limit under a cost quota.
+            raise UnpricedModel(call.customer_id, model=call.model)
+    return QuotaDemand(tokens=tokens.total_tokens, cost_usd=cost or 0.0)
 
 
 def apply_decision(spec: EndpointSpec, body: dict[str, Any], decision: Decision) -> None:

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from functools import lru_cache
 
-from .errors import ConfigurationError
+from .errors import ConfigurationError, InvalidCustomerId
 
 __all__ = [
     "SECRET_ENV",
@@ -28,11 +28,21 @@ _customer: ContextVar[str | None] = ContextVar("safe_openai_customer", default=N
 
 
 def validate_customer_id(customer_id: object) -> str:
-    """Return ``customer_id`` if it is a usable id, else raise ``ValueError``."""
+    """Return ``customer_id`` if it is a usable id.
+
+    Raises:
+        InvalidCustomerId: not a string, blank, longer than 256 characters, or not encodable
+            as UTF-8 (a lone surrogate), which the store and the identifier's HMAC need.
+    """
     if not isinstance(customer_id, str) or not customer_id.strip():
-        raise ValueError(f"customer id must be a non-empty string, got {customer_id!r}")
+        kind = type(customer_id).__name__
+        raise InvalidCustomerId(f"customer id must be a non-empty string, got a blank {kind}")
     if len(customer_id) > 256:
-        raise ValueError("customer id must be at most 256 characters")
+        raise InvalidCustomerId("customer id must be at most 256 characters")
+    try:
+        customer_id.encode()
+    except UnicodeEncodeError:
+        raise InvalidCustomerId("customer id must be valid Unicode text (UTF-8)") from None
     return customer_id
 
 
@@ -60,21 +70,42 @@ def current_customer() -> str | None:
     return _customer.get()
 
 
+#: The shortest identifier secret accepted, in bytes (``secrets.token_urlsafe(16)`` is 22).
+MIN_SECRET_BYTES = 16
+
+_HOW_TO = (
+    f"pass identifier_secret=... or set the {SECRET_ENV} environment variable to a long random "
+    'string (e.g. python -c "import secrets; print(secrets.token_urlsafe(32))").'
+)
+
+
 def resolve_secret(secret: str | bytes | None) -> bytes:
     """The identifier secret as bytes: the argument, else ``SAFE_OPENAI_IDENTIFIER_SECRET``.
 
     Raises:
-        ConfigurationError: No secret is configured, or it is empty.
+        ConfigurationError: No secret is configured, or it is not a ``str`` or ``bytes`` of at
+            least :data:`MIN_SECRET_BYTES` bytes that are not all blank. The message never
+            shows the secret.
     """
     if secret is None:
         secret = os.environ.get(SECRET_ENV)
-    if not secret:
+    if secret is None or secret in ("", b""):
+        raise ConfigurationError(f"No identifier secret: {_HOW_TO}")
+    if not isinstance(secret, (str, bytes, bytearray)):
         raise ConfigurationError(
-            "No identifier secret: pass identifier_secret=... or set the "
-            f"{SECRET_ENV} environment variable to a long random string "
-            '(e.g. python -c "import secrets; print(secrets.token_urlsafe(32))").'
+            f"The identifier secret must be a str or bytes, not {type(secret).__name__}: "
+            + _HOW_TO
         )
-    return secret.encode() if isinstance(secret, str) else bytes(secret)
+    try:
+        raw = secret.encode() if isinstance(secret, str) else bytes(secret)
+    except UnicodeEncodeError:
+        raise ConfigurationError(f"The identifier secret is not valid text: {_HOW_TO}") from None
+    if len(raw) < MIN_SECRET_BYTES or not raw.strip():
+        raise ConfigurationError(
+            f"The identifier secret must be at least {MIN_SECRET_BYTES} bytes and not blank: "
+            + _HOW_TO
+        )
+    return raw
 
 
 @lru_cache(maxsize=65536)
@@ -101,6 +132,6 @@ def identifier_for(customer_id: str, *, secret: str | bytes | None = None) -> st
 
     Raises:
         ConfigurationError: No secret is configured.
-        ValueError: ``customer_id`` is not a usable customer id.
+        InvalidCustomerId: ``customer_id`` is not a usable customer id (a ``ValueError``).
     """
     return safety_identifier(resolve_secret(secret), validate_customer_id(customer_id))

@@ -128,7 +128,10 @@ class VerdictCache:
     """A bounded, thread-safe LRU of moderation results keyed by a hash of the content.
 
     Results are cached, not judgements: the policy judges each request's results afresh, so
-    per-customer thresholds still apply to cached content.
+    per-customer thresholds still apply to cached content. Only what was actually judged is
+    cached: texts and ``data:`` image URLs, whose key hashes the content itself. A remote image
+    URL is never cached (:meth:`cacheable`): what it serves can change between requests, so it
+    is moderated again on each new request.
     """
 
     def __init__(self, maxsize: int = 50_000) -> None:
@@ -144,6 +147,12 @@ class VerdictCache:
         digest = hashlib.sha256(model.encode())
         digest.update(b"\0" + item.kind.encode() + b"\0" + item.value.encode("utf-8", "replace"))
         return digest.digest()
+
+    @staticmethod
+    def cacheable(item: ModerationInput) -> bool:
+        """Whether a verdict on ``item`` may be reused by a later request: a text or a
+        ``data:`` URL (its content is the URL), never a remote image URL."""
+        return item.kind == "text" or item.value[:5].lower() == "data:"
 
     def get(self, key: bytes) -> ModerationResult | None:
         with self._lock:

@@ -6,6 +6,8 @@ existing ``except openai.OpenAIError`` keeps catching them::
     openai.OpenAIError
     └── SafeOpenAIError
         ├── ConfigurationError       the client or a store is set up wrongly
+        │   └── UnpricedModel        a cost quota applies and the model has no price
+        ├── InvalidCustomerId        a customer id that is not a usable id (also ValueError)
         ├── CustomerRequired         a guarded call has no end customer
         ├── CustomerSuspended        the customer is suspended; nothing was sent
         ├── QuotaExceeded            a quota would be exceeded; nothing was sent
@@ -40,6 +42,7 @@ __all__ = [
     "ConfigurationError",
     "CustomerRequired",
     "CustomerSuspended",
+    "InvalidCustomerId",
     "ModerationBlocked",
     "ModerationUnavailable",
     "OutputBlocked",
@@ -48,6 +51,7 @@ __all__ = [
     "SafeOpenAIError",
     "StoreError",
     "UnguardedPathError",
+    "UnpricedModel",
     "WebhookVerificationError",
 ]
 
@@ -73,6 +77,30 @@ class ConfigurationError(SafeOpenAIError, ValueError):
 
     It is also a ``ValueError``, as a wrong setting is a bad value.
     """
+
+
+class UnpricedModel(ConfigurationError):
+    """A ``usd_per_month`` quota applies and the model has no price, so the call's cost
+    cannot be held against it; the request was not sent.
+
+    Attributes:
+        model: The model without a price (``None`` when the request names none).
+    """
+
+    user_message = "This model is not available on your plan."
+
+    def __init__(self, customer_id: str | None, *, model: str | None) -> None:
+        super().__init__(
+            f"Model {model!r} has no price, so its cost cannot be held against usd_per_month; "
+            "add one with SafeClient(prices=PriceTable().with_overrides({model: Price(...)})).",
+            customer_id=customer_id,
+        )
+        self.model = model
+
+
+class InvalidCustomerId(SafeOpenAIError, ValueError):
+    """A customer id that cannot be used: not a string, blank, longer than 256 characters, or
+    not encodable (a lone surrogate). It is also a ``ValueError``."""
 
 
 class CustomerRequired(SafeOpenAIError):

@@ -7,6 +7,7 @@ them while deciding a request, so they must be fast and must not block.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -46,8 +47,16 @@ class Quota:
             if value is None:
                 continue
             number = (int, float) if name == "usd_per_month" else (int,)
-            if isinstance(value, bool) or not isinstance(value, number) or value < 0:
-                raise ConfigurationError(f"Quota.{name} must be a number >= 0, got {value!r}")
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, number)
+                or not math.isfinite(value)  # nan would mean unlimited, inf is no limit
+                or value < 0
+            ):
+                raise ConfigurationError(
+                    f"Quota.{name} must be a finite number >= 0 (None for no limit), "
+                    f"got {value!r}"
+                )
 
     @property
     def limits_tokens(self) -> bool:
@@ -137,6 +146,23 @@ class Decision:
 
 
 _ALLOW = Decision()
+
+#: The categories of ``omni-moderation-latest``, in the SDK's order.
+MODERATION_CATEGORIES: tuple[str, ...] = (
+    "harassment",
+    "harassment/threatening",
+    "hate",
+    "hate/threatening",
+    "illicit",
+    "illicit/violent",
+    "self-harm",
+    "self-harm/instructions",
+    "self-harm/intent",
+    "sexual",
+    "sexual/minors",
+    "violence",
+    "violence/graphic",
+)
 
 #: Roles a policy may name in ``moderate_roles``.
 KNOWN_ROLES = frozenset({"user", "tool", "assistant", "system", "developer"})
@@ -311,7 +337,15 @@ class DefaultPolicy(Policy):
         output_strikes: Whether flagged output is a strike (a recorded violation).
         output_window_chars: Characters of streamed output held back per window (``"block"``).
         output_window_sentences: Sentence ends that close a window sooner (``None``: never).
+
+    Raises:
+        ConfigurationError: A setting is out of range, or a threshold names a category that is
+            not in :attr:`categories` (a misspelled category would never block).
     """
+
+    #: The categories ``thresholds`` may name: the moderation endpoint's. A subclass used with
+    #: a custom moderator that reports other categories sets its own.
+    categories: frozenset[str] = frozenset(MODERATION_CATEGORIES)
 
     def __init__(
         self,
@@ -341,6 +375,11 @@ class DefaultPolicy(Policy):
             ):
                 raise ConfigurationError(
                     f"threshold for {category!r} must be a number within [0, 1], got {limit!r}"
+                )
+            if category not in self.categories:
+                raise ConfigurationError(
+                    f"threshold for unknown category {category!r}: the categories are "
+                    f"{', '.join(sorted(self.categories))}"
                 )
         if isinstance(moderate_roles, str):
             raise ConfigurationError(

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import importlib
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
 
@@ -222,7 +224,8 @@ def store_from_url(url: str | None = None, **options: Any) -> UsageStore:
         ConfigurationError: The scheme is unknown or its driver is not installed.
     """
     url = url or default_store_url()
-    store: UsageStore = _backend_class(url, want_async=False).from_url(url, **options)
+    with _malformed_url(url):
+        store: UsageStore = _backend_class(url, want_async=False).from_url(url, **options)
     return store
 
 
@@ -233,5 +236,19 @@ def async_store_from_url(url: str | None = None, **options: Any) -> AsyncUsageSt
         ConfigurationError: The scheme is unknown or its driver is not installed.
     """
     url = url or default_store_url()
-    store: AsyncUsageStore = _backend_class(url, want_async=True).from_url(url, **options)
+    with _malformed_url(url):
+        store: AsyncUsageStore = _backend_class(url, want_async=True).from_url(url, **options)
     return store
+
+
+@contextmanager
+def _malformed_url(url: str) -> Iterator[None]:
+    """A URL the backend cannot parse (``redis://[::1``, a port that is not a number) is a
+    :class:`ConfigurationError` naming it, password redacted, not a bare ``ValueError``."""
+    try:
+        yield
+    except ConfigurationError:
+        raise
+    except ValueError as exc:
+        # The driver's message may quote the URL, password included: it stays in the cause.
+        raise ConfigurationError(f"The store URL {_redact(url)!r} cannot be parsed.") from exc
