@@ -60,7 +60,9 @@ def main() -> None:
     fake = FakeOpenAI(reply="Here is your answer.")
     client = SafeClient(
         **fake.openai_kwargs(),
-        identifier_secret=os.environ.get("SAFE_OPENAI_IDENTIFIER_SECRET", "example-identifier-secret"),
+        identifier_secret=os.environ.get(
+            "SAFE_OPENAI_IDENTIFIER_SECRET", "example-identifier-secret"
+        ),
         store=args.store,
         spool=False,
         policy=PlanPolicy(strike_limit=2, suspension=timedelta(hours=1)),

@@ -93,8 +93,7 @@ def resolve_secret(secret: str | bytes | None) -> bytes:
         raise ConfigurationError(f"No identifier secret: {_HOW_TO}")
     if not isinstance(secret, (str, bytes, bytearray)):
         raise ConfigurationError(
-            f"The identifier secret must be a str or bytes, not {type(secret).__name__}: "
-            + _HOW_TO
+            f"The identifier secret must be a str or bytes, not {type(secret).__name__}: " + _HOW_TO
         )
     try:
         raw = secret.encode() if isinstance(secret, str) else bytes(secret)

@@ -54,8 +54,7 @@ class Quota:
                 or value < 0
             ):
                 raise ConfigurationError(
-                    f"Quota.{name} must be a finite number >= 0 (None for no limit), "
-                    f"got {value!r}"
+                    f"Quota.{name} must be a finite number >= 0 (None for no limit), got {value!r}"
                 )
 
     @property
