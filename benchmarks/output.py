@@ -57,7 +57,7 @@ def build(fake: FakeOpenAI, chars: int) -> dict[str, Callable[[bool], Timing]]:
         policy = DefaultPolicy(output_moderation=None if mode == "off" else mode)  # type: ignore[arg-type]
         clients[mode] = SafeClient(
             **fake.openai_kwargs(),
-            identifier_secret="bench",
+            identifier_secret="benchmark-secret",
             store="memory://",
             spool=False,
             policy=policy,

@@ -600,7 +600,7 @@ def hostile_client(body: bytes, moderated: list[str]) -> SafeClient:
         api_key="sk-test",
         base_url="http://hostile.test/v1",
         http_client=httpx2.Client(transport=httpx2.MockTransport(handler)),
-        identifier_secret="s",
+        identifier_secret="output-test-identifier-secret",
         store="memory://",
         spool=False,
         moderator=Keyword(),
