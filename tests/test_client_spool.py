@@ -3,14 +3,18 @@ written back, exactly once, on the first write that succeeds again."""
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from safe_openai import SafeClient, StoreError
-from safe_openai.stores import Spool
+from safe_openai import AsyncSafeClient, DefaultPolicy, ModerationBlocked, SafeClient, StoreError
+from safe_openai.stores import Spool, Violation, store_from_url
 from safe_openai.stores._memory import MemoryStore
+from safe_openai.stores._sqlite import AsyncSQLiteStore, SQLiteStore
 from safe_openai.testing import FakeOpenAI
 
 from .conftest import SECRET
@@ -99,3 +103,112 @@ def test_store_outage_on_standing_check_fails_closed(fake: FakeOpenAI) -> None:
         chat(client.for_customer("acme"), "x")
     assert isinstance(info.value.__cause__, ConnectionError)
     assert fake.requests == []
+
+
+# --- violations are as durable as usage records ------------------------------------------------
+
+
+def _block(client: SafeClient, text: str) -> None:
+    with pytest.raises(ModerationBlocked):
+        chat(client, text)
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_violations_blocked_while_sqlite_is_write_locked_are_replayed_and_suspend(
+    tmp_path: Path, fake: FakeOpenAI, flavour: str
+) -> None:
+    """Three blocks while another process holds the SQLite write lock: the usage records and
+    the violations wait in the spool; the next write that succeeds replays them, each once,
+    and the third strike suspends the customer as it would have at the time."""
+    db = tmp_path / "usage.db"
+    url = f"sqlite:///{db}"
+    spool = Spool(tmp_path / "spool")
+    policy = DefaultPolicy(strike_limit=3)
+    texts = ["I will kill him", "I will kill her", "I will kill them"]
+    if flavour == "sync":
+        store = SQLiteStore(db, timeout=0.05)
+        client = SafeClient(
+            **fake.openai_kwargs(), identifier_secret=SECRET, store=store, spool=spool,
+            policy=policy,
+        ).for_customer("acme")  # fmt: skip
+        store.usage_records()  # creates the file and its schema before the lock is taken
+        with sqlite3.connect(db, isolation_level=None) as holder:
+            holder.execute("BEGIN IMMEDIATE")
+            for text in texts:
+                _block(client, text)
+            assert store.violations() == []
+            holder.execute("ROLLBACK")
+        assert len(spool) == 6  # three usage records, three violations
+        chat(client, "hello again")  # a write that succeeds drains the spool
+    else:
+        store = AsyncSQLiteStore(db, timeout=0.05)
+
+        async def run() -> None:
+            aclient = AsyncSafeClient(
+                **fake.async_openai_kwargs(), identifier_secret=SECRET, store=store,
+                spool=spool, policy=policy,
+            ).for_customer("acme")  # fmt: skip
+            await store.usage_records()
+            with sqlite3.connect(db, isolation_level=None) as holder:
+                holder.execute("BEGIN IMMEDIATE")
+                for text in texts:
+                    with pytest.raises(ModerationBlocked):
+                        await aclient.chat.completions.create(
+                            model="gpt-4o-mini", messages=[{"role": "user", "content": text}]
+                        )
+                holder.execute("ROLLBACK")
+            assert len(spool) == 6
+            await aclient.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "hello again"}]
+            )
+
+        asyncio.run(run())
+        store = SQLiteStore(db)
+
+    assert len(spool) == 0
+    [report] = store_from_url(url).usage_report()
+    assert (report.blocked, report.violations, report.suspended) == (3, 3, True)
+    assert spool.drain(store_from_url(url)) == 0  # nothing is replayed twice
+
+
+def test_a_violation_replayed_twice_after_a_crash_counts_once(tmp_path: Path) -> None:
+    """A drain that died after writing a violation but before dropping it from its file
+    writes it again on the next drain; the store keeps it once, by its violation_id."""
+    store = MemoryStore()
+    violation = Violation("acme", datetime.now(timezone.utc), "moderation", violation_id="v1")
+    spool = Spool(tmp_path)
+    spool.append_violation(violation)
+    spool.append_violation(violation)  # what a crash between write and keep amounts to
+    assert spool.drain(store) == 2
+    assert store.violations() == [violation]
+
+
+def test_a_violation_without_an_id_gets_one_before_it_is_spooled(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.append_violation(Violation("acme", datetime.now(timezone.utc), "moderation"))
+    store = MemoryStore()
+    spool.drain(store)
+    [stored] = store.violations()
+    assert stored.violation_id
+
+
+def test_the_strike_rule_failing_during_a_drain_keeps_the_violation_for_the_next(
+    tmp_path: Path,
+) -> None:
+    """on_violation raising StoreError stops the drain there; the next drain replays the
+    violation (stored once) and applies the rule again."""
+    store = MemoryStore()
+    spool = Spool(tmp_path)
+    spool.append_violation(
+        Violation("acme", datetime.now(timezone.utc), "moderation", violation_id="v1")
+    )
+    seen: list[str] = []
+
+    def rule_down(violation: Violation) -> None:
+        raise StoreError("down")
+
+    assert spool.drain(store, on_violation=rule_down) == 0
+    assert len(spool) == 1
+    assert spool.drain(store, on_violation=lambda v: seen.append(v.violation_id)) == 1
+    assert seen == ["v1"]
+    assert len(store.violations()) == 1

@@ -157,3 +157,47 @@ def test_a_strike_the_store_could_not_take_is_tried_again(fake: FakeOpenAI) -> N
             with pytest.raises(ModerationBlocked):
                 ask(acme, [{"role": "user", "content": "I will kill him"}])
         assert len(client.store.violations(customer_id="acme")) == 1
+
+
+# --- which time a strike window uses ------------------------------------------------------------
+
+H = timedelta(hours=1)
+T = datetime(2026, 1, 10, tzinfo=timezone.utc)
+
+
+@pytest.mark.parametrize(
+    ("hours", "at", "limit", "filled"),
+    [
+        ([0, 1, 2], 2, 3, 2),  # the newest fills it, at its own time
+        ([0, 1, 2], 0, 3, 2),  # a late one fills it: the window filled at the third
+        ([-72, -1, 0], -72, 3, None),  # three days apart: never three within 24 h
+        ([-72, -1, 0], 0, 3, None),
+        ([0, 24], 24, 2, 24),  # the window is closed: exactly 24 h apart is within it
+        ([0, 25], 25, 2, None),
+        ([0, 1, 30, 31], 30, 3, None),
+        ([0, 10, 20, 30], 20, 3, 20),  # the earliest window that holds it and fills
+        ([5], 5, 1, 5),
+        ([5, 5], 5, 2, 5),
+    ],
+)
+def test_a_violation_suspends_only_with_limit_violations_in_one_window(
+    hours: list[int], at: int, limit: int, filled: int | None
+) -> None:
+    times = [T + h * H for h in hours]
+    found = _guard.window_filled(times, T + at * H, timedelta(hours=24), limit)
+    assert found == (None if filled is None else T + filled * H)
+
+
+def test_moderation_strikes_a_day_apart_never_suspend(
+    fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Strikes every 13 hours: never three within 24 hours, so never suspended."""
+    start = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    with make_client(fake, policy=DefaultPolicy(strike_limit=3)) as client:
+        acme = client.for_customer("acme")
+        for step in range(5):
+            monkeypatch.setattr(_guard, "_now", lambda step=step: start + step * 13 * H)
+            with pytest.raises(ModerationBlocked):
+                ask(acme, [{"role": "user", "content": f"I will kill him {step}"}])
+        assert client.store.suspension("acme", now=start + 60 * H) is None
+        assert len(client.store.violations(customer_id="acme")) == 5

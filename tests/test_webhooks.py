@@ -31,11 +31,13 @@ from safe_openai import (
     Policy,
     SafeClient,
     StoreError,
+    WebhookInProgress,
     WebhookVerificationError,
 )
 from safe_openai._identity import safety_identifier
 from safe_openai.policy import SafetyAction
 from safe_openai.stores._memory import MemoryStore
+from safe_openai.stores._types import EVENT_LEASE
 from safe_openai.webhooks import AsyncSafetyWebhookHandler, SafetyEvent, SafetyWebhookHandler
 
 IDENTIFIER_SECRET = "webhook-test-identifier-secret"
@@ -84,9 +86,15 @@ def ident(customer_id: str) -> str:
     return safety_identifier(IDENTIFIER_SECRET.encode(), customer_id)
 
 
-def blocked(customer_id: str = "acme", *, event_id: str = "evt_1", **extra: Any) -> str:
+def blocked(
+    customer_id: str = "acme",
+    *,
+    event_id: str = "evt_1",
+    created_at: int | None = None,
+    **extra: Any,
+) -> str:
     data = {"safety_identifier": ident(customer_id), "safety_category": "cyber", **extra}
-    return event_body("safety_identifier.blocked", data, event_id=event_id)
+    return event_body("safety_identifier.blocked", data, event_id=event_id, created_at=created_at)
 
 
 def case_event(kind: str, case_id: str = "C-1", *, event_id: str = "evt_case") -> str:
@@ -240,6 +248,15 @@ def standing(client: SafeClient, customer_id: str = "acme") -> tuple[int, Any]:
     store = client.store
     now = datetime.now(timezone.utc)
     return len(store.violations(customer_id=customer_id)), store.suspension(customer_id, now=now)
+
+
+def claim_args() -> dict[str, Any]:
+    return {"token": "probe", "now": datetime.now(timezone.utc), "lease": timedelta(minutes=5)}
+
+
+def unclaimed(store: Any, event_id: str) -> bool:
+    """Whether nothing holds or finished the event (claiming it to find out)."""
+    return bool(store.claim_event(event_id, **claim_args()) == "claimed")
 
 
 def chat(client: SafeClient, customer_id: str, text: str = "hello") -> Any:
@@ -424,6 +441,60 @@ def test_a_strike_never_shortens_a_deactivation_suspension(api: Api) -> None:
         assert suspension is not None
         assert suspension.until is None
         assert "deactivation" in suspension.reason
+
+
+DAY = 86400
+
+
+def test_a_late_event_counts_in_its_own_strike_window_not_todays(api: Api) -> None:
+    """Three strikes, but no three within 24 hours: an event OpenAI delivers three days late
+    does not join today's two strikes (it counts where it happened)."""
+    with make_client(api, policy=DefaultPolicy(strike_limit=3)) as safe:
+        know(safe, "acme")
+        handler = SafetyWebhookHandler(safe)
+        now = int(time.time())
+        recent = [
+            deliver(handler, blocked(event_id=f"evt_{i}", created_at=now - 60 * i)) for i in (2, 1)
+        ]
+        late = deliver(handler, blocked(event_id="evt_late", created_at=now - 3 * DAY))
+
+        assert [e.action for e in [*recent, late]] == ["strike", "strike", "strike"]
+        assert standing(safe) == (3, None)
+
+
+def test_a_late_event_that_fills_its_own_window_suspends_until_lifted(api: Api) -> None:
+    """Two strikes three days ago, then the late event that happened just before them: three
+    within 24 hours of each other, so the customer is suspended (indefinite suspension)."""
+    with make_client(api, policy=DefaultPolicy(strike_limit=3)) as safe:
+        know(safe, "acme")
+        handler = SafetyWebhookHandler(safe)
+        then = int(time.time()) - 3 * DAY
+        for i, offset in enumerate((3600, 7200)):
+            deliver(handler, blocked(event_id=f"evt_{i}", created_at=then + offset))
+        late = deliver(handler, blocked(event_id="evt_late", created_at=then))
+
+        assert late.action == "suspended"
+        count, suspension = standing(safe)
+        assert count == 3
+        assert suspension is not None
+        assert suspension.until is None
+        assert suspension.since == datetime.fromtimestamp(then + 7200, timezone.utc)
+
+
+def test_a_timed_suspension_a_late_window_earned_is_not_served_again(api: Api) -> None:
+    """The same late window with a one-hour strike suspension: it ended three days ago, so
+    nothing is suspended now."""
+    policy = DefaultPolicy(strike_limit=3, suspension=timedelta(hours=1))
+    with make_client(api, policy=policy) as safe:
+        know(safe, "acme")
+        handler = SafetyWebhookHandler(safe)
+        then = int(time.time()) - 3 * DAY
+        for i, offset in enumerate((3600, 7200)):
+            deliver(handler, blocked(event_id=f"evt_{i}", created_at=then + offset))
+        late = deliver(handler, blocked(event_id="evt_late", created_at=then))
+
+        assert late.action == "strike"
+        assert standing(safe) == (3, None)
 
 
 # --- unmatched, duplicate, rejected --------------------------------------------------------------
@@ -631,7 +702,7 @@ class FlakyStore(MemoryStore):
         return super().__getattribute__(name)
 
 
-@pytest.mark.parametrize("fail_on", ["claim_event", "record_violation", "count_violations"])
+@pytest.mark.parametrize("fail_on", ["claim_event", "violations", "record_violation"])
 def test_store_failure_leaves_the_event_unclaimed_and_a_redelivery_strikes_once(
     api: Api, fail_on: str
 ) -> None:
@@ -668,6 +739,64 @@ def test_deactivation_redelivered_after_a_store_failure_still_suspends(
         assert deliver(handler, body).action == "suspended"
         count, suspension = standing(safe)
         assert (count, suspension is not None) == (1, True)
+
+
+def test_a_delivery_while_another_holds_the_claim_changes_nothing_and_asks_for_a_retry(
+    safe: SafeClient, handler: SafetyWebhookHandler
+) -> None:
+    """A live claim of another delivery: WebhookInProgress (answer 5xx), no violation."""
+    know(safe, "acme")
+    now = datetime.now(timezone.utc)
+    assert safe.store.claim_event("evt_1", token="other", now=now, lease=EVENT_LEASE) == "claimed"
+
+    with capture_logs() as logs, pytest.raises(WebhookInProgress) as raised:
+        deliver(handler, blocked())
+
+    assert raised.value.event_id == "evt_1"
+    assert standing(safe) == (0, None)
+    assert any(entry["event"] == "safe_openai.webhook_concurrent_delivery" for entry in logs)
+    safe.store.finish_event("evt_1", token="other")
+    assert deliver(handler, blocked()).action == "duplicate"
+
+
+def test_a_claim_whose_holder_died_lapses_after_its_lease(
+    safe: SafeClient, handler: SafetyWebhookHandler
+) -> None:
+    """A delivery that died holding the claim (never released) blocks redeliveries only for
+    EVENT_LEASE; the first one after that acts."""
+    know(safe, "acme")
+    died_at = datetime.now(timezone.utc) - EVENT_LEASE - timedelta(seconds=1)
+    assert safe.store.claim_event("evt_1", token="dead", now=died_at, lease=EVENT_LEASE) == (
+        "claimed"
+    )
+
+    assert deliver(handler, blocked()).action == "strike"
+    assert standing(safe)[0] == 1
+
+
+def test_acted_but_not_marked_done_is_answered_and_never_acts_twice(api: Api) -> None:
+    """finish_event fails after the strike was written: the delivery still answers (the
+    action happened), and a redelivery after the lease finds the strike and adds none."""
+    store = FlakyStore("finish_event")
+    with make_client(api, store=store) as safe:
+        know(safe, "acme")
+        handler = SafetyWebhookHandler(safe)
+        with capture_logs() as logs:
+            assert deliver(handler, blocked()).action == "strike"
+        assert any(entry["event"] == "safe_openai.webhook_claim_not_finished" for entry in logs)
+        with pytest.raises(WebhookInProgress):  # the claim lives until its lease ends
+            deliver(handler, blocked())
+        lapsed = datetime.now(timezone.utc) + EVENT_LEASE + timedelta(seconds=1)
+        assert store.claim_event("evt_1", token="later", now=lapsed, lease=EVENT_LEASE) == (
+            "claimed"
+        )
+        store.release_event("evt_1", token="later")
+
+        redelivered = deliver(handler, blocked())
+        assert redelivered.action == "strike"
+        assert "already recorded" in redelivered.reason
+        assert deliver(handler, blocked()).action == "duplicate"
+        assert standing(safe)[0] == 1
 
 
 def test_failed_case_lookup_raises_and_a_redelivery_acts(
@@ -746,7 +875,7 @@ def test_a_policy_returning_an_unknown_action_fails_loudly_and_claims_nothing(ap
         know(safe, "acme")
         with pytest.raises(ConfigurationError, match="'suspended'"):
             deliver(SafetyWebhookHandler(safe), blocked())
-        assert safe.store.claim_event("evt_1") is True
+        assert unclaimed(safe.store, "evt_1")
 
 
 def test_safety_event_is_frozen(handler: SafetyWebhookHandler) -> None:
@@ -811,7 +940,7 @@ async def test_async_forged_and_stale_deliveries_are_rejected(api: Api) -> None:
         with pytest.raises(WebhookVerificationError, match="too old"):
             await handler.handle(body, signed(body, timestamp=int(time.time()) - 3600))
         assert await safe.store.violations() == []
-        assert await safe.store.claim_event("evt_1") is True
+        assert await safe.store.claim_event("evt_1", **claim_args()) == "claimed"
 
 
 async def test_async_failed_case_lookup_raises_and_claims_nothing(api: Api) -> None:

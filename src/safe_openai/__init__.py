@@ -31,6 +31,7 @@ from .errors import (
     StoreError,
     UnguardedPathError,
     UnpricedModel,
+    WebhookInProgress,
     WebhookVerificationError,
 )
 from .policy import (
@@ -81,6 +82,7 @@ __all__ = [
     "UnpricedModel",
     "UsageRecord",
     "Verdict",
+    "WebhookInProgress",
     "WebhookVerificationError",
     "__version__",
     "customer",

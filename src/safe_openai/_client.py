@@ -62,10 +62,12 @@ from ._guard import (
     Moderate,
     ModerateMany,
     Spool,
+    SpoolViolation,
     StoreCall,
     adrive,
     begin,
     drive,
+    enforce_strikes,
     finish,
     moderate_output,
     suspend,
@@ -710,7 +712,10 @@ class SafeClient(_Guarded, openai.OpenAI):
                 return _moderate_many(state.moderator, command.groups)
         if isinstance(command, DrainSpool):
             if state.spool is not None:
-                state.spool.drain(state.store)
+                state.spool.drain(
+                    state.store,
+                    on_violation=lambda v: drive(enforce_strikes(state, v), self._execute),
+                )
             return _left_in_spool(state)
         return _run_local(state, command)
 
@@ -970,7 +975,10 @@ class AsyncSafeClient(_Guarded, openai.AsyncOpenAI):
                 return list(await asyncio.gather(*(one(group) for group in command.groups)))
         if isinstance(command, DrainSpool):
             if state.spool is not None:
-                await state.spool.adrain(state.store)
+                await state.spool.adrain(
+                    state.store,
+                    on_violation=lambda v: adrive(enforce_strikes(state, v), self._execute),
+                )
             return _left_in_spool(state)
         return _run_local(state, command)
 
@@ -1187,6 +1195,9 @@ def _left_in_spool(state: GuardState) -> bool:
 
 def _run_local(state: GuardState, command: Command) -> None:
     """Commands with no store or network I/O, the same for both clients."""
+    if isinstance(command, SpoolViolation):
+        state.spool.append_violation(command.violation)  # the guard spools only with a spool
+        return
     if not isinstance(command, Spool):
         raise TypeError(f"unknown command {command!r}")
     if state.spool is None:

@@ -11,13 +11,14 @@ moderation -> tagging -> (the SDK call) -> usage.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import os
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from types import MappingProxyType
 from typing import Any, TypeVar
@@ -66,11 +67,13 @@ __all__ = [
     "GuardState",
     "Moderate",
     "ModerateMany",
+    "SpoolViolation",
     "StoreCall",
     "adrive",
     "begin",
     "check_standing",
     "drive",
+    "enforce_strikes",
     "finish",
     "moderate_output",
     "on_store",
@@ -117,6 +120,13 @@ class Spool:
 
 
 @dataclass(frozen=True, slots=True)
+class SpoolViolation:
+    """Command: keep this violation locally; the store could not take it (or its strike rule)."""
+
+    violation: Violation
+
+
+@dataclass(frozen=True, slots=True)
 class DrainSpool:
     """Command: the store took a write again; write back what the spool kept.
 
@@ -135,7 +145,7 @@ class ModerateMany:
 #: Moderation calls a client runs at once for one :class:`ModerateMany` (a batch file).
 MODERATION_CONCURRENCY = 4
 
-Command = StoreCall | Moderate | ModerateMany | Spool | DrainSpool
+Command = StoreCall | Moderate | ModerateMany | Spool | SpoolViolation | DrainSpool
 Flow = Generator[Command, Any, T]
 
 
@@ -653,19 +663,37 @@ def is_strike(
 
 def strike(state: GuardState, violation: Violation, keys: Iterable[bytes]) -> Flow[None]:
     """Record a moderation block's violation, unless the same content was just blocked for the
-    same customer (a retry). The block stands whatever happens here."""
+    same customer (a retry). The block stands whatever happens here.
+
+    A violation the store cannot take goes to the spool like a usage record: the drain writes
+    it once (by its ``violation_id``) and applies the strike rule then.
+    """
     keys = list(keys)
     window = state.policy.repeat_strike_window
     if state.recent_blocks.repeat(violation.customer_id, keys, violation.created_at, window):
         log.info("safe_openai.repeat_block", customer_id=violation.customer_id)
         return
+    if not violation.violation_id:
+        violation = replace(violation, violation_id=os.urandom(16).hex())
     try:
         yield from record_violation(state, violation)
     except StoreError:
-        # Logged, and not noted as struck: the next block of the same content tries again.
-        log.error("safe_openai.violation_not_recorded", customer_id=violation.customer_id)
-        return
+        if state.spool is None:
+            # Logged, and not noted as struck: the next block of the same content tries again.
+            log.error("safe_openai.violation_not_recorded", customer_id=violation.customer_id)
+            return
+        try:
+            yield SpoolViolation(violation)
+        except Exception:
+            log.error("safe_openai.violation_not_recorded", customer_id=violation.customer_id)
+            return
+        log.warning("safe_openai.violation_spooled", customer_id=violation.customer_id)
+        state.spool_dirty = True
     state.recent_blocks.struck(violation.customer_id, keys, violation.created_at)
+
+
+#: Violations read to place one in its strike window; beyond that many, counting is cruder.
+_STRIKE_SCAN = 1000
 
 
 def record_violation(state: GuardState, violation: Violation) -> Flow[bool]:
@@ -673,33 +701,75 @@ def record_violation(state: GuardState, violation: Violation) -> Flow[bool]:
 
     Returns whether the customer was suspended by this violation.
     """
-    policy = state.policy
     yield StoreCall("record_violation", (violation,))
-    if policy.strike_limit is None:
+    suspended: bool = yield from enforce_strikes(state, violation)
+    return suspended
+
+
+def enforce_strikes(state: GuardState, violation: Violation) -> Flow[bool]:
+    """Apply the strike rule to a stored violation; returns whether it suspended the customer.
+
+    Strike windows use the time each violation happened (``created_at``: the blocked call's
+    start, or the webhook event's own time), so a violation stored late (a spool replay, an
+    event OpenAI delivered days later) counts in the window in which it happened: it suspends
+    only when ``strike_limit`` violations, itself among them, fall within one
+    ``strike_window``. A timed suspension runs from the violation that filled the window, and
+    one that would already be over is not applied. Running this twice for one violation
+    suspends at most once (a spool replay, a webhook redelivery).
+    """
+    policy = state.policy
+    limit = policy.strike_limit
+    if limit is None:
         return False
-    since = violation.created_at - policy.strike_window
-    strikes = yield StoreCall("count_violations", (violation.customer_id,), {"since": since})
-    if strikes < policy.strike_limit:
+    window = policy.strike_window
+    at = violation.created_at
+    customer_id = violation.customer_id
+    stored = yield StoreCall(
+        "violations", (), {"customer_id": customer_id, "since": at - window, "limit": _STRIKE_SCAN}
+    )
+    if len(stored) >= _STRIKE_SCAN:
+        # Too many to place one by one (a customer blocked over and over): count instead.
+        count = yield StoreCall("count_violations", (customer_id,), {"since": at - window})
+        filled_at = at if count >= limit else None
+    else:
+        times = sorted(v.created_at for v in stored if v.created_at <= at + window)
+        filled_at = window_filled(times, at, window, limit)
+    if filled_at is None:
         return False
-    until = violation.created_at + policy.suspension if policy.suspension else None
-    current = yield StoreCall("suspension", (violation.customer_id,), {"now": violation.created_at})
+    until = filled_at + policy.suspension if policy.suspension else None
+    if until is not None and until <= _now():
+        return False  # the suspension these strikes earned is already over
+    current = yield StoreCall("suspension", (customer_id,), {"now": filled_at})
     if current is not None and (
         current.until is None or (until is not None and current.until >= until)
     ):
         return False  # a longer suspension (e.g. after an OpenAI deactivation) stays in force
-    reason = f"{strikes} violations within {_human(policy.strike_window)}"
-    yield StoreCall(
-        "suspend",
-        (violation.customer_id,),
-        {"reason": reason, "until": until, "now": violation.created_at},
-    )
+    reason = f"{limit} violations within {_human(window)}"
+    yield StoreCall("suspend", (customer_id,), {"reason": reason, "until": until, "now": filled_at})
     log.warning(
         "safe_openai.customer_suspended",
-        customer_id=violation.customer_id,
+        customer_id=customer_id,
         reason=reason,
         until=until.isoformat() if until else None,
     )
     return True
+
+
+def window_filled(
+    times: Sequence[datetime], at: datetime, window: timedelta, limit: int
+) -> datetime | None:
+    """When ``limit`` of the sorted ``times``, one of them at ``at``, first fell within one
+    ``window``; ``None`` if they never did."""
+    if at not in times:  # a store that does not list it yet still counts it
+        times = sorted([*times, at])
+    first, last = bisect.bisect_left(times, at), bisect.bisect_right(times, at)
+    filled: datetime | None = None
+    # every run of `limit` consecutive times that includes one at `at`
+    for start in range(max(0, first - limit + 1), min(last, len(times) - limit + 1)):
+        end = times[start + limit - 1]
+        if end - times[start] <= window and (filled is None or end < filled):
+            filled = end
+    return filled
 
 
 def suspend(

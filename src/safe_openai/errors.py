@@ -19,7 +19,8 @@ existing ``except openai.OpenAIError`` keeps catching them::
         ├── UnguardedPathError       an SDK path the guard cannot cover was refused
         ├── BatchFileError           a Batch API file or batch safe_openai cannot accept
         ├── StoreError               the usage store failed (the cause is chained)
-        └── WebhookVerificationError a webhook delivery failed verification
+        ├── WebhookVerificationError a webhook delivery failed verification
+        └── WebhookInProgress        another delivery of the webhook event is acting on it
 
 Messages are one plain sentence. They never contain prompt text or the API key; the
 ``user_message`` of the errors an end customer may see is safe to show them.
@@ -52,6 +53,7 @@ __all__ = [
     "StoreError",
     "UnguardedPathError",
     "UnpricedModel",
+    "WebhookInProgress",
     "WebhookVerificationError",
 ]
 
@@ -278,3 +280,21 @@ class StoreError(SafeOpenAIError):
 
 class WebhookVerificationError(SafeOpenAIError):
     """A webhook delivery had a missing, forged or stale signature, or a malformed body."""
+
+
+class WebhookInProgress(SafeOpenAIError):
+    """Another delivery of the same webhook event holds its claim and is acting on it now.
+
+    Nothing was changed. Answer with a 5xx (or 409) so that OpenAI delivers the event again
+    later: by then the other delivery has finished it (the redelivery is a duplicate) or failed
+    and released it (the redelivery acts).
+
+    Attributes:
+        event_id: The event being handled elsewhere.
+    """
+
+    def __init__(self, event_id: str) -> None:
+        super().__init__(
+            f"Webhook event {event_id} is being handled by another delivery; retry later."
+        )
+        self.event_id = event_id

@@ -20,9 +20,11 @@ goes through the same strike rule as a moderation block, so strikes from both ad
 strike or suspension is stored as a violation whose ``source`` is the event type, so it is
 listed beside moderation violations.
 
-A delivery is idempotent on its event id: a second delivery of the same event returns
-``action="duplicate"`` and changes nothing. Identifiers the store does not know are logged
-(``safe_openai.webhook_unmatched``) and returned as ``"unmatched"``, never guessed.
+A delivery is idempotent on its event id, which it claims in the store before acting: one
+event acts once however many deliveries of it arrive, at once or one after another. A later
+delivery returns ``action="duplicate"`` and changes nothing; one arriving while another holds
+the claim raises :class:`~safe_openai.WebhookInProgress`. Identifiers the store does not know
+are logged (``safe_openai.webhook_unmatched``) and returned as ``"unmatched"``, never guessed.
 
 FastAPI (async)::
 
@@ -61,12 +63,14 @@ Flask::
 ``docs/webhooks.md`` holds the same endpoints, run by its tests. Answer 2xx for every returned
 event (duplicates and unmatched ones included) and 4xx for a
 :class:`~safe_openai.WebhookVerificationError`. Let any other error (the store or a case
-look-up failing) become a 5xx: nothing was marked handled, so OpenAI's redelivery acts on it.
+look-up failing, :class:`~safe_openai.WebhookInProgress`) become a 5xx: nothing was marked
+handled, so OpenAI's redelivery acts on it, or finds it done.
 """
 
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -77,10 +81,18 @@ import structlog
 from openai.types.safety import SafetyAlert, SafetyCase
 
 from ._client import AsyncSafeClient, SafeClient
-from ._guard import Flow, GuardState, StoreCall, adrive, drive, record_violation
-from .errors import ConfigurationError, WebhookVerificationError
+from ._guard import (
+    Flow,
+    GuardState,
+    StoreCall,
+    adrive,
+    drive,
+    enforce_strikes,
+    record_violation,
+)
+from .errors import ConfigurationError, StoreError, WebhookInProgress, WebhookVerificationError
 from .policy import Policy, SafetyAction
-from .stores._types import Violation
+from .stores._types import EVENT_LEASE, Violation
 
 __all__ = [
     "SAFETY_ALERT_CREATED",
@@ -339,14 +351,16 @@ def _detail(event: SafetyEvent) -> str:
 def _settle(state: GuardState, delivery: _Delivery, found: _Found) -> Flow[SafetyEvent]:
     """Decide and carry out what a verified delivery means for its customer.
 
-    Order: find the customer (reads only) -> act, unless this event's violation is already
-    stored -> claim the event id. Claiming last means a failure anywhere before it leaves the
-    delivery unclaimed, so OpenAI's redelivery can still act; the violation check makes that
-    redelivery (or a plain duplicate) change nothing that is already done.
+    Order: claim the event id -> find the customer (reads only) -> act -> mark the event done.
+    The claim is atomic in the store, so of any number of concurrent deliveries one acts and
+    the others raise :class:`~safe_openai.WebhookInProgress` (answered 5xx, so OpenAI delivers
+    them again later). A delivery that fails while acting releases its claim, so a redelivery
+    acts; one that dies without releasing it holds the event for :data:`EVENT_LEASE` at most.
 
     Raises:
         openai.APIError: The case or alert look-up failed for an event the policy acts on.
-        StoreError: The store failed; nothing was claimed.
+        StoreError: The store failed; the event is not done, so a redelivery acts.
+        WebhookInProgress: Another delivery of this event holds its claim right now.
         ConfigurationError: The policy returned an unknown action.
     """
     event = delivery.event
@@ -365,34 +379,60 @@ def _settle(state: GuardState, delivery: _Delivery, found: _Found) -> Flow[Safet
     event = _with_found(event, found)
     ids.update(case_id=event.case_id, alert_id=event.alert_id)
 
-    customer_id = yield from _find_customer(event)
-    acted = False
-    action: EventAction
-    if customer_id is None and lookup_failed:
-        action, reason = (
-            "ignored",
-            f"the policy ignores {event.type} (its {delivery.kind} could not be retrieved)",
+    token = uuid.uuid4().hex
+    claim = yield StoreCall(
+        "claim_event",
+        (event.event_id,),
+        {"token": token, "now": datetime.now(timezone.utc), "lease": EVENT_LEASE},
+    )
+    if claim == "held":
+        log.warning("safe_openai.webhook_concurrent_delivery", **ids)
+        raise WebhookInProgress(event.event_id)
+    if claim != "claimed":
+        customer_id = yield from _find_customer(event)
+        log.info("safe_openai.webhook_handled", **ids, customer_id=customer_id, action="duplicate")
+        return replace(
+            event,
+            customer_id=customer_id,
+            action="duplicate",
+            reason="this event id was handled before",
         )
-    elif customer_id is None:
-        action, reason = "unmatched", "no customer is known for its safety identifier or request"
-        log.warning(
-            "safe_openai.webhook_unmatched",
-            **ids,
-            identifier=event.identifier,
-            request_id=event.request_id,
-        )
-    elif policy_action == "ignore":
-        action, reason = "ignored", f"the policy ignores {event.type}"
-    else:
-        action, acted, reason = yield from _act(state, event, customer_id, policy_action)
 
-    first = yield StoreCall("claim_event", (event.event_id,))
-    if not first:
-        if acted:
-            # Another delivery of this event was handled at the same moment.
-            log.warning("safe_openai.webhook_concurrent_delivery", **ids, customer_id=customer_id)
+    try:
+        customer_id = yield from _find_customer(event)
+        action: EventAction
+        if customer_id is None and lookup_failed:
+            action, reason = (
+                "ignored",
+                f"the policy ignores {event.type} (its {delivery.kind} could not be retrieved)",
+            )
+        elif customer_id is None:
+            action = "unmatched"
+            reason = "no customer is known for its safety identifier or request"
+            log.warning(
+                "safe_openai.webhook_unmatched",
+                **ids,
+                identifier=event.identifier,
+                request_id=event.request_id,
+            )
+        elif policy_action == "ignore":
+            action, reason = "ignored", f"the policy ignores {event.type}"
         else:
-            action, reason = "duplicate", "this event id was handled before"
+            action, reason = yield from _act(state, event, customer_id, policy_action)
+    except GeneratorExit:
+        raise  # abandoned by its driver: nothing can be sent now; the lease runs out
+    except BaseException:
+        try:
+            yield StoreCall("release_event", (event.event_id,), {"token": token})
+        except StoreError:
+            log.warning("safe_openai.webhook_claim_not_released", **ids)
+        raise
+    try:
+        yield StoreCall("finish_event", (event.event_id,), {"token": token})
+    except StoreError:
+        # Acted, but not marked done: the claim lapses after EVENT_LEASE, and a redelivery then
+        # finds this event's violation and writes nothing twice.
+        log.warning("safe_openai.webhook_claim_not_finished", **ids, customer_id=customer_id)
     log.info(
         "safe_openai.webhook_handled",
         **ids,
@@ -418,8 +458,8 @@ def _find_customer(event: SafetyEvent) -> Flow[str | None]:
 
 def _act(
     state: GuardState, event: SafetyEvent, customer_id: str, policy_action: SafetyAction
-) -> Flow[tuple[EventAction, bool, str]]:
-    """Strike or suspend, once per event. Returns (action, whether written now, reason)."""
+) -> Flow[tuple[EventAction, str]]:
+    """Strike or suspend, once per event, whatever was done by an earlier, failed delivery."""
     assert event.created_at is not None  # _read_delivery requires it for safety events
     detail = _detail(event)
     stored = yield StoreCall(
@@ -432,10 +472,12 @@ def _act(
         source=event.type,
         categories=(event.category,) if event.category else (),
         detail=detail,
+        # the same for every delivery of the event, so the store keeps it once
+        violation_id=f"webhook:{event.event_id}",
     )
     if policy_action == "suspend":
         if done:
-            return "suspended", False, f"{event.type} was already acted on"
+            return "suspended", f"{event.type} was already acted on"
         reason = f"OpenAI {event.type}" + (f" (case {event.case_id})" if event.case_id else "")
         # Suspend before recording: the violation marks the event done, so it goes last.
         yield StoreCall(
@@ -443,14 +485,19 @@ def _act(
         )
         yield StoreCall("record_violation", (violation,))
         log.warning("safe_openai.customer_suspended", customer_id=customer_id, reason=reason)
-        return "suspended", True, f"{reason}: suspended until lifted"
+        return "suspended", f"{reason}: suspended until lifted"
     if done:
-        return "strike", False, f"{event.type} was already recorded as a violation"
+        # An earlier delivery stored the strike and may have failed before the strike limit
+        # was applied: apply it now (it suspends at most once for the same strikes).
+        suspended = yield from enforce_strikes(state, violation)
+        if suspended:
+            return "suspended", f"{event.type} reached the strike limit"
+        return "strike", f"{event.type} was already recorded as a violation"
     # record_violation never shortens a suspension already in force (a deactivation).
     suspended = yield from record_violation(state, violation)
     if suspended:
-        return "suspended", True, f"{event.type} reached the strike limit"
-    return "strike", True, f"{event.type} recorded as a violation"
+        return "suspended", f"{event.type} reached the strike limit"
+    return "strike", f"{event.type} recorded as a violation"
 
 
 def _resolve_secret(client: openai.OpenAI | openai.AsyncOpenAI, secret: str | None) -> str:
@@ -499,6 +546,8 @@ class SafetyWebhookHandler:
                 nothing was changed.
             StoreError: The store failed; the event is not marked handled, so a redelivery acts.
             openai.APIError: The case or alert look-up failed (same: a redelivery acts).
+            WebhookInProgress: Another delivery of the same event is acting on it right now;
+                nothing was changed (answer 5xx: the redelivery finds it done or acts).
         """
         delivery = _read_delivery(self._client.webhooks, payload, headers, secret=self._secret)
         found: _Found = None

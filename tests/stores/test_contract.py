@@ -377,18 +377,77 @@ def test_request_map_returns_the_latest_customer(store: StoreDriver) -> None:
     assert store.customer_for_request("req_1") == "beta"
 
 
-def test_claim_event_is_true_only_the_first_time(store: StoreDriver) -> None:
-    """claim_event lets each webhook event be handled once."""
-    assert store.claim_event("evt_1") is True
-    assert store.claim_event("evt_1") is False
-    assert store.claim_event("evt_2") is True
-    assert store.claim_event("evt_1") is False
+LEASE = timedelta(minutes=5)
 
 
-def test_claim_event_races_have_one_winner(store: StoreDriver) -> None:
-    """Concurrent claims of one event: exactly one returns True."""
-    results = store.concurrently([call("claim_event", "evt_race") for _ in range(12)])
-    assert sorted(results) == [False] * 11 + [True]
+def claim(store: StoreDriver, event_id: str, token: str, when: datetime = T0) -> str:
+    return str(store.claim_event(event_id, token=token, now=when, lease=LEASE))
+
+
+def test_a_claimed_event_is_held_until_finished_then_done_for_everyone(store: StoreDriver) -> None:
+    """One token claims an event; others see it held while the lease runs, done once finished."""
+    assert claim(store, "evt_1", "a") == "claimed"
+    assert claim(store, "evt_1", "b", at(60)) == "held"
+    assert claim(store, "evt_2", "b") == "claimed"  # events are independent
+    assert store.finish_event("evt_1", token="a") is True
+    assert [claim(store, "evt_1", t, at(3600)) for t in ("a", "b")] == ["done", "done"]
+    assert claim(store, "evt_1", "c", at(10**7)) == "done"  # a finished event never lapses
+
+
+def test_a_released_claim_lets_the_next_delivery_claim_at_once(store: StoreDriver) -> None:
+    """release_event gives the event back (a failed action); a stranger's release does not."""
+    assert claim(store, "evt_1", "a") == "claimed"
+    store.release_event("evt_1", token="intruder")
+    assert claim(store, "evt_1", "b", at(1)) == "held"
+    store.release_event("evt_1", token="a")
+    assert claim(store, "evt_1", "b", at(2)) == "claimed"
+    assert store.finish_event("evt_1", token="a") is False  # no longer its claim
+    assert store.finish_event("evt_1", token="b") is True
+    store.release_event("evt_1", token="b")  # a finished event stays done
+    assert claim(store, "evt_1", "c", at(3)) == "done"
+
+
+def test_a_lapsed_lease_can_be_claimed_again_and_the_old_holder_cannot_finish(
+    store: StoreDriver,
+) -> None:
+    """A holder that died keeps the event only for its lease."""
+    assert claim(store, "evt_1", "a") == "claimed"
+    lease_s = LEASE.total_seconds()
+    assert claim(store, "evt_1", "b", at(lease_s - 1)) == "held"
+    assert claim(store, "evt_1", "b", at(lease_s + 1)) == "claimed"
+    assert store.finish_event("evt_1", token="a") is False
+    assert claim(store, "evt_1", "c", at(lease_s + 2)) == "held"
+    assert store.finish_event("evt_1", token="b") is True
+    assert store.finish_event("evt_unknown", token="b") is False
+
+
+def test_concurrent_claims_of_one_event_have_one_winner(store: StoreDriver) -> None:
+    """Of many concurrent claims with distinct tokens, exactly one is "claimed"."""
+    results = store.concurrently(
+        [call("claim_event", "evt_race", token=f"t{i}", now=T0, lease=LEASE) for i in range(12)]
+    )
+    assert sorted(results) == ["claimed"] + ["held"] * 11
+
+
+def test_a_violation_id_is_stored_once(store: StoreDriver) -> None:
+    """The same violation_id written again (a replay) adds nothing; violations without one
+    are each kept; the id round-trips."""
+    first = Violation("acme", at(0), "moderation", ("violence",), 0.9, "/chat", "", "v-1")
+    assert store.record_violation(first) is True
+    assert store.record_violation(first) is False
+    assert store.record_violation(violation()) is True
+    assert store.record_violation(violation()) is True
+    assert store.count_violations("acme", since=at(-1)) == 3
+    assert [v for v in store.violations() if v.violation_id] == [first]
+    report = store.usage_report()
+    assert [(r.customer, r.violations) for r in report] == [("acme", 3)]
+
+
+def test_concurrent_writes_of_one_violation_id_store_it_once(store: StoreDriver) -> None:
+    replayed = Violation("acme", at(0), "moderation", violation_id="v-race")
+    results = store.concurrently([call("record_violation", replayed) for _ in range(8)])
+    assert sorted(results) == [False] * 7 + [True]
+    assert store.count_violations("acme", since=at(-1)) == 1
 
 
 # --- quotas: admission, requests per minute -----------------------------------------------------

@@ -465,7 +465,8 @@ def test_redis_keys_share_a_slot_per_customer_and_only_windows_expire() -> None:
             store.record_violation(Violation(customer, now, "moderation"))
             store.suspend(customer, reason="test", until=None, now=now)
         store.remember_identifier("sid", "plain")
-        assert store.claim_event("evt_1")
+        lease = timedelta(minutes=5)
+        assert store.claim_event("evt_1", token="t", now=now, lease=lease) == "claimed"
 
         client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
         keys = list(client.scan_iter(match=f"{prefix}*"))
@@ -481,6 +482,7 @@ def test_redis_keys_share_a_slot_per_customer_and_only_windows_expire() -> None:
         for names in tags.values():
             assert {":rec", ":recs", ":sums", ":viol", ":susp", ":q:seconds", ":q:holds"} <= names
             assert any(name.startswith(":hold:") for name in names)
+        assert f"{prefix}:event:evt_1" in keys  # one key per event, no hash tag needed
 
         ttls = {key[len(prefix) :]: client.ttl(key) for key in keys}
         client.close()

@@ -200,14 +200,16 @@ def test_data_survives_closing_and_reopening_the_file(db: Path) -> None:
     first.record_usage(written)
     first.suspend("acme", reason="strikes", until=None, now=T0)
     first.remember_identifier("sid", "acme")
-    assert first.claim_event("evt")
+    lease = timedelta(minutes=5)
+    assert first.claim_event("evt", token="a", now=T0, lease=lease) == "claimed"
+    assert first.finish_event("evt", token="a")
     first.close()
     second = store_from_url(f"sqlite:///{db}")
     try:
         assert second.usage_records() == [written]
         assert second.suspension("acme", now=T0) is not None
         assert second.customer_for_identifier("sid") == "acme"
-        assert second.claim_event("evt") is False
+        assert second.claim_event("evt", token="b", now=T0, lease=lease) == "done"
     finally:
         second.close()
 
@@ -251,6 +253,30 @@ def test_later_release_migrates_an_older_file_in_place(
     with sqlite3.connect(db) as raw:
         assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
         assert raw.execute("SELECT COUNT(*) FROM notes").fetchone()[0] == 0
+
+
+def test_a_version_1_file_keeps_its_handled_events_and_violations(db: Path) -> None:
+    """Migrating to the current version: events handled before stay done, old violations stay
+    counted."""
+    with sqlite3.connect(db) as raw:
+        sqlite_backend._migrate_to_1(raw)
+        raw.execute("PRAGMA user_version = 1")
+        raw.execute("INSERT INTO events (event_id, claimed_at) VALUES ('evt_old', 0)")
+        raw.execute(
+            "INSERT INTO violations (customer_id, created_at, source, categories, detail) "
+            "VALUES ('acme', ?, 'moderation', '[]', '')",
+            (T0.timestamp(),),
+        )
+    store = SQLiteStore(db)
+    try:
+        lease = timedelta(minutes=5)
+        assert store.claim_event("evt_old", token="t", now=T0, lease=lease) == "done"
+        assert store.claim_event("evt_new", token="t", now=T0, lease=lease) == "claimed"
+        assert store.count_violations("acme", since=T0) == 1
+    finally:
+        store.close()
+    with sqlite3.connect(db) as raw:
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
 
 
 def test_file_from_a_newer_release_is_refused(db: Path) -> None:

@@ -19,18 +19,26 @@ import importlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Protocol, runtime_checkable
 
 from ..errors import ConfigurationError
 from ..policy import Quota
 from ..usage import UsageRecord
 from ._spool import Spool
-from ._types import CustomerReport, QuotaDemand, Reservation, Suspension, Violation
+from ._types import (
+    CustomerReport,
+    EventClaim,
+    QuotaDemand,
+    Reservation,
+    Suspension,
+    Violation,
+)
 
 __all__ = [
     "AsyncUsageStore",
     "CustomerReport",
+    "EventClaim",
     "QuotaDemand",
     "Reservation",
     "Spool",
@@ -77,8 +85,12 @@ class UsageStore(Protocol):
         """Per-customer totals since ``since``, sorted by customer id."""
         ...
 
-    def record_violation(self, violation: Violation) -> None:
-        """Store a violation."""
+    def record_violation(self, violation: Violation) -> bool:
+        """Store a violation, once per non-empty ``violation_id``.
+
+        Returns ``False`` when a violation with the same ``violation_id`` was already stored
+        (nothing was written), ``True`` otherwise.
+        """
         ...
 
     def count_violations(self, customer_id: str, *, since: datetime) -> int:
@@ -125,8 +137,27 @@ class UsageStore(Protocol):
         """The customer an OpenAI request id belongs to."""
         ...
 
-    def claim_event(self, event_id: str) -> bool:
-        """Mark a webhook event as handled. Returns ``True`` only the first time."""
+    def claim_event(
+        self, event_id: str, *, token: str, now: datetime, lease: timedelta
+    ) -> EventClaim:
+        """Claim a webhook event for handling, atomically: of any number of concurrent
+        claims, at most one gets ``"claimed"``.
+
+        ``token`` holds the claim until :meth:`finish_event`, :meth:`release_event` or
+        ``now + lease``, whichever comes first; a claim whose lease ran out may be claimed
+        again. Returns ``"claimed"``, ``"held"`` (another token's claim is live) or ``"done"``
+        (finished before).
+        """
+        ...
+
+    def finish_event(self, event_id: str, *, token: str) -> bool:
+        """Mark an event claimed by ``token`` as done for good. Returns whether ``token``
+        still held the claim (``False``: its lease ran out and another token claimed it)."""
+        ...
+
+    def release_event(self, event_id: str, *, token: str) -> None:
+        """Give up ``token``'s claim of an event that is not done, so a redelivery acts at
+        once. A claim held by another token, or a finished event, is left alone."""
         ...
 
     def close(self) -> None:
@@ -150,7 +181,7 @@ class AsyncUsageStore(Protocol):
     async def usage_report(
         self, *, since: datetime | None = None, customer_id: str | None = None
     ) -> list[CustomerReport]: ...
-    async def record_violation(self, violation: Violation) -> None: ...
+    async def record_violation(self, violation: Violation) -> bool: ...
     async def count_violations(self, customer_id: str, *, since: datetime) -> int: ...
     async def violations(
         self, *, customer_id: str | None = None, since: datetime | None = None, limit: int = 1000
@@ -165,7 +196,11 @@ class AsyncUsageStore(Protocol):
     async def customer_for_identifier(self, identifier: str) -> str | None: ...
     async def remember_request(self, request_id: str, customer_id: str) -> None: ...
     async def customer_for_request(self, request_id: str) -> str | None: ...
-    async def claim_event(self, event_id: str) -> bool: ...
+    async def claim_event(
+        self, event_id: str, *, token: str, now: datetime, lease: timedelta
+    ) -> EventClaim: ...
+    async def finish_event(self, event_id: str, *, token: str) -> bool: ...
+    async def release_event(self, event_id: str, *, token: str) -> None: ...
     async def close(self) -> None: ...
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from ..policy import Quota
 from ..usage import UsageRecord
-from ._types import CustomerReport, QuotaDemand, Reservation, Suspension, Violation
+from ._types import CustomerReport, EventClaim, QuotaDemand, Reservation, Suspension, Violation
 
 __all__ = ["AsyncAdapter"]
 
@@ -86,8 +86,8 @@ class AsyncAdapter:
     ) -> list[CustomerReport]:
         return await self._call(self.sync.usage_report, since=since, customer_id=customer_id)
 
-    async def record_violation(self, violation: Violation) -> None:
-        await self._call(self.sync.record_violation, violation)
+    async def record_violation(self, violation: Violation) -> bool:
+        return await self._call(self.sync.record_violation, violation)
 
     async def count_violations(self, customer_id: str, *, since: datetime) -> int:
         return await self._call(self.sync.count_violations, customer_id, since=since)
@@ -125,8 +125,16 @@ class AsyncAdapter:
     async def customer_for_request(self, request_id: str) -> str | None:
         return await self._call(self.sync.customer_for_request, request_id)
 
-    async def claim_event(self, event_id: str) -> bool:
-        return await self._call(self.sync.claim_event, event_id)
+    async def claim_event(
+        self, event_id: str, *, token: str, now: datetime, lease: timedelta
+    ) -> EventClaim:
+        return await self._call(self.sync.claim_event, event_id, token=token, now=now, lease=lease)
+
+    async def finish_event(self, event_id: str, *, token: str) -> bool:
+        return await self._call(self.sync.finish_event, event_id, token=token)
+
+    async def release_event(self, event_id: str, *, token: str) -> None:
+        await self._call(self.sync.release_event, event_id, token=token)
 
     async def close(self) -> None:
         await self._call(self.sync.close)

@@ -26,6 +26,7 @@ from ._types import (
     Bucket,
     CustomerReport,
     DayTotal,
+    EventClaim,
     QuotaDemand,
     QuotaState,
     Reservation,
@@ -134,10 +135,12 @@ class MemoryStore:
         # insertion order is (nearly) time order, so abandoned holds are dropped from the front
         self._holds: OrderedDict[str, _Hold] = OrderedDict()
         self._violations: list[Violation] = []
+        self._violation_ids: set[str] = set()
         self._suspensions: dict[str, Suspension] = {}
         self._identifiers: dict[str, str] = {}
         self._requests: dict[str, str] = {}
-        self._events: set[str] = set()
+        # event id -> (token, lease end); a finished event has no token
+        self._events: dict[str, tuple[str | None, datetime | None]] = {}
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> MemoryStore:
@@ -258,9 +261,14 @@ class MemoryStore:
             }
         return finish_report(sums, violations, suspended)
 
-    def record_violation(self, violation: Violation) -> None:
+    def record_violation(self, violation: Violation) -> bool:
         with self._lock:
+            if violation.violation_id:
+                if violation.violation_id in self._violation_ids:
+                    return False
+                self._violation_ids.add(violation.violation_id)
             self._violations.append(violation)
+            return True
 
     def count_violations(self, customer_id: str, *, since: datetime) -> int:
         with self._lock:
@@ -319,12 +327,33 @@ class MemoryStore:
         with self._lock:
             return self._requests.get(request_id)
 
-    def claim_event(self, event_id: str) -> bool:
+    def claim_event(
+        self, event_id: str, *, token: str, now: datetime, lease: timedelta
+    ) -> EventClaim:
         with self._lock:
-            if event_id in self._events:
+            found = self._events.get(event_id)
+            if found is not None:
+                holder, until = found
+                if holder is None:
+                    return "done"
+                if until is not None and until > now:
+                    return "held"
+            self._events[event_id] = (token, now + lease)
+            return "claimed"
+
+    def finish_event(self, event_id: str, *, token: str) -> bool:
+        with self._lock:
+            found = self._events.get(event_id)
+            if found is None or found[0] != token:
                 return False
-            self._events.add(event_id)
+            self._events[event_id] = (None, None)
             return True
+
+    def release_event(self, event_id: str, *, token: str) -> None:
+        with self._lock:
+            found = self._events.get(event_id)
+            if found is not None and found[0] == token:
+                del self._events[event_id]
 
     def close(self) -> None:
         """Nothing to release."""

@@ -51,6 +51,7 @@ from ._types import (
     Bucket,
     CustomerReport,
     DayTotal,
+    EventClaim,
     QuotaDemand,
     QuotaState,
     Reservation,
@@ -195,6 +196,13 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         WHERE created_at > clock_timestamp() - interval '{_TTL_S} seconds'
         GROUP BY 1, 2""",
     ),
+    # Version 3: webhook claims with a lease (a row with a token is a live or lapsed claim, a
+    # row without one, as every earlier row, an event done); violations get an id a replay
+    # cannot repeat.
+    (
+        "ALTER TABLE {schema}.events ADD COLUMN token text, ADD COLUMN lease_until timestamptz",
+        "ALTER TABLE {schema}.violations ADD COLUMN violation_id text UNIQUE",
+    ),
 )
 #: The schema version this release writes.
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -207,7 +215,9 @@ _RECORD_COLUMNS = (
     "record_id, customer_id, endpoint, model, outcome, input_tokens, cached_tokens, "
     "output_tokens, reasoning_tokens, cost_usd, latency_s, created_at, request_id"
 )
-_VIOLATION_COLUMNS = "customer_id, created_at, source, categories, top_score, endpoint, detail"
+_VIOLATION_COLUMNS = (
+    "customer_id, created_at, source, categories, top_score, endpoint, detail, violation_id"
+)
 _SUSPENSION_COLUMNS = "customer_id, since, until, reason"
 _REPORT_KEYS = (
     "requests",
@@ -370,7 +380,8 @@ _STATEMENTS: dict[str, str] = {
     "insert_violation": f"""
         INSERT INTO {{schema}}.violations ({_VIOLATION_COLUMNS})
         VALUES (%(customer_id)s, %(created_at)s, %(source)s, %(categories)s::text[],
-                %(top_score)s, %(endpoint)s, %(detail)s)""",
+                %(top_score)s, %(endpoint)s, %(detail)s, %(violation_id)s)
+        ON CONFLICT DO NOTHING RETURNING 1""",
     "count_violations": """
         SELECT count(*) FROM {schema}.violations
         WHERE customer_id = %(customer)s AND created_at >= %(since)s""",
@@ -400,9 +411,23 @@ _STATEMENTS: dict[str, str] = {
         ON CONFLICT (request_id) DO UPDATE SET customer_id = EXCLUDED.customer_id""",
     "customer_for_request": """
         SELECT customer_id FROM {schema}.requests WHERE request_id = %(key)s""",
+    # One statement: of concurrent claims, the row lock lets one insert (or take over a lapsed
+    # lease) and the others see its row.
     "claim_event": """
-        INSERT INTO {schema}.events (event_id) VALUES (%(key)s)
-        ON CONFLICT (event_id) DO NOTHING RETURNING 1""",
+        INSERT INTO {schema}.events AS events (event_id, claimed_at, token, lease_until)
+        VALUES (%(key)s, %(now)s, %(token)s, %(until)s)
+        ON CONFLICT (event_id) DO UPDATE
+        SET claimed_at = EXCLUDED.claimed_at, token = EXCLUDED.token,
+            lease_until = EXCLUDED.lease_until
+        WHERE events.token IS NOT NULL AND events.lease_until <= %(now)s
+        RETURNING 1""",
+    "event_state": """
+        SELECT token IS NULL FROM {schema}.events WHERE event_id = %(key)s""",
+    "finish_event": """
+        UPDATE {schema}.events SET token = NULL, lease_until = NULL
+        WHERE event_id = %(key)s AND token = %(token)s RETURNING 1""",
+    "release_event": """
+        DELETE FROM {schema}.events WHERE event_id = %(key)s AND token = %(token)s""",
 }
 
 # The WHERE clauses of the listing queries, by which filters are given.
@@ -585,6 +610,7 @@ def _violation_from_row(row: Sequence[Any]) -> Violation:
         top_score=row[4],
         endpoint=row[5],
         detail=row[6],
+        violation_id=row[7] or "",
     )
 
 
@@ -661,8 +687,8 @@ def _usage_report(
     return finish_report(sums, violations, suspended)
 
 
-def _record_violation(q: _Sql, violation: Violation) -> _Op[None]:
-    yield _Query(
+def _record_violation(q: _Sql, violation: Violation) -> _Op[bool]:
+    rows = yield _Query(
         q["insert_violation"],
         {
             "customer_id": violation.customer_id,
@@ -672,8 +698,10 @@ def _record_violation(q: _Sql, violation: Violation) -> _Op[None]:
             "top_score": violation.top_score,
             "endpoint": violation.endpoint,
             "detail": violation.detail,
+            "violation_id": violation.violation_id or None,
         },
     )
+    return bool(rows)
 
 
 def _count_violations(q: _Sql, customer_id: str, since: datetime) -> _Op[int]:
@@ -721,8 +749,24 @@ def _lookup(q: _Sql, statement: str, key: str) -> _Op[str | None]:
     return str(rows[0][0]) if rows else None
 
 
-def _claim_event(q: _Sql, event_id: str) -> _Op[bool]:
-    return bool((yield _Query(q["claim_event"], {"key": event_id})))
+def _claim_event(
+    q: _Sql, event_id: str, token: str, now: datetime, lease: timedelta
+) -> _Op[EventClaim]:
+    now = _utc(now)
+    params = {"key": event_id, "token": token, "now": now, "until": now + lease}
+    if (yield _Query(q["claim_event"], params)):
+        return "claimed"
+    rows = yield _Query(q["event_state"], {"key": event_id})
+    # no row: released between the two statements; whoever released it wants a retry to act
+    return "done" if rows and rows[0][0] else "held"
+
+
+def _finish_event(q: _Sql, event_id: str, token: str) -> _Op[bool]:
+    return bool((yield _Query(q["finish_event"], {"key": event_id, "token": token})))
+
+
+def _release_event(q: _Sql, event_id: str, token: str) -> _Op[None]:
+    yield _Query(q["release_event"], {"key": event_id, "token": token})
 
 
 # --------------------------------------------------------------------------------------------
@@ -864,8 +908,8 @@ class PostgresStore:
     ) -> list[CustomerReport]:
         return self._run(_usage_report(self._sql, since, customer_id))
 
-    def record_violation(self, violation: Violation) -> None:
-        self._run(_record_violation(self._sql, violation))
+    def record_violation(self, violation: Violation) -> bool:
+        return self._run(_record_violation(self._sql, violation))
 
     def count_violations(self, customer_id: str, *, since: datetime) -> int:
         return self._run(_count_violations(self._sql, customer_id, since))
@@ -901,8 +945,16 @@ class PostgresStore:
     def customer_for_request(self, request_id: str) -> str | None:
         return self._run(_lookup(self._sql, "customer_for_request", request_id))
 
-    def claim_event(self, event_id: str) -> bool:
-        return self._run(_claim_event(self._sql, event_id))
+    def claim_event(
+        self, event_id: str, *, token: str, now: datetime, lease: timedelta
+    ) -> EventClaim:
+        return self._run(_claim_event(self._sql, event_id, token, now, lease))
+
+    def finish_event(self, event_id: str, *, token: str) -> bool:
+        return self._run(_finish_event(self._sql, event_id, token))
+
+    def release_event(self, event_id: str, *, token: str) -> None:
+        self._run(_release_event(self._sql, event_id, token))
 
     def close(self) -> None:
         """Close the connection pool."""
@@ -1021,8 +1073,8 @@ class AsyncPostgresStore:
     ) -> list[CustomerReport]:
         return await self._run(_usage_report(self._sql, since, customer_id))
 
-    async def record_violation(self, violation: Violation) -> None:
-        await self._run(_record_violation(self._sql, violation))
+    async def record_violation(self, violation: Violation) -> bool:
+        return await self._run(_record_violation(self._sql, violation))
 
     async def count_violations(self, customer_id: str, *, since: datetime) -> int:
         return await self._run(_count_violations(self._sql, customer_id, since))
@@ -1058,8 +1110,16 @@ class AsyncPostgresStore:
     async def customer_for_request(self, request_id: str) -> str | None:
         return await self._run(_lookup(self._sql, "customer_for_request", request_id))
 
-    async def claim_event(self, event_id: str) -> bool:
-        return await self._run(_claim_event(self._sql, event_id))
+    async def claim_event(
+        self, event_id: str, *, token: str, now: datetime, lease: timedelta
+    ) -> EventClaim:
+        return await self._run(_claim_event(self._sql, event_id, token, now, lease))
+
+    async def finish_event(self, event_id: str, *, token: str) -> bool:
+        return await self._run(_finish_event(self._sql, event_id, token))
+
+    async def release_event(self, event_id: str, *, token: str) -> None:
+        await self._run(_release_event(self._sql, event_id, token))
 
     async def close(self) -> None:
         """Close the connection pool."""

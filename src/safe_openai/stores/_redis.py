@@ -32,6 +32,7 @@ anonymous customer ``""`` is written ``%``, since an empty tag would not pin a s
     P:{C}:recs           zset   record key, scored by created_at (us)       durable
     P:{C}:sums           hash   "<YYYYMMDD>:<column>" -> daily report sums  durable
     P:{C}:viol           zset   violation JSON, scored by created_at (us)   durable
+    P:{C}:violids        set    violation ids stored (a replay adds none)   durable
     P:{C}:susp           hash   since / until / reason                      durable
     P:{C}:q:seconds      hash   "<second>" -> "<requests>|<tokens>|<us>"   TTL 5 min
                                 the minute buckets (us: latest entry)
@@ -44,7 +45,8 @@ anonymous customer ``""`` is written ``%``, since an empty tag would not pin a s
     P:suspended          set    customers with a suspension record          durable
     P:ident:<identifier> string customer id                                 durable
     P:request:<id>       string customer id                                 durable
-    P:event:<id>         string webhook event claim                         TTL 7 days
+    P:event:<id>         string webhook event: "L|<token>|<lease end us>"   TTL 7 days
+                                while claimed, "done" once handled
 
 Quota decisions follow :func:`~safe_openai.stores._types.decide` exactly, in one Lua script
 that reads O(1) state (about 130 second buckets at most) on the Redis server's clock (``TIME``)
@@ -79,6 +81,7 @@ from ._types import (
     SKEW_US,
     TTL_US,
     CustomerReport,
+    EventClaim,
     QuotaDemand,
     Reservation,
     Suspension,
@@ -491,11 +494,57 @@ class _Script:
         object.__setattr__(self, "sha", hashlib.sha1(self.source.encode()).hexdigest())
 
 
+# KEYS: viol, violids. ARGV: violation id ('' = none), member, score (us).
+# Returns 1 when stored, 0 when that violation id was stored before.
+_VIOLATION_LUA = """
+if ARGV[1] ~= '' and redis.call('SADD', KEYS[2], ARGV[1]) == 0 then
+  return 0
+end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[2])
+return 1
+"""
+
+# One key per event, so each script touches one slot. KEYS: event.
+# ARGV: token, now (us), lease end (us), TTL (s). Returns claimed / held / done.
+_CLAIM_EVENT_LUA = """
+local state = redis.call('GET', KEYS[1])
+if state == 'done' or state == '1' then
+  return 'done'
+end
+if state then
+  local lease_end = tonumber(string.match(state, '|(%d+)$'))
+  if lease_end and lease_end > tonumber(ARGV[2]) then
+    return 'held'
+  end
+end
+redis.call('SET', KEYS[1], 'L|' .. ARGV[1] .. '|' .. ARGV[3], 'EX', ARGV[4])
+return 'claimed'
+"""
+
+# KEYS: event. ARGV: token, TTL (s), what to do with it ('finish' or 'release').
+# Returns 1 when the token held the claim.
+_SETTLE_EVENT_LUA = """
+local state = redis.call('GET', KEYS[1])
+local mine = 'L|' .. ARGV[1] .. '|'
+if not state or string.sub(state, 1, #mine) ~= mine then
+  return 0
+end
+if ARGV[3] == 'finish' then
+  redis.call('SET', KEYS[1], 'done', 'EX', ARGV[2])
+else
+  redis.call('DEL', KEYS[1])
+end
+return 1
+"""
+
 _RESERVE = _Script(_RESERVE_LUA)
 _RECORD = _Script(_RECORD_LUA)
 _RELEASE = _Script(_RELEASE_LUA)
 _REPORT = _Script(_REPORT_LUA)
 _RECORDS = _Script(_RECORDS_LUA)
+_VIOLATION = _Script(_VIOLATION_LUA)
+_CLAIM_EVENT = _Script(_CLAIM_EVENT_LUA)
+_SETTLE_EVENT = _Script(_SETTLE_EVENT_LUA)
 
 # --------------------------------------------------------------------------------------------
 # Commands. An operation is a generator that yields batches of commands (one pipelined round
@@ -598,7 +647,8 @@ def _violation_json(violation: Violation) -> str:
     return json.dumps(
         {
             # makes two otherwise identical violations two sorted-set members
-            "id": uuid.uuid4().hex,
+            "id": violation.violation_id or uuid.uuid4().hex,
+            "violation_id": violation.violation_id,
             "customer_id": violation.customer_id,
             "created_at": violation.created_at.isoformat(),
             "source": violation.source,
@@ -621,6 +671,7 @@ def _violation_from_json(raw: Any) -> Violation:
         top_score=data["top_score"],
         endpoint=data["endpoint"],
         detail=data["detail"],
+        violation_id=data.get("violation_id") or "",
     )
 
 
@@ -872,15 +923,17 @@ def _usage_report(
     return finish_report(sums, violations, suspended)
 
 
-def _record_violation(keys: _Keys, violation: Violation) -> _Op[None]:
-    yield [
-        _cmd("sadd", keys.customers, violation.customer_id),
-        _cmd(
-            "zadd",
-            keys.of(violation.customer_id, "viol"),
-            {_violation_json(violation): _us(violation.created_at)},
+def _record_violation(keys: _Keys, violation: Violation) -> _Op[bool]:
+    customer_id = violation.customer_id
+    _, stored = yield [
+        _cmd("sadd", keys.customers, customer_id),
+        _Eval(
+            _VIOLATION,
+            (keys.of(customer_id, "viol"), keys.of(customer_id, "violids")),
+            (violation.violation_id, _violation_json(violation), _us(violation.created_at)),
         ),
     ]
+    return bool(int(stored))
 
 
 def _count_violations(keys: _Keys, customer_id: str, since: datetime) -> _Op[int]:
@@ -967,9 +1020,25 @@ def _get(key: str) -> _Op[str | None]:
     return None if value is None else _text(value)
 
 
-def _claim_event(keys: _Keys, event_id: str) -> _Op[bool]:
-    (claimed,) = yield [_cmd("set", keys.event(event_id), "1", nx=True, ex=_EVENT_CLAIM_TTL_S)]
-    return bool(claimed)
+def _claim_event(
+    keys: _Keys, event_id: str, token: str, now: datetime, lease: timedelta
+) -> _Op[EventClaim]:
+    (state,) = yield [
+        _Eval(
+            _CLAIM_EVENT,
+            (keys.event(event_id),),
+            (token, _us(now), _us(now + lease), _EVENT_CLAIM_TTL_S),
+        )
+    ]
+    found = _text(state)
+    return "claimed" if found == "claimed" else "held" if found == "held" else "done"
+
+
+def _settle_event(keys: _Keys, event_id: str, token: str, how: str) -> _Op[bool]:
+    (mine,) = yield [
+        _Eval(_SETTLE_EVENT, (keys.event(event_id),), (token, _EVENT_CLAIM_TTL_S, how))
+    ]
+    return bool(int(mine))
 
 
 # --------------------------------------------------------------------------------------------
@@ -1065,8 +1134,8 @@ class RedisStore:
     ) -> list[CustomerReport]:
         return self._run(_usage_report(self._keys, since, customer_id))
 
-    def record_violation(self, violation: Violation) -> None:
-        self._run(_record_violation(self._keys, violation))
+    def record_violation(self, violation: Violation) -> bool:
+        return self._run(_record_violation(self._keys, violation))
 
     def count_violations(self, customer_id: str, *, since: datetime) -> int:
         return self._run(_count_violations(self._keys, customer_id, since))
@@ -1102,8 +1171,16 @@ class RedisStore:
     def customer_for_request(self, request_id: str) -> str | None:
         return self._run(_get(self._keys.request(request_id)))
 
-    def claim_event(self, event_id: str) -> bool:
-        return self._run(_claim_event(self._keys, event_id))
+    def claim_event(
+        self, event_id: str, *, token: str, now: datetime, lease: timedelta
+    ) -> EventClaim:
+        return self._run(_claim_event(self._keys, event_id, token, now, lease))
+
+    def finish_event(self, event_id: str, *, token: str) -> bool:
+        return self._run(_settle_event(self._keys, event_id, token, "finish"))
+
+    def release_event(self, event_id: str, *, token: str) -> None:
+        self._run(_settle_event(self._keys, event_id, token, "release"))
 
     def close(self) -> None:
         """Close the client when this store opened it."""
@@ -1200,8 +1277,8 @@ class AsyncRedisStore:
     ) -> list[CustomerReport]:
         return await self._run(_usage_report(self._keys, since, customer_id))
 
-    async def record_violation(self, violation: Violation) -> None:
-        await self._run(_record_violation(self._keys, violation))
+    async def record_violation(self, violation: Violation) -> bool:
+        return await self._run(_record_violation(self._keys, violation))
 
     async def count_violations(self, customer_id: str, *, since: datetime) -> int:
         return await self._run(_count_violations(self._keys, customer_id, since))
@@ -1237,8 +1314,16 @@ class AsyncRedisStore:
     async def customer_for_request(self, request_id: str) -> str | None:
         return await self._run(_get(self._keys.request(request_id)))
 
-    async def claim_event(self, event_id: str) -> bool:
-        return await self._run(_claim_event(self._keys, event_id))
+    async def claim_event(
+        self, event_id: str, *, token: str, now: datetime, lease: timedelta
+    ) -> EventClaim:
+        return await self._run(_claim_event(self._keys, event_id, token, now, lease))
+
+    async def finish_event(self, event_id: str, *, token: str) -> bool:
+        return await self._run(_settle_event(self._keys, event_id, token, "finish"))
+
+    async def release_event(self, event_id: str, *, token: str) -> None:
+        await self._run(_settle_event(self._keys, event_id, token, "release"))
 
     async def close(self) -> None:
         """Close the client when this store opened it."""

@@ -1,8 +1,9 @@
-"""A local, durable spool for usage records the store could not take.
+"""A local, durable spool for usage records and violations the store could not take.
 
 When the usage store is unreachable, a call that already reached the model must still be
-billed to its customer. :class:`Spool` keeps such records on local disk until
-:meth:`Spool.drain` (or :meth:`Spool.adrain`) writes them to the store::
+billed to its customer, and a blocked call must still count against its customer's strikes.
+:class:`Spool` keeps such records and violations on local disk until :meth:`Spool.drain` (or
+:meth:`Spool.adrain`) writes them to the store::
 
     spool = Spool()
     try:
@@ -15,12 +16,14 @@ billed to its customer. :class:`Spool` keeps such records on local disk until
 Files, all in one directory:
 
 - ``<host>-<pid>-<random>.jsonl``: one file per :class:`Spool` object (so per process), one
-  JSON line per record, each line flushed and fsynced before :meth:`Spool.append` returns.
+  JSON line per record or violation, each line flushed and fsynced before
+  :meth:`Spool.append` (or :meth:`Spool.append_violation`) returns.
   A line torn by a crash mid-append was never acknowledged and is skipped.
 - ``*.draining``: files claimed by a drain. A drain renames every ``.jsonl`` file (an atomic
   claim), writes their records and deletes each file once all its records are written. After
   a crash the next drain picks the ``.draining`` files up again; the stores ignore a repeated
-  ``record_id``, so records written before the crash are not counted twice.
+  ``record_id`` (``violation_id`` for violations), so what was written before the crash is not
+  counted twice.
 - ``append.lock`` and ``drain.lock`` (``fcntl`` locks, released by the OS when a process dies):
   appends hold the first shared, a drain takes it exclusive only while renaming, so no record
   is appended to a file being claimed; one drain at a time holds the second.
@@ -39,16 +42,17 @@ import socket
 import sys
 import threading
 import uuid
-from collections.abc import Generator, Iterator
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Generator, Iterator
+from dataclasses import dataclass, replace
+from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from ..errors import StoreError
 from ..usage import UsageRecord
-from ._types import Reservation
+from ._types import Reservation, Violation
 
 if TYPE_CHECKING:
     from . import AsyncUsageStore, UsageStore
@@ -113,20 +117,60 @@ def _locked(path: Path, *, exclusive: bool, blocking: bool = True) -> Iterator[b
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
-def _encode(record: UsageRecord, reservation_id: str | None) -> bytes:
-    line = json.dumps(
-        {"v": _FORMAT, "record": record.to_dict(), "reservation_id": reservation_id},
-        separators=(",", ":"),
-    )
+def _line(data: dict[str, Any]) -> bytes:
+    line = json.dumps({"v": _FORMAT, **data}, separators=(",", ":"))
     # The leading newline ends any line a crash tore mid-write, so the torn fragment can never
     # swallow this record; empty lines are skipped when reading.
     return b"\n" + line.encode() + b"\n"
 
 
-def _decode(line: bytes) -> tuple[UsageRecord, str | None] | None:
+def _encode(record: UsageRecord, reservation_id: str | None) -> bytes:
+    return _line({"record": record.to_dict(), "reservation_id": reservation_id})
+
+
+def _violation_dict(violation: Violation) -> dict[str, Any]:
+    return {
+        "customer_id": violation.customer_id,
+        "created_at": violation.created_at.isoformat(),
+        "source": violation.source,
+        "categories": list(violation.categories),
+        "top_score": violation.top_score,
+        "endpoint": violation.endpoint,
+        "detail": violation.detail,
+        "violation_id": violation.violation_id,
+    }
+
+
+def _violation_from_dict(data: dict[str, Any]) -> Violation:
+    return Violation(
+        customer_id=str(data["customer_id"]),
+        created_at=datetime.fromisoformat(data["created_at"]),
+        source=str(data["source"]),
+        categories=tuple(str(c) for c in data["categories"]),
+        top_score=None if data["top_score"] is None else float(data["top_score"]),
+        endpoint=None if data["endpoint"] is None else str(data["endpoint"]),
+        detail=str(data["detail"]),
+        violation_id=str(data["violation_id"]),
+    )
+
+
+@dataclass(frozen=True)
+class _Write:
+    record: UsageRecord
+    reservation_id: str | None
+
+
+@dataclass(frozen=True)
+class _WriteViolation:
+    violation: Violation
+
+
+def _decode(line: bytes) -> _Write | _WriteViolation | None:
     try:
         data = json.loads(line)
-        return UsageRecord.from_dict(data["record"]), data.get("reservation_id") or None
+        if "violation" in data:
+            return _WriteViolation(_violation_from_dict(data["violation"]))
+        return _Write(UsageRecord.from_dict(data["record"]), data.get("reservation_id") or None)
     except (ValueError, LookupError, TypeError, AttributeError):
         return None
 
@@ -154,23 +198,19 @@ class _Claimed:
 
 
 @dataclass(frozen=True)
-class _Write:
-    record: UsageRecord
-    reservation_id: str | None
-
-
-@dataclass(frozen=True)
 class _Keep:
     claimed: _Claimed
     index: int
 
 
-def _drain_plan(claimed: list[_Claimed]) -> Generator[_Write | _Keep, bool, int]:
+def _drain_plan(
+    claimed: list[_Claimed],
+) -> Generator[_Write | _WriteViolation | _Keep, bool, int]:
     """The steps of a drain, shared by the sync and async drivers.
 
-    Yields a :class:`_Write` per record and receives whether the store took it; yields a
-    :class:`_Keep` when a file is done (or the store failed) to drop what was written.
-    Returns how many records were written.
+    Yields a :class:`_Write` per record (a :class:`_WriteViolation` per violation) and receives
+    whether the store took it; yields a :class:`_Keep` when a file is done (or the store
+    failed) to drop what was written. Returns how many records and violations were written.
     """
     written = 0
     for batch in claimed:
@@ -180,7 +220,7 @@ def _drain_plan(claimed: list[_Claimed]) -> Generator[_Write | _Keep, bool, int]
                 # a line torn by a crash during append: that append never returned
                 log.warning("safe_openai.spool_line_skipped", file=batch.path.name)
                 continue
-            if not (yield _Write(*item)):
+            if not (yield item):
                 yield _Keep(batch, index)
                 return written
             written += 1
@@ -189,7 +229,7 @@ def _drain_plan(claimed: list[_Claimed]) -> Generator[_Write | _Keep, bool, int]
 
 
 class Spool:
-    """Usage records kept on local disk until the store can take them.
+    """Usage records and violations kept on local disk until the store can take them.
 
     Safe for several threads and several processes on one directory, and across restarts: a
     new :class:`Spool` on the same directory sees every record an earlier one appended.
@@ -229,7 +269,23 @@ class Spool:
         if not record.record_id:
             # a drain may replay a record; its id is what makes the replay harmless
             record = UsageRecord.from_dict({**record.to_dict(), "record_id": uuid.uuid4().hex})
-        line = _encode(record, reservation_id)
+        self._append_line(_encode(record, reservation_id))
+
+    def append_violation(self, violation: Violation) -> None:
+        """Keep a violation on disk; it is durable (fsynced) when this returns.
+
+        Args:
+            violation: The violation the store did not take. Give it a ``violation_id`` so a
+                replay stores it once; one without an id gets one here.
+
+        Raises:
+            OSError: The violation could not be written to disk.
+        """
+        if not violation.violation_id:
+            violation = replace(violation, violation_id=uuid.uuid4().hex)
+        self._append_line(_line({"violation": _violation_dict(violation)}))
+
+    def _append_line(self, line: bytes) -> None:
         if self._pid != os.getpid():
             self.directory.mkdir(parents=True, exist_ok=True)
         with self._thread_lock, _locked(self._append_lock, exclusive=False):
@@ -253,7 +309,8 @@ class Spool:
         return bool(self._files(_SPOOLED, _DRAINING))
 
     def __len__(self) -> int:
-        """How many records are waiting (spooled, or claimed by a drain not yet finished)."""
+        """How many records and violations are waiting (spooled, or claimed by a drain not yet
+        finished)."""
         count = 0
         for path in self._files(_SPOOLED, _DRAINING):
             with contextlib.suppress(FileNotFoundError):
@@ -280,16 +337,25 @@ class Spool:
         _fsync_dir(self.directory)
         return [_Claimed(path) for path in self._files(_DRAINING)]
 
-    def drain(self, store: UsageStore) -> int:
-        """Write every spooled record to ``store`` and remove the ones written.
+    def drain(
+        self, store: UsageStore, *, on_violation: Callable[[Violation], object] | None = None
+    ) -> int:
+        """Write every spooled record and violation to ``store`` and remove the ones written.
 
         Records with a reservation id are committed against it, the others recorded; both are
-        idempotent by ``record_id``. Stops at the first :class:`~safe_openai.StoreError`,
-        keeping that record and the rest. If another process or thread is draining this
-        directory right now, returns 0 at once: that drain writes the records.
+        idempotent by ``record_id``. Violations are recorded, idempotent by ``violation_id``.
+        Stops at the first :class:`~safe_openai.StoreError`, keeping that record and the rest.
+        If another process or thread is draining this directory right now, returns 0 at once:
+        that drain writes the records.
+
+        Args:
+            store: Where to write.
+            on_violation: Called after each violation is written (the client applies the
+                strike rule there); a :class:`~safe_openai.StoreError` it raises stops the
+                drain as a failed write does, keeping the violation for the next drain.
 
         Returns:
-            How many records were written.
+            How many records and violations were written.
         """
         if not self.directory.is_dir():
             return 0
@@ -305,7 +371,7 @@ class Spool:
                         step = plan.send(True)
                         continue
                     try:
-                        _write(store, step.record, step.reservation_id)
+                        _write(store, step, on_violation)
                     except StoreError as exc:
                         log.warning("safe_openai.spool_drain_stopped", error=type(exc).__name__)
                         step = plan.send(False)
@@ -315,11 +381,16 @@ class Spool:
                 written: int = done.value
                 return written
 
-    async def adrain(self, store: AsyncUsageStore) -> int:
+    async def adrain(
+        self,
+        store: AsyncUsageStore,
+        *,
+        on_violation: Callable[[Violation], Awaitable[object]] | None = None,
+    ) -> int:
         """The async twin of :meth:`drain`; file work runs in a worker thread.
 
         Returns:
-            How many records were written.
+            How many records and violations were written.
         """
         if not self.directory.is_dir():
             return 0
@@ -335,7 +406,7 @@ class Spool:
                         step = plan.send(True)
                         continue
                     try:
-                        await _awrite(store, step.record, step.reservation_id)
+                        await _awrite(store, step, on_violation)
                     except StoreError as exc:
                         log.warning("safe_openai.spool_drain_stopped", error=type(exc).__name__)
                         step = plan.send(False)
@@ -346,15 +417,32 @@ class Spool:
                 return written
 
 
-def _write(store: UsageStore, record: UsageRecord, reservation_id: str | None) -> None:
-    if reservation_id:
-        store.commit(Reservation(reservation_id, record.customer_id, True), record)
+def _write(
+    store: UsageStore,
+    step: _Write | _WriteViolation,
+    on_violation: Callable[[Violation], object] | None,
+) -> None:
+    if isinstance(step, _WriteViolation):
+        store.record_violation(step.violation)
+        if on_violation is not None:
+            on_violation(step.violation)
+    elif step.reservation_id:
+        store.commit(Reservation(step.reservation_id, step.record.customer_id, True), step.record)
     else:
-        store.record_usage(record)
+        store.record_usage(step.record)
 
 
-async def _awrite(store: AsyncUsageStore, record: UsageRecord, reservation_id: str | None) -> None:
-    if reservation_id:
-        await store.commit(Reservation(reservation_id, record.customer_id, True), record)
+async def _awrite(
+    store: AsyncUsageStore,
+    step: _Write | _WriteViolation,
+    on_violation: Callable[[Violation], Awaitable[object]] | None,
+) -> None:
+    if isinstance(step, _WriteViolation):
+        await store.record_violation(step.violation)
+        if on_violation is not None:
+            await on_violation(step.violation)
+    elif step.reservation_id:
+        reservation = Reservation(step.reservation_id, step.record.customer_id, True)
+        await store.commit(reservation, step.record)
     else:
-        await store.record_usage(record)
+        await store.record_usage(step.record)

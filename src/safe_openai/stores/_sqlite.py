@@ -51,6 +51,7 @@ from ._types import (
     Bucket,
     CustomerReport,
     DayTotal,
+    EventClaim,
     QuotaDemand,
     QuotaState,
     Reservation,
@@ -250,10 +251,24 @@ def _migrate_to_2(conn: sqlite3.Connection) -> None:
         conn.execute(statement, {"now": time.time()} if ":now" in statement else ())
 
 
+def _migrate_to_3(conn: sqlite3.Connection) -> None:
+    # Webhook claims with a lease: a row with a token is a live or lapsed claim, a row without
+    # one (every row of earlier versions) an event done. Violations get an id a replay cannot
+    # repeat.
+    conn.execute("ALTER TABLE events ADD COLUMN token TEXT")
+    conn.execute("ALTER TABLE events ADD COLUMN lease_until REAL")
+    conn.execute("ALTER TABLE violations ADD COLUMN violation_id TEXT")
+    conn.execute(
+        "CREATE UNIQUE INDEX violations_violation_id ON violations (violation_id) "
+        "WHERE violation_id IS NOT NULL"
+    )
+
+
 #: ``_MIGRATIONS[n]`` brings a file from schema version ``n`` to ``n + 1``. Append, never edit.
 _MIGRATIONS: Final[tuple[Callable[[sqlite3.Connection], None], ...]] = (
     _migrate_to_1,
     _migrate_to_2,
+    _migrate_to_3,
 )
 #: The schema version this release writes.
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
@@ -406,6 +421,7 @@ def _violation_from_row(row: Sequence[Any]) -> Violation:
         top_score=row[4],
         endpoint=row[5],
         detail=row[6],
+        violation_id=row[7] or "",
     )
 
 
@@ -874,12 +890,12 @@ class SQLiteStore:
 
     # --- violations and suspensions ---------------------------------------------------------
 
-    def record_violation(self, violation: Violation) -> None:
-        """Store a violation."""
+    def record_violation(self, violation: Violation) -> bool:
+        """Store a violation, once per non-empty ``violation_id``; whether it was new."""
         with self._transaction("record a violation", "IMMEDIATE") as conn:
-            conn.execute(
-                "INSERT INTO violations (customer_id, created_at, source, categories, top_score, "
-                "endpoint, detail) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            cursor = conn.execute(
+                "INSERT OR IGNORE INTO violations (customer_id, created_at, source, categories, "
+                "top_score, endpoint, detail, violation_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     violation.customer_id,
                     _ts(violation.created_at),
@@ -888,8 +904,10 @@ class SQLiteStore:
                     violation.top_score,
                     violation.endpoint,
                     violation.detail,
+                    violation.violation_id or None,
                 ),
             )
+            return cursor.rowcount == 1
 
     def count_violations(self, customer_id: str, *, since: datetime) -> int:
         """How many violations the customer has had since ``since``."""
@@ -912,8 +930,8 @@ class SQLiteStore:
         )
         with self._transaction("read violations") as conn:
             rows = conn.execute(
-                "SELECT customer_id, created_at, source, categories, top_score, endpoint, detail "
-                f"FROM violations{where} ORDER BY created_at DESC, id LIMIT ?",
+                "SELECT customer_id, created_at, source, categories, top_score, endpoint, detail, "
+                f"violation_id FROM violations{where} ORDER BY created_at DESC, id LIMIT ?",
                 [*params, max(limit, 0)],
             ).fetchall()
         return [_violation_from_row(row) for row in rows]
@@ -989,14 +1007,39 @@ class SQLiteStore:
             ).fetchone()
         return None if row is None else str(row[0])
 
-    def claim_event(self, event_id: str) -> bool:
-        """Mark a webhook event as handled. Returns ``True`` only the first time."""
+    def claim_event(
+        self, event_id: str, *, token: str, now: datetime, lease: timedelta
+    ) -> EventClaim:
+        """Claim a webhook event for handling (see the protocol); one transaction."""
         with self._transaction("claim an event", "IMMEDIATE") as conn:
+            row = conn.execute(
+                "SELECT token, lease_until FROM events WHERE event_id = ?", (event_id,)
+            ).fetchone()
+            if row is not None and row[0] is None:
+                return "done"
+            if row is not None and row[1] is not None and row[1] > _ts(now):
+                return "held"
+            conn.execute(
+                "INSERT OR REPLACE INTO events (event_id, claimed_at, token, lease_until) "
+                "VALUES (?, ?, ?, ?)",
+                (event_id, _ts(now), token, _ts(now + lease)),
+            )
+            return "claimed"
+
+    def finish_event(self, event_id: str, *, token: str) -> bool:
+        """Mark an event claimed by ``token`` done; whether ``token`` still held it."""
+        with self._transaction("finish an event", "IMMEDIATE") as conn:
             cursor = conn.execute(
-                "INSERT OR IGNORE INTO events (event_id, claimed_at) VALUES (?, ?)",
-                (event_id, time.time()),
+                "UPDATE events SET token = NULL, lease_until = NULL "
+                "WHERE event_id = ? AND token = ?",
+                (event_id, token),
             )
             return cursor.rowcount == 1
+
+    def release_event(self, event_id: str, *, token: str) -> None:
+        """Drop ``token``'s claim of an event that is not done."""
+        with self._transaction("release an event", "IMMEDIATE") as conn:
+            conn.execute("DELETE FROM events WHERE event_id = ? AND token = ?", (event_id, token))
 
     def close(self) -> None:
         """Close every connection this store opened (in this process). Later calls fail."""

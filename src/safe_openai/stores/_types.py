@@ -33,7 +33,7 @@ import calendar
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 from ..policy import Quota
 from ..usage import Outcome, TokenUsage, UsageRecord
@@ -41,6 +41,7 @@ from ..usage import Outcome, TokenUsage, UsageRecord
 __all__ = [
     "BUCKET",
     "CLOCK_SKEW",
+    "EVENT_LEASE",
     "HOLD_BUCKET",
     "KEEP_HOLD_MINUTES",
     "KEEP_SECONDS",
@@ -49,6 +50,7 @@ __all__ = [
     "Bucket",
     "CustomerReport",
     "DayTotal",
+    "EventClaim",
     "QuotaDemand",
     "QuotaState",
     "Reservation",
@@ -104,6 +106,8 @@ class Violation:
         top_score: The highest score among them, when known.
         endpoint: The API path of the blocked call, when known.
         detail: A reference such as the webhook event id or safety case id.
+        violation_id: Identifies the violation: a store keeps one violation per non-empty id,
+            so a violation written again (a spool replay, a webhook redelivery) counts once.
     """
 
     customer_id: str
@@ -113,6 +117,18 @@ class Violation:
     top_score: float | None = None
     endpoint: str | None = None
     detail: str = ""
+    violation_id: str = ""
+
+
+#: What :meth:`UsageStore.claim_event <safe_openai.stores.UsageStore.claim_event>` found:
+#: ``"claimed"`` (the caller holds the event now and acts on it), ``"held"`` (another
+#: delivery's claim is live: it is acting right now) or ``"done"`` (an earlier delivery
+#: finished it).
+EventClaim = Literal["claimed", "held", "done"]
+
+#: How long a webhook handler's claim on an event lasts if it neither finishes nor releases it
+#: (its process died): after that, a redelivery may claim the event and act.
+EVENT_LEASE = timedelta(minutes=5)
 
 
 @dataclass(frozen=True, slots=True)
