@@ -5,6 +5,7 @@ responses; usage and violations recorded either way."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,6 +24,7 @@ from safe_openai import (
     ModerationUnavailable,
     OutputBlocked,
     SafeClient,
+    UnguardedPathError,
 )
 from safe_openai.testing import FakeOpenAI
 
@@ -572,8 +574,6 @@ def test_an_outage_on_output_delivers_it_when_failing_open_or_recording(mode: st
 
 
 def sse(*events: dict[str, Any]) -> bytes:
-    import json
-
     return b"".join(
         b"event: " + e["type"].encode() + b"\ndata: " + json.dumps(e).encode() + b"\n\n"
         for e in events
@@ -687,3 +687,51 @@ def test_a_malformed_answer_on_output_withholds_it_even_failing_open() -> None:
         with pytest.raises(ModerationUnavailable):
             call(client.for_customer("acme"), "chat")
         assert len(client.store.usage_records()) == 1
+
+
+def test_a_blocked_streams_raw_bytes_are_refused_outside_parse() -> None:
+    fake = stream_fake()
+    with make_client(fake, policy=policy("block")) as client:
+        acme = client.for_customer("acme")
+        messages: Any = [{"role": "user", "content": QUESTION}]
+        raw = acme.chat.completions.with_raw_response.create(
+            model=MODEL, messages=messages, stream=True
+        )
+        with pytest.raises(UnguardedPathError, match="parse"):
+            raw.http_response.read()
+        with acme.chat.completions.with_streaming_response.create(
+            model=MODEL, messages=messages, stream=True
+        ) as response:
+            lines = response.iter_lines()
+            with pytest.raises(UnguardedPathError):
+                next(lines)
+        assert "kill" not in "".join(fake.moderation_inputs)  # nothing was ever read
+    with make_client(stream_fake(), policy=policy("record")) as client:
+        raw = client.for_customer("acme").chat.completions.with_raw_response.create(
+            model=MODEL, messages=messages, stream=True
+        )
+        body = raw.http_response.read().decode()  # "record" withholds nothing
+        chunks = [json.loads(line[6:]) for line in body.splitlines() if line[6:].startswith("{")]
+        text = "".join(
+            c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]
+        )
+        assert text == FLAGGED
+
+
+async def test_a_blocked_async_streams_raw_bytes_are_refused_outside_parse() -> None:
+    fake = stream_fake()
+    async with make_async_client(fake, policy=policy("block")) as client:
+        acme = client.for_customer("acme")
+        messages: Any = [{"role": "user", "content": QUESTION}]
+        raw = await acme.chat.completions.with_raw_response.create(
+            model=MODEL, messages=messages, stream=True
+        )
+        with pytest.raises(UnguardedPathError):
+            await raw.http_response.aread()
+        raw = await acme.chat.completions.with_raw_response.create(
+            model=MODEL, messages=messages, stream=True
+        )
+        delivered: list[str] = []
+        with pytest.raises(OutputBlocked):
+            await adrain(raw.parse(), "chat", delivered)
+        assert delivered and "kill" not in "".join(delivered)

@@ -77,7 +77,7 @@ from ._guard import (
 from ._identity import resolve_secret, safety_identifier, validate_customer_id
 from ._moderation import AsyncOpenAIModerator, ModerationInput, OpenAIModerator, VerdictCache
 from ._output import OutputWindows, answer_texts
-from ._streams import TAP_KEY, UsageTap, guarded_stream_cls
+from ._streams import TAP_KEY, UsageTap, guarded_stream_cls, windowed_bytes_only
 from .errors import (
     BatchFileError,
     ConfigurationError,
@@ -598,6 +598,7 @@ class SafeClient(_Guarded, openai.OpenAI):
             _sending.reset(token)
         if tap is not None:
             _end_unread_stream(result, tap)
+            windowed_bytes_only(result, tap)
             return result
         if (
             call.output_mode is None
@@ -873,6 +874,7 @@ class AsyncSafeClient(_Guarded, openai.AsyncOpenAI):
             _sending.reset(token)
         if tap is not None:
             _end_unread_stream(result, tap)
+            windowed_bytes_only(result, tap)
             return result
         if (
             call.output_mode is None

@@ -30,7 +30,7 @@ from openai import AsyncStream, Stream
 from openai._streaming import extract_stream_chunk_type
 
 from ._output import OutputWindows
-from .errors import SafeOpenAIError
+from .errors import SafeOpenAIError, UnguardedPathError
 from .usage import Outcome, TokenUsage, token_usage_from_payload
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "UsageTap",
     "guarded_stream_cls",
     "run_soon",
+    "windowed_bytes_only",
 ]
 
 log = structlog.get_logger("safe_openai")
@@ -85,6 +86,8 @@ class UsageTap:
         self._check = check
         self._async_check = async_check
         self._said_checked = False
+        #: A guarded stream was built on the response (its bytes are read through windows).
+        self.bound = False
         self.usage: TokenUsage | None = None
         self.output_chars = 0
         self.request_id: str | None = None
@@ -98,6 +101,7 @@ class UsageTap:
     def bind(self, response: httpx2.Response) -> None:
         """Take the request id of the response the stream reads; the stream now owns the end."""
         self.request_id = response.headers.get("x-request-id")
+        self.bound = True
         if self.unread is not None:
             # ``create(...).parse()`` drops the raw response at once: that must not end a
             # stream that is about to be read.
@@ -370,3 +374,49 @@ def guarded_stream_cls(stream_cls: Any, *, is_async: bool) -> Any:
     """The guarded twin of an SDK stream class such as ``Stream[ChatCompletionChunk]``."""
     chunk = extract_stream_chunk_type(stream_cls)
     return GuardedAsyncStream[chunk] if is_async else GuardedStream[chunk]  # type: ignore[valid-type]
+
+
+class _WindowedBytes(httpx2.SyncByteStream, httpx2.AsyncByteStream):
+    """The body of a streamed raw response under ``"block"``: read only by the stream its
+    ``parse()`` builds, whose windows moderate it; read any other way, it refuses."""
+
+    def __init__(self, inner: Any, tap: UsageTap) -> None:
+        self._inner = inner
+        self._tap = tap
+
+    def _check(self) -> None:
+        if not self._tap.bound:
+            raise UnguardedPathError(
+                "This streamed answer is moderated before it is delivered (output moderation "
+                '"block"): read it through parse(), not as raw bytes or lines.'
+            )
+
+    def __iter__(self) -> Iterator[bytes]:
+        self._check()
+        yield from self._inner
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        self._check()
+        async for chunk in self._inner:
+            yield chunk
+
+    def close(self) -> None:
+        close = getattr(self._inner, "close", None)
+        if close is not None:
+            close()
+
+    async def aclose(self) -> None:
+        aclose = getattr(self._inner, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+def windowed_bytes_only(result: object, tap: UsageTap) -> None:
+    """Under ``"block"``, let a streamed raw response's body be read only through ``parse()``:
+    its bytes read directly (``iter_lines()``, ``iter_bytes()``, ``read()``) would deliver text
+    no window judged."""
+    windows = tap.windows
+    response = getattr(result, "http_response", None)
+    if windows is None or not windows.hold or not isinstance(response, httpx2.Response):
+        return
+    response.stream = _WindowedBytes(response.stream, tap)
