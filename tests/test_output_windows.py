@@ -6,6 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from safe_openai import ConfigurationError, DefaultPolicy
 from safe_openai._output import CARRY_CHARS, OutputWindows, answer_texts
@@ -245,3 +247,54 @@ def test_a_sentence_end_split_between_deltas_counts() -> None:
     assert not windows.due  # a full stop needs the space after it
     windows.add(chat_chunk(" Two"))
     assert windows.due
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    pieces=st.lists(
+        st.tuples(
+            st.integers(0, 2), st.text(alphabet="ab .!\n", min_size=0, max_size=12), st.booleans()
+        ),
+        max_size=40,
+    ),
+    chars=st.integers(1, 30),
+    sentences=st.one_of(st.none(), st.integers(1, 3)),
+)
+def test_no_text_is_released_before_a_window_that_holds_it_was_judged(
+    pieces: list[tuple[int, str, bool]], chars: int, sentences: int | None
+) -> None:
+    """Whatever the chunking: events come out in order, and each released delta's text was
+    inside some moderated window of its output by the time it came out."""
+    windows = OutputWindows(chars=chars, sentences=sentences)
+    events = [
+        chat_chunk(text, index=index, finish="stop" if finish else None)
+        for index, text, finish in pieces
+    ]
+    released: list[Any] = []
+    judged: dict[int, str] = {}  # per choice: everything moderated so far, windows joined
+
+    def judge() -> None:
+        for text in windows.texts():
+            assert text.strip()
+        for key, output in windows._outputs.items():
+            judged[key[1]] = output.said
+        windows.judged()
+
+    for event in events:
+        windows.add(event)
+        if windows.due:
+            judge()
+        for out in windows.release():
+            released.append(out)
+            choice = out["choices"][0]
+            said = "".join(
+                e["choices"][0]["delta"].get("content", "")
+                for e in released
+                if e["choices"][0]["index"] == choice["index"]
+            )
+            assert judged.get(choice["index"], "").startswith(said) or not said.strip()
+    windows.end()
+    if windows.due:
+        judge()
+    released += windows.release()
+    assert released == events
