@@ -212,3 +212,92 @@ def test_the_strike_rule_failing_during_a_drain_keeps_the_violation_for_the_next
     assert spool.drain(store, on_violation=lambda v: seen.append(v.violation_id)) == 1
     assert seen == ["v1"]
     assert len(store.violations()) == 1
+
+
+# --- one spool per store's data ----------------------------------------------------------------
+
+
+def test_two_apps_with_store_objects_never_drain_into_each_other(
+    tmp_path: Path, fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """App A's store is down, so A's record waits in the default spool; app B (another store
+    object of the same class) writing successfully must not drain it into B's store."""
+    monkeypatch.setenv("SAFE_OPENAI_SPOOL_DIR", str(tmp_path))
+    store_a, store_b = FlakyStore(), FlakyStore()
+    app_a = SafeClient(**fake.openai_kwargs(), identifier_secret=SECRET, store=store_a)
+    app_b = SafeClient(**fake.openai_kwargs(), identifier_secret=SECRET, store=store_b)
+    assert app_a.spool is not None and app_b.spool is not None
+    assert app_a.spool.directory != app_b.spool.directory
+
+    store_a.down = True
+    chat(app_a.for_customer("acme"), "one")
+    chat(app_b.for_customer("beta"), "two")
+    assert [r.customer_id for r in store_b.usage_records()] == ["beta"]
+
+    store_a.down = False
+    chat(app_a.for_customer("acme"), "three")
+    assert sorted(r.customer_id for r in store_a.usage_records()) == ["acme", "acme"]
+
+
+def _spool_dir(store: Any) -> Path:
+    client = SafeClient(api_key="k", identifier_secret=SECRET, store=store)
+    assert client.spool is not None
+    return client.spool.directory
+
+
+def test_the_spool_is_keyed_by_the_stores_data_for_objects_as_for_urls(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same file or namespace, opened by URL or as an object, sync or async, shares one
+    spool; another file, schema or key prefix gets its own; a password changes nothing."""
+    monkeypatch.setenv("SAFE_OPENAI_SPOOL_DIR", str(tmp_path / "spool"))
+    db = tmp_path / "a.db"
+    same = {
+        _spool_dir(f"sqlite:///{db}"),
+        _spool_dir(SQLiteStore(db)),
+        _spool_dir(SQLiteStore(tmp_path / "." / "a.db")),
+    }
+    assert len(same) == 1
+    assert AsyncSQLiteStore(db).identity == SQLiteStore(db).identity
+    assert _spool_dir(SQLiteStore(tmp_path / "b.db")) not in same
+    assert _spool_dir("sqlite:///:memory:") != _spool_dir("sqlite:///:memory:")
+
+
+@pytest.mark.parametrize(
+    ("opener", "same", "other"),
+    [
+        (
+            "redis",
+            [("redis://:pw1@10.0.0.1:6379/2", {}), ("redis://user:pw2@10.0.0.1:6379/2", {})],
+            [
+                ("redis://10.0.0.1:6379/2", {"prefix": "other_app"}),
+                ("redis://10.0.0.1:6379/3", {}),
+                ("redis://10.0.0.2:6379/2", {}),
+            ],
+        ),
+        (
+            "postgres",
+            [("postgresql://app:pw1@db:5432/app", {}), ("postgresql://ops:pw2@db/app", {})],
+            [
+                ("postgresql://app@db:5432/app", {"schema": "other_app"}),
+                ("postgresql://app@db:5432/billing", {}),
+                ("postgresql://app@db2:5432/app", {}),
+            ],
+        ),
+    ],
+)
+def test_server_stores_are_keyed_by_server_database_and_namespace_without_secrets(
+    opener: str, same: list[tuple[str, dict[str, Any]]], other: list[tuple[str, dict[str, Any]]]
+) -> None:
+    """Nothing connects: the identity comes from the URL and options."""
+    from safe_openai.stores import async_store_from_url, store_identity
+
+    def identity(url: str, options: dict[str, Any], *, is_async: bool = False) -> str:
+        store = (async_store_from_url if is_async else store_from_url)(url, **options)
+        return store_identity(store)
+
+    first = identity(*same[0])
+    assert {identity(u, o) for u, o in same} == {first}
+    assert identity(*same[0], is_async=True) == first
+    assert "pw" not in first
+    assert len({first, *(identity(u, o) for u, o in other)}) == 1 + len(other)

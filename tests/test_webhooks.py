@@ -953,3 +953,73 @@ async def test_async_failed_case_lookup_raises_and_claims_nothing(api: Api) -> N
             await adeliver(handler, case_event("warning", "C-1"))
         api.lookup_status = None
         assert (await adeliver(handler, case_event("warning", "C-1"))).action == "strike"
+
+
+async def test_async_delivery_cancelled_while_acting_releases_its_claim(api: Api) -> None:
+    """A client disconnect (the handler's task cancelled) during the strike gives the claim
+    back, so the redelivery acts at once instead of waiting out the lease."""
+    import asyncio
+
+    async with make_async_client(api) as safe:
+        store = safe.store
+        await store.remember_identifier(ident("acme"), "acme")
+        started = asyncio.Event()
+        original = store.record_violation
+
+        async def stalled(violation: Any) -> Any:
+            started.set()
+            await asyncio.sleep(3600)
+            return await original(violation)
+
+        store.record_violation = stalled
+        handler = AsyncSafetyWebhookHandler(safe)
+        task = asyncio.ensure_future(adeliver(handler, blocked()))
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+        store.record_violation = original
+        assert (await adeliver(handler, blocked())).action == "strike"
+        assert len(await store.violations(customer_id="acme")) == 1
+
+
+def test_sync_delivery_interrupted_while_acting_releases_its_claim(api: Api) -> None:
+    """A BaseException (a gevent timeout, KeyboardInterrupt) during the strike releases the
+    claim on its way out."""
+
+    class Interrupted(MemoryStore):
+        interrupt = True
+
+        def record_violation(self, violation: Any) -> bool:
+            if self.interrupt:
+                self.interrupt = False
+                raise KeyboardInterrupt
+            return super().record_violation(violation)
+
+    with make_client(api, store=Interrupted()) as safe:
+        know(safe, "acme")
+        handler = SafetyWebhookHandler(safe)
+        with pytest.raises(KeyboardInterrupt):
+            deliver(handler, blocked())
+        assert deliver(handler, blocked()).action == "strike"
+        assert standing(safe)[0] == 1
+
+
+def test_a_strike_stored_before_the_limit_could_be_applied_suspends_on_redelivery(
+    api: Api,
+) -> None:
+    """The strike reaches the limit but suspending fails: the redelivery finds the strike
+    already stored, writes no second one, and applies the limit it missed."""
+    store = FlakyStore("suspend")
+    with make_client(api, store=store, policy=DefaultPolicy(strike_limit=1)) as safe:
+        know(safe, "acme")
+        handler = SafetyWebhookHandler(safe)
+        with pytest.raises(StoreError):
+            deliver(handler, blocked())
+
+        retried = deliver(handler, blocked())
+
+        assert retried.action == "suspended"
+        count, suspension = standing(safe)
+        assert (count, suspension is not None) == (1, True)

@@ -94,6 +94,7 @@ from .stores import (
     async_store_from_url,
     default_store_url,
     store_from_url,
+    store_identity,
 )
 from .stores import Spool as LocalSpool
 from .stores._spool import default_spool_dir
@@ -229,12 +230,11 @@ def _setup_state(
     elif _is_async_store(store) != is_async:
         kind = "an async" if is_async else "a sync"
         raise ConfigurationError(f"This client needs {kind} usage store.")
-    else:
-        url = f"{type(store).__module__}.{type(store).__qualname__}:{getattr(store, 'url', '')}"
     if spool is None:
-        # One spool directory per store, so a drain never writes one store's records into
-        # another's when several applications share a machine.
-        spool = LocalSpool(default_spool_dir() / hashlib.sha256(url.encode()).hexdigest()[:16])
+        # One spool directory per store's data (an object as a URL, never its password), so a
+        # drain never writes one store's records into another's on a shared machine.
+        identity = store_identity(store).encode()
+        spool = LocalSpool(default_spool_dir() / hashlib.sha256(identity).hexdigest()[:16])
     elif spool is False:
         spool = None
     return GuardState(

@@ -48,6 +48,7 @@ __all__ = [
     "async_store_from_url",
     "default_store_url",
     "store_from_url",
+    "store_identity",
 ]
 
 
@@ -250,6 +251,18 @@ def _redact(url: str) -> str:
     creds, _, host = rest.rpartition("@")
     user = creds.split(":", 1)[0]
     return f"{scheme}{sep}{user}:***@{host}"
+
+
+def store_identity(store: Any) -> str:
+    """What names the data ``store`` holds, so that two stores on the same data agree and two
+    on different data differ: the built-in stores' ``identity`` (their file, or server,
+    database and schema or key prefix, never a password). A store of your own may have an
+    ``identity`` string too; without one, its class names it.
+    """
+    identity = getattr(store, "identity", None)
+    if isinstance(identity, str) and identity:
+        return identity
+    return f"{type(store).__module__}.{type(store).__qualname__}:{getattr(store, 'url', '')}"
 
 
 def store_from_url(url: str | None = None, **options: Any) -> UsageStore:

@@ -35,6 +35,11 @@ class AsyncAdapter:
     def __init__(self, sync: Any) -> None:
         self.sync = sync
 
+    @property
+    def identity(self) -> str:
+        """The wrapped store's identity: the sync and async stores of one database are one."""
+        return str(self.sync.identity)
+
     async def _call(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         if not self.run_in_thread:
             return method(*args, **kwargs)

@@ -128,6 +128,8 @@ class MemoryStore:
     """
 
     def __init__(self) -> None:
+        #: Names this store's data: each memory store is its own.
+        self.identity = f"memory://{uuid.uuid4().hex}"
         self._lock = threading.Lock()
         self._records: dict[str, UsageRecord] = {}
         self._by_customer: dict[str, list[UsageRecord]] = {}

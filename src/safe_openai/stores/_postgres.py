@@ -36,6 +36,7 @@ from typing import Any, TypeVar, cast
 
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from ..errors import ConfigurationError, StoreError
@@ -788,6 +789,17 @@ def _conninfo(url: str) -> str:
     return f"{scheme.split('+', 1)[0]}{sep}{rest}"
 
 
+def _identity(conninfo: str, connect_kwargs: dict[str, Any], schema: str) -> str:
+    """Where the data lives: server, port, database and schema, never the user or password."""
+    try:
+        params = conninfo_to_dict(conninfo, **connect_kwargs)
+    except (psycopg.Error, TypeError, ValueError):
+        params = {}
+    host = params.get("host") or params.get("hostaddr") or ""
+    database = params.get("dbname") or params.get("user") or ""
+    return f"postgresql://{host}:{params.get('port') or 5432}/{database}#schema={schema}"
+
+
 def _check_schema(schema: str) -> str:
     if not schema or len(schema.encode()) > 63:
         raise ConfigurationError("The PostgreSQL schema name must have 1 to 63 bytes.")
@@ -828,6 +840,8 @@ class PostgresStore:
     ) -> None:
         _check_sizes(min_size, max_size, timeout)
         self.schema = _check_schema(schema)
+        #: Names this store's data (the spool is kept per identity).
+        self.identity = _identity(conninfo, connect_kwargs, schema)
         self._sql = _Sql(schema)
         self._timeout = float(timeout)
         self._pool: ConnectionPool[psycopg.Connection[tuple[Any, ...]]] = ConnectionPool(
@@ -986,6 +1000,8 @@ class AsyncPostgresStore:
     ) -> None:
         _check_sizes(min_size, max_size, timeout)
         self.schema = _check_schema(schema)
+        #: Names this store's data (the spool is kept per identity).
+        self.identity = _identity(conninfo, connect_kwargs, schema)
         self._sql = _Sql(schema)
         self._timeout = float(timeout)
         self._pool: AsyncConnectionPool[psycopg.AsyncConnection[tuple[Any, ...]]] = (

@@ -721,6 +721,26 @@ class _Keys:
         return f"{self.prefix}:event:{event_id}"
 
 
+def _identity(client: Any, prefix: str) -> str:
+    """Where the data lives: server (or Sentinel service, or cluster), database and prefix,
+    never the user or password."""
+    pool = getattr(client, "connection_pool", None)
+    options: dict[str, Any] = getattr(pool, "connection_kwargs", None) or {}
+    service = getattr(pool, "service_name", None)
+    nodes = getattr(getattr(client, "nodes_manager", None), "startup_nodes", None)
+    if isinstance(service, str):
+        where = f"sentinel:{service}"
+    elif "path" in options:
+        where = f"unix:{options['path']}"
+    elif "host" in options:
+        where = f"{options['host']}:{options.get('port', 6379)}"
+    elif nodes:
+        where = "cluster:" + ",".join(sorted(str(name) for name in nodes))
+    else:
+        where = type(client).__qualname__
+    return f"redis://{where}/{options.get('db', 0)}#prefix={prefix}"
+
+
 def _check_prefix(prefix: str) -> str:
     if not prefix or "{" in prefix or "}" in prefix:
         raise ConfigurationError(
@@ -1064,6 +1084,8 @@ class RedisStore:
         self.client = client
         self.prefix = _check_prefix(prefix)
         self._keys = _Keys(self.prefix)
+        #: Names this store's data (the spool is kept per identity).
+        self.identity = _identity(client, self.prefix)
         self._owns_client = owns_client
 
     @classmethod
@@ -1208,6 +1230,8 @@ class AsyncRedisStore:
         self.client = client
         self.prefix = _check_prefix(prefix)
         self._keys = _Keys(self.prefix)
+        #: Names this store's data (the spool is kept per identity).
+        self.identity = _identity(client, self.prefix)
         self._owns_client = owns_client
 
     @classmethod

@@ -589,6 +589,13 @@ class SQLiteStore:
         path = os.fspath(path)
         # Absolute, so threads opening their connection later agree even if the cwd changes.
         self.path = path if path == ":memory:" else os.path.abspath(path)
+        #: Names this store's data (the spool is kept per identity): the file, or a private
+        #: in-memory database of its own.
+        self.identity = (
+            f"sqlite:///:memory:#{uuid.uuid4().hex}"
+            if self.path == ":memory:"
+            else f"sqlite:///{os.path.realpath(self.path)}"
+        )
         self._timeout = float(timeout)
         self._synchronous = synchronous.upper()
         self._lock = threading.Lock()
