@@ -416,6 +416,7 @@ def test_a_lapsed_lease_can_be_claimed_again_and_the_old_holder_cannot_finish(
     assert claim(store, "evt_1", "b", at(lease_s - 1)) == "held"
     assert claim(store, "evt_1", "b", at(lease_s + 1)) == "claimed"
     assert store.finish_event("evt_1", token="a") is False
+    store.release_event("evt_1", token="a")  # nor release the new holder's claim
     assert claim(store, "evt_1", "c", at(lease_s + 2)) == "held"
     assert store.finish_event("evt_1", token="b") is True
     assert store.finish_event("evt_unknown", token="b") is False
