@@ -298,3 +298,24 @@ def test_no_text_is_released_before_a_window_that_holds_it_was_judged(
         judge()
     released += windows.release()
     assert released == events
+
+
+def test_reasoning_summaries_and_text_are_output_too() -> None:
+    item = {
+        "type": "reasoning",
+        "summary": [{"type": "summary_text", "text": "Thinking about it"}],
+        "content": [{"type": "reasoning_text", "text": "step one"}],
+    }
+    assert answer_texts({"output": [item]}) == ["Thinking about it", "step one"]
+    windows = OutputWindows(chars=1000, sentences=None)
+    for index, text in ((0, "first summary"), (1, "second summary")):
+        windows.add(
+            {
+                "type": "response.reasoning_summary_text.delta",
+                "output_index": 0,
+                "summary_index": index,
+                "delta": text,
+            }
+        )
+    windows.add({"type": "response.reasoning_summary_text.done", "text": "first summary"})
+    assert windows.due and windows.texts() == ["first summary", "second summary"]

@@ -3,7 +3,8 @@ stream is held back in while that text is moderated. No I/O.
 
 Moderated output is the text a caller receives from the model: chat message ``content`` and
 ``refusal`` and tool-call ``arguments``; Responses ``output_text`` and ``refusal`` parts,
-``function_call`` arguments and ``custom_tool_call`` input; completions ``text``. Answers are
+``function_call`` arguments, ``custom_tool_call`` input and reasoning summaries and text;
+completions ``text``. Answers are
 read as the SDK's objects or as JSON dicts (raw responses), whichever arrives.
 
 A stream moderated in ``"block"`` mode goes through :class:`OutputWindows`: each event that
@@ -46,6 +47,8 @@ _DELTAS = {
     "response.refusal.delta": "refusal",
     "response.function_call_arguments.delta": "arguments",
     "response.custom_tool_call_input.delta": "input",
+    "response.reasoning_summary_text.delta": "summary",
+    "response.reasoning_text.delta": "reasoning",
 }
 # Responses "done" events and the field that repeats the whole text.
 _DONE_FIELDS = {
@@ -53,6 +56,8 @@ _DONE_FIELDS = {
     "response.refusal.done": "refusal",
     "response.function_call_arguments.done": "arguments",
     "response.custom_tool_call_input.done": "input",
+    "response.reasoning_summary_text.done": "text",
+    "response.reasoning_text.done": "text",
 }
 
 
@@ -109,6 +114,9 @@ def _output_item(item: Any, out: list[str]) -> None:
         _add(out, _get(item, "arguments"))
     elif kind == "custom_tool_call":
         _add(out, _get(item, "input"))
+    elif kind == "reasoning":
+        for part in [*_items(_get(item, "summary")), *_items(_get(item, "content"))]:
+            _part(part, out)
 
 
 def answer_texts(answer: Any) -> list[str]:
@@ -322,7 +330,8 @@ def _read_responses_event(event: Any, kind: str) -> tuple[list[Delta], bool, lis
     family = _DELTAS.get(kind)
     if family is not None:
         delta = _get(event, "delta")
-        key = (family, _get(event, "output_index"), _get(event, "content_index"))
+        place = _get(event, "summary_index" if family == "summary" else "content_index")
+        key = (family, _get(event, "output_index"), place)
         return ([(key, delta)] if isinstance(delta, str) and delta else []), False, []
     summaries: list[str] = []
     field = _DONE_FIELDS.get(kind)
