@@ -735,3 +735,67 @@ async def test_a_blocked_async_streams_raw_bytes_are_refused_outside_parse() -> 
         with pytest.raises(OutputBlocked):
             await adrain(raw.parse(), "chat", delivered)
         assert delivered and "kill" not in "".join(delivered)
+
+
+def test_a_store_outage_loses_neither_the_usage_nor_the_output_violation(
+    tmp_path: Any,
+) -> None:
+    from safe_openai.stores import Spool
+    from safe_openai.stores._memory import MemoryStore
+
+    class Down(MemoryStore):
+        down = False
+
+        def record_usage(self, record: Any) -> None:
+            if self.down:
+                raise ConnectionError("store unreachable")
+            super().record_usage(record)
+
+        def record_violation(self, violation: Any) -> None:
+            if self.down:
+                raise ConnectionError("store unreachable")
+            super().record_violation(violation)
+
+    store = Down()
+    fake = FakeOpenAI(reply=FLAGGED)
+    client = SafeClient(
+        **fake.openai_kwargs(),
+        identifier_secret="output-moderation-test-secret",
+        store=store,
+        spool=Spool(tmp_path),
+        policy=policy("block"),
+    )
+    with client:
+        acme = client.for_customer("acme")
+        store.down = True
+        with pytest.raises(OutputBlocked):  # the block stands whatever the store does
+            call(acme, "chat")
+        assert store.violations() == [] and store.usage_records() == []
+        store.down = False
+        fake.reply = CLEAN
+        call(acme, "chat")  # the next write that succeeds drains the spool
+        [violation] = store.violations()
+        assert violation.source == "output"
+        assert len(store.usage_records()) == 2
+
+
+async def test_a_call_cancelled_while_its_answer_is_moderated_has_its_usage_recorded() -> None:
+    started = asyncio.Event()
+
+    class Slow:
+        async def moderate(self, inputs: Sequence[ModerationInput]) -> list[ModerationResult]:
+            if any(item.value != QUESTION for item in inputs):
+                started.set()
+                await asyncio.sleep(10)
+            return [ModerationResult(False, {}, {}) for _ in inputs]
+
+    fake = FakeOpenAI(reply=CLEAN)
+    async with make_async_client(fake, policy=policy("block"), moderator=Slow()) as client:
+        task = asyncio.create_task(call(client.for_customer("acme"), "chat"))
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        [record] = await client.store.usage_records()
+        assert record.outcome == "ok"  # recorded before the answer was moderated
+        assert await client.store.violations() == []
