@@ -64,6 +64,7 @@ from ._guard import (
     Spool,
     SpoolViolation,
     StoreCall,
+    Together,
     adrive,
     begin,
     drive,
@@ -250,6 +251,8 @@ def _setup_state(
         # first successful write
         spool_dirty=spool is not None and spool.waiting(),
         owns_store=owns_store,
+        # the async client runs a call's store round trip and its moderation at once
+        concurrent=is_async,
     )
 
 
@@ -951,6 +954,11 @@ class AsyncSafeClient(_Guarded, openai.AsyncOpenAI):
         except Exception:
             log.exception("safe_openai.usage_record_failed", customer_id=call.customer_id)
 
+    async def _together(self, command: Together) -> Any:
+        return await _both(
+            self._execute(command.store), self._execute(command.moderate), self._safe.store.release
+        )
+
     async def _execute(self, command: Command) -> Any:
         state = self._safe
         if isinstance(command, StoreCall):
@@ -963,6 +971,8 @@ class AsyncSafeClient(_Guarded, openai.AsyncOpenAI):
                 raise
             except Exception as exc:  # any driver error: a StoreError with the cause chained
                 raise StoreError(f"The usage store failed on {command.method}.") from exc
+        if isinstance(command, Together):
+            return await self._together(command)
         if isinstance(command, Moderate):
             with _moderator_errors():
                 return await _amoderate(state.moderator, command.inputs)
@@ -985,6 +995,33 @@ class AsyncSafeClient(_Guarded, openai.AsyncOpenAI):
         return _run_local(state, command)
 
 
+async def _both(
+    store_call: Awaitable[Any], moderation: Awaitable[Any], release: Callable[[Any], Awaitable[Any]]
+) -> tuple[tuple[bool, Any], tuple[bool, Any]]:
+    """Run a call's store round trip and its moderation at once; each outcome is
+    ``(ok, result or exception)``. If the caller is cancelled meanwhile, the moderation is
+    dropped and a reservation the store call made (or makes) is released before the
+    cancellation goes on."""
+    store_task = asyncio.ensure_future(store_call)
+    moderation_task = asyncio.ensure_future(moderation)
+    try:
+        await asyncio.wait((store_task, moderation_task))
+    except asyncio.CancelledError:
+        moderation_task.cancel()
+        made = getattr(await _outlast(store_task), "reservation", None)
+        if made is not None and made.admitted:
+            await _outlast(asyncio.ensure_future(release(made)))
+        raise
+    return _outcome(store_task), _outcome(moderation_task)
+
+
+def _outcome(task: asyncio.Future[Any]) -> tuple[bool, Any]:
+    if task.cancelled():
+        return False, asyncio.CancelledError()
+    error = task.exception()
+    return (False, error) if error is not None else (True, task.result())
+
+
 async def _settled(pending: Awaitable[Any], undo: Callable[[Any], Awaitable[Any]]) -> Any:
     """Await a store call that makes something (a reservation); if the caller is cancelled
     meanwhile, let the call finish and ``undo`` what it made, then go on with the cancellation,
@@ -994,6 +1031,7 @@ async def _settled(pending: Awaitable[Any], undo: Callable[[Any], Awaitable[Any]
         return await asyncio.shield(task)
     except asyncio.CancelledError:
         made = await _outlast(task)
+        made = getattr(made, "reservation", made)  # a begin_call's answer holds it
         if made is not None and getattr(made, "admitted", True):
             await _outlast(asyncio.ensure_future(undo(made)))
         raise

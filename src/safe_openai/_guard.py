@@ -69,6 +69,7 @@ __all__ = [
     "ModerateMany",
     "SpoolViolation",
     "StoreCall",
+    "Together",
     "adrive",
     "begin",
     "check_standing",
@@ -142,10 +143,20 @@ class ModerateMany:
     groups: tuple[tuple[ModerationInput, ...], ...]
 
 
+@dataclass(frozen=True, slots=True)
+class Together:
+    """Command: run a store call and a moderation call at once (they do not depend on each
+    other); send back ``((ok, value), (ok, value))``, each value a result or the exception it
+    raised. Only yielded to clients that set :attr:`GuardState.concurrent`."""
+
+    store: StoreCall
+    moderate: Moderate
+
+
 #: Moderation calls a client runs at once for one :class:`ModerateMany` (a batch file).
 MODERATION_CONCURRENCY = 4
 
-Command = StoreCall | Moderate | ModerateMany | Spool | SpoolViolation | DrainSpool
+Command = StoreCall | Moderate | ModerateMany | Spool | SpoolViolation | DrainSpool | Together
 Flow = Generator[Command, Any, T]
 
 
@@ -173,7 +184,7 @@ class GuardState:
     prices: PriceTable
     cache: VerdictCache = field(default_factory=VerdictCache)
     spool: Any = None
-    known_identifiers: set[tuple[str, str]] = field(default_factory=set)
+    known_identifiers: KnownIdentifiers = field(default_factory=lambda: KnownIdentifiers())
     #: The spool holds records to write back once the store answers again.
     spool_dirty: bool = False
     #: The store was opened from a URL by the client, which closes it.
@@ -182,6 +193,77 @@ class GuardState:
     recent_blocks: RecentBlocks = field(default_factory=lambda: RecentBlocks())
     #: The worst case of each batch file this process checked, by file id.
     batch_demands: dict[str, QuotaDemand] = field(default_factory=dict)
+    #: The client can run a store call and a moderation call at once (:class:`Together`).
+    concurrent: bool = False
+
+    @property
+    def one_trip(self) -> bool:
+        """Whether the store takes a call's standing and reservation in one round trip
+        (``begin_call``) and its usage and request map in one (``finish_call``)."""
+        kind = type(self.store)
+        found = _ONE_TRIP.get(kind)
+        if found is None:
+            found = _ONE_TRIP[kind] = _has_one_trip(kind)
+        return found
+
+
+#: The methods begin_call and finish_call stand for.
+_ONE_TRIP_REPLACES = (
+    "suspension",
+    "reserve",
+    "commit",
+    "record_usage",
+    "remember_identifier",
+    "remember_request",
+)
+_ONE_TRIP: dict[type, bool] = {}
+
+
+def _has_one_trip(kind: type) -> bool:
+    """Whether ``kind`` has begin_call and finish_call that stand for its own methods: a
+    subclass that overrides one of the methods they replace (and not them) keeps the separate
+    calls, so its override still runs."""
+    mro = kind.__mro__
+
+    def depth(name: str) -> int:
+        for i, klass in enumerate(mro):
+            if name in vars(klass):
+                return i
+        return len(mro)
+
+    newest = max(depth("begin_call"), depth("finish_call"))
+    if newest == len(mro):
+        return False
+    return all(depth(name) >= newest for name in _ONE_TRIP_REPLACES)
+
+
+class KnownIdentifiers:
+    """The (identifier, customer) pairs already in the store's map, bounded like the verdict
+    cache (least recently used first out), thread-safe. A pair that falls out is written again
+    the next time it is used, which is harmless."""
+
+    def __init__(self, maxsize: int = 50_000) -> None:
+        self._seen: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._maxsize = maxsize
+        self._lock = threading.Lock()
+
+    def __contains__(self, pair: object) -> bool:
+        with self._lock:
+            if pair not in self._seen:
+                return False
+            self._seen.move_to_end(pair)  # type: ignore[arg-type]
+            return True
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def add(self, pair: tuple[str, str]) -> None:
+        """Note that ``pair`` is in the store's map."""
+        with self._lock:
+            self._seen[pair] = None
+            self._seen.move_to_end(pair)
+            while len(self._seen) > self._maxsize:
+                self._seen.popitem(last=False)
 
 
 class RecentBlocks:
@@ -291,11 +373,15 @@ def begin(
         started=time.perf_counter(),
     )
 
-    yield from check_standing(state, call)
+    one_trip = state.one_trip and customer_id is not None
+    if not one_trip:
+        yield from check_standing(state, call)
 
     request = GuardedRequest(customer_id, path, call.model, MappingProxyType(body))
     decision = policy.review_request(request)
     if not decision.allowed:
+        if one_trip:
+            yield from check_standing(state, call)  # a suspended customer hears that first
         yield from _refuse(state, call, "denied")
         log.info("safe_openai.request_denied", customer_id=customer_id, endpoint=path)
         raise PolicyDenied(customer_id, decision)
@@ -309,6 +395,8 @@ def begin(
     call.input_chars = extraction.input_chars
     if extraction.unmoderatable:
         if not policy.allow_unmoderatable(request, tuple(extraction.unmoderatable)):
+            if one_trip:
+                yield from check_standing(state, call)
             yield from _refuse(state, call, "denied")
             raise PolicyDenied(
                 customer_id,
@@ -323,9 +411,14 @@ def begin(
 
     call.output_mode = output_mode_of(policy, spec, request)
 
-    call.reservation = yield from reserve(state, call, lambda: _worst_case(state, call))
+    lookup = _lookup(state, extraction.pieces)
+    prefetched = None
+    if one_trip:
+        prefetched = yield from start(state, call, lookup)
+    else:
+        call.reservation = yield from reserve(state, call, lambda: _worst_case(state, call))
     try:
-        yield from _moderate(state, call, request, extraction.pieces)
+        yield from _moderate(state, call, request, extraction.pieces, lookup, prefetched)
         if customer_id is not None:
             yield from tag(state, spec, body, customer_id)
     except BaseException:
@@ -488,6 +581,74 @@ def check_standing(state: GuardState, call: Call) -> Flow[None]:
         raise CustomerSuspended(customer_id, until=suspension.until, reason=suspension.reason)
 
 
+def start(state: GuardState, call: Call, lookup: _Lookup) -> Flow[tuple[bool, Any] | None]:
+    """The store's side of a call before it is sent, in one round trip (``begin_call``):
+    standing, the quota reservation and the identifier map. For a client that runs two calls at
+    once, the moderation of the inputs not in the verdict cache overlaps it, and its outcome is
+    returned as ``(ok, value)`` for :func:`_moderate`; a refusal by standing or quota discards
+    it. An unreachable store is the policy's to decide (``fail_open``).
+
+    Raises:
+        CustomerSuspended, QuotaExceeded: recorded as ``denied``; nothing may be sent.
+    """
+    customer_id = call.customer_key
+    quota = state.policy.quota_for(customer_id)
+    if quota is not None and quota.is_unlimited:
+        quota = None
+    identifier: str | None = identifier_of(state, call.spec, call.body, customer_id)
+    if (identifier, customer_id) in state.known_identifiers:
+        identifier = None
+    command = StoreCall(
+        "begin_call",
+        (customer_id, quota, _worst_case(state, call)),
+        {"identifier": identifier},
+        undo="release",
+    )
+    inputs, _, _, missing = lookup
+    prefetched: tuple[bool, Any] | None = None
+    try:
+        if state.concurrent and missing:
+            (ok, begun), prefetched = yield Together(
+                command, Moderate(tuple(inputs[i] for i in missing))
+            )
+            if not ok:
+                raise begun
+        else:
+            begun = yield command
+    except StoreError:
+        if not state.policy.fail_open:
+            raise
+        log.warning("safe_openai.store_unavailable", customer_id=customer_id, check="standing")
+        return prefetched
+    if identifier is not None:
+        state.known_identifiers.add((identifier, customer_id))
+    if begun.suspension is not None:
+        yield from _refuse(state, call, "denied")
+        log.info("safe_openai.request_refused", customer_id=customer_id, reason="suspended")
+        raise CustomerSuspended(
+            customer_id, until=begun.suspension.until, reason=begun.suspension.reason
+        )
+    reservation = begun.reservation
+    if reservation is not None and not reservation.admitted:
+        yield from _refuse(state, call, "denied")
+        log.info("safe_openai.quota_exceeded", customer_id=customer_id, limit=reservation.limit)
+        raise QuotaExceeded(
+            customer_id, limit=reservation.limit or "quota", retry_after=reservation.retry_after
+        )
+    call.reservation = reservation
+    return prefetched
+
+
+def identifier_of(
+    state: GuardState, spec: EndpointSpec, body: Mapping[str, Any], customer_id: str
+) -> str:
+    """The safety identifier a call carries: the caller's own when set, else the customer's."""
+    given = body.get(spec.identity_field) if spec.identity_field is not None else None
+    if isinstance(given, str) and given:
+        return given
+    return safety_identifier(state.secret, customer_id)
+
+
 def reserve(
     state: GuardState, call: Call, demand: Callable[[], QuotaDemand]
 ) -> Flow[Reservation | None]:
@@ -530,14 +691,10 @@ def tag(
 ) -> Flow[None]:
     """Put the customer's identifier in ``body`` (a value the caller set is kept) and remember
     which customer the identifier sent stands for, for safety webhooks."""
-    identifier = safety_identifier(state.secret, customer_id)
+    identifier = identifier_of(state, spec, body, customer_id)
     field_name = spec.identity_field
-    if field_name is not None:
-        given = body.get(field_name)
-        if given is None or given == "":
-            body[field_name] = identifier
-        elif isinstance(given, str):
-            identifier = given
+    if field_name is not None and body.get(field_name) in (None, ""):
+        body[field_name] = identifier
     if (identifier, customer_id) not in state.known_identifiers:
         try:
             yield StoreCall("remember_identifier", (identifier, customer_id))
@@ -546,24 +703,42 @@ def tag(
             log.warning("safe_openai.store_unavailable", check="identifier")
 
 
-def _moderate(
-    state: GuardState, call: Call, request: GuardedRequest, pieces: list[Piece]
-) -> Flow[None]:
+_Lookup = tuple[list[ModerationInput], list[bytes], list[ModerationResult | None], list[int]]
+
+
+def _lookup(state: GuardState, pieces: list[Piece]) -> _Lookup:
+    """A request's moderation inputs, their cache keys, the cached verdicts, and the indexes
+    of those still to moderate."""
     inputs = inputs_for(pieces)
-    if not inputs:
-        return
-    policy = state.policy
     keys = [VerdictCache.key(state.moderation_model, item) for item in inputs]
     results: list[ModerationResult | None] = [
         state.cache.get(key) if VerdictCache.cacheable(item) else None
         for key, item in zip(keys, inputs, strict=True)
     ]
-    missing = [i for i, result in enumerate(results) if result is None]
+    return inputs, keys, results, [i for i, result in enumerate(results) if result is None]
+
+
+def _moderate(
+    state: GuardState,
+    call: Call,
+    request: GuardedRequest,
+    pieces: list[Piece],
+    lookup: _Lookup | None = None,
+    prefetched: tuple[bool, Any] | None = None,
+) -> Flow[None]:
+    inputs, keys, results, missing = lookup if lookup is not None else _lookup(state, pieces)
+    if not inputs:
+        return
+    policy = state.policy
     if missing:
         try:
-            fresh = checked_results(
-                (yield Moderate(tuple(inputs[i] for i in missing))), len(missing)
-            )
+            if prefetched is not None:
+                ok, answer = prefetched
+                if not ok:
+                    raise answer
+            else:
+                answer = yield Moderate(tuple(inputs[i] for i in missing))
+            fresh = checked_results(answer, len(missing))
         except SafeOpenAIError as exc:
             if not isinstance(exc, ModerationUnavailable):
                 raise
@@ -848,11 +1023,21 @@ def _record(
     )
 
 
-def _write(state: GuardState, call: Call, record: UsageRecord) -> Flow[None]:
-    """Commit or record a usage record; if the store fails, spool it so it is never lost."""
+def _write(
+    state: GuardState, call: Call, record: UsageRecord, *, request_id: str | None = None
+) -> Flow[bool]:
+    """Commit or record a usage record; if the store fails, spool it so it is never lost.
+
+    With ``request_id``, a store that settles a call in one round trip (``finish_call``) maps
+    the request to the customer in it too. Returns whether it did.
+    """
     reservation, call.reservation = call.reservation, None
+    mapped = False
     try:
-        if reservation is not None:
+        if state.one_trip:
+            mapped = bool(request_id)
+            yield StoreCall("finish_call", (reservation, record), {"request_id": request_id})
+        elif reservation is not None:
             yield StoreCall("commit", (reservation, record))
         else:
             yield StoreCall("record_usage", (record,))
@@ -864,7 +1049,7 @@ def _write(state: GuardState, call: Call, record: UsageRecord) -> Flow[None]:
         )
         yield Spool(record, reservation.id if reservation else None)
         state.spool_dirty = state.spool is not None
-        return
+        return False
     if state.spool_dirty:
         state.spool_dirty = False
         try:
@@ -874,6 +1059,7 @@ def _write(state: GuardState, call: Call, record: UsageRecord) -> Flow[None]:
             log.warning("safe_openai.spool_drain_failed")
         # a drain that stopped part-way keeps the rest for the next successful write
         state.spool_dirty = bool(left)
+    return mapped
 
 
 def unsent(call: Call) -> Flow[None]:
@@ -902,8 +1088,10 @@ def finish(
         outcome = "estimated"
         usage = TokenUsage(estimate_tokens(call.input_chars), 0, estimate_tokens(output_chars))
     record = _record(state, call, outcome, usage or TokenUsage(), request_id)
-    yield from _write(state, call, record)
-    if request_id and call.customer_id is not None:
+    mapped = yield from _write(
+        state, call, record, request_id=request_id if call.customer_id is not None else None
+    )
+    if request_id and call.customer_id is not None and not mapped:
         try:
             yield StoreCall("remember_request", (request_id, call.customer_id))
         except StoreError:

@@ -956,3 +956,72 @@ def test_store_instances_racing_admit_exactly_the_budget(
 
     results = [r for batch in run_in_parallel(drivers, attempts) for r in batch]
     assert sum(admitted(r) for r in results) == 6
+
+
+# --- one round trip before and after a call --------------------------------------------------
+
+
+def test_begin_call_reserves_on_the_stores_clock_and_maps_the_identifier(
+    store: StoreDriver,
+) -> None:
+    """begin_call: standing, a reservation at the store's own time, the identifier map."""
+    before = datetime.now(UTC)
+    quota = Quota(requests_per_minute=1)
+    start = store.begin_call("acme", quota, QuotaDemand(5), identifier="sid-acme")
+    assert start.suspension is None
+    assert start.reservation is not None and admitted(start.reservation)
+    assert start.reservation.at is not None
+    assert (
+        before - timedelta(seconds=5)
+        <= start.reservation.at
+        <= datetime.now(UTC) + (timedelta(seconds=5))
+    )
+    assert store.customer_for_identifier("sid-acme") == "acme"
+    again = store.begin_call("acme", quota, QuotaDemand(5))
+    assert again.reservation is not None
+    limit, retry_after = refused_by(again.reservation)
+    assert limit == "requests_per_minute"
+    assert retry_after is not None and 0 < retry_after <= 61
+    assert not again.admitted
+
+
+def test_begin_call_of_a_suspended_customer_reserves_nothing(store: StoreDriver) -> None:
+    """A suspended customer gets its suspension back and no hold; its quota stays free."""
+    store.suspend("acme", reason="strikes", until=None, now=datetime.now(UTC))
+    start = store.begin_call("acme", Quota(requests_per_minute=1), QuotaDemand())
+    assert start.suspension is not None and start.suspension.reason == "strikes"
+    assert start.reservation is None
+    store.unsuspend("acme")
+    first = store.begin_call("acme", Quota(requests_per_minute=1), QuotaDemand())
+    assert first.reservation is not None and admitted(first.reservation)
+
+
+def test_begin_call_without_a_quota_only_checks_standing(store: StoreDriver) -> None:
+    """quota=None: no reservation, no suspension, the identifier still mapped."""
+    start = store.begin_call("acme", None, QuotaDemand(), identifier="sid")
+    assert (start.suspension, start.reservation) == (None, None)
+    assert store.customer_for_identifier("sid") == "acme"
+
+
+def test_finish_call_settles_the_hold_records_once_and_maps_the_request(
+    store: StoreDriver,
+) -> None:
+    """finish_call: the hold becomes the record, the request id maps to the customer; the
+    same record again counts nothing more."""
+    quota = Quota(tokens_per_day=100)
+    start = store.begin_call("acme", quota, QuotaDemand(90))
+    assert start.reservation is not None and admitted(start.reservation)
+    assert not store.begin_call("acme", quota, QuotaDemand(20)).admitted
+    done = record(when=datetime.now(UTC), input_tokens=10, record_id="once")
+    store.finish_call(start.reservation, done, request_id="req_1")
+    store.finish_call(None, done, request_id="req_1")
+    assert store.customer_for_request("req_1") == "acme"
+    assert [r.record_id for r in store.usage_records()] == ["once"]
+    assert store.begin_call("acme", quota, QuotaDemand(90)).admitted
+    assert not store.begin_call("acme", quota, QuotaDemand(1)).admitted
+
+
+def test_finish_call_without_a_reservation_records_usage(store: StoreDriver) -> None:
+    """finish_call(None, record) stores the record and counts it at its own time."""
+    store.finish_call(None, record(when=datetime.now(UTC), input_tokens=100))
+    assert not store.begin_call("acme", Quota(tokens_per_minute=100), QuotaDemand(1)).admitted

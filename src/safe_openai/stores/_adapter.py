@@ -10,7 +10,15 @@ from typing import Any, TypeVar
 
 from ..policy import Quota
 from ..usage import UsageRecord
-from ._types import CustomerReport, EventClaim, QuotaDemand, Reservation, Suspension, Violation
+from ._types import (
+    CallStart,
+    CustomerReport,
+    EventClaim,
+    QuotaDemand,
+    Reservation,
+    Suspension,
+    Violation,
+)
 
 __all__ = ["AsyncAdapter"]
 
@@ -69,6 +77,23 @@ class AsyncAdapter:
             task = asyncio.ensure_future(asyncio.to_thread(self.sync.release, reservation))
             _RELEASES.add(task)
             task.add_done_callback(_RELEASES.discard)
+
+    async def begin_call(
+        self,
+        customer_id: str,
+        quota: Quota | None,
+        demand: QuotaDemand,
+        *,
+        identifier: str | None = None,
+    ) -> CallStart:
+        return await self._call(
+            self.sync.begin_call, customer_id, quota, demand, identifier=identifier
+        )
+
+    async def finish_call(
+        self, reservation: Reservation | None, record: UsageRecord, *, request_id: str | None = None
+    ) -> None:
+        await self._call(self.sync.finish_call, reservation, record, request_id=request_id)
 
     async def commit(self, reservation: Reservation, record: UsageRecord) -> None:
         await self._call(self.sync.commit, reservation, record)

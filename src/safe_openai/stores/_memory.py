@@ -24,6 +24,7 @@ from ._types import (
     RESERVATION_TTL,
     SECOND_US,
     Bucket,
+    CallStart,
     CustomerReport,
     DayTotal,
     EventClaim,
@@ -184,6 +185,35 @@ class MemoryStore:
             self._holds[reservation_id] = hold
             ledger.hold(hold)
             return Reservation(reservation_id, customer_id, True, at=from_us(now_us))
+
+    def begin_call(
+        self,
+        customer_id: str,
+        quota: Quota | None,
+        demand: QuotaDemand,
+        *,
+        identifier: str | None = None,
+    ) -> CallStart:
+        """Standing, reservation and identifier map of a call about to be sent, in one step.
+
+        A suspended customer gets no reservation. ``quota`` ``None`` reserves nothing.
+        """
+        now = datetime.now(timezone.utc)
+        if identifier is not None:
+            self.remember_identifier(identifier, customer_id)
+        suspension = self.suspension(customer_id, now=now)
+        if suspension is not None or quota is None:
+            return CallStart(suspension, None)
+        return CallStart(None, self.reserve(customer_id, quota, demand, now=now))
+
+    def finish_call(
+        self, reservation: Reservation | None, record: UsageRecord, *, request_id: str | None = None
+    ) -> None:
+        """Settle a call in one step: commit (or record) its usage, map its request id."""
+        with self._lock:
+            self._settle(reservation, record)
+            if request_id:
+                self._requests[request_id] = record.customer_id
 
     def commit(self, reservation: Reservation, record: UsageRecord) -> None:
         with self._lock:

@@ -50,6 +50,7 @@ from ._types import (
     RESERVATION_TTL,
     SECOND_US,
     Bucket,
+    CallStart,
     CustomerReport,
     DayTotal,
     EventClaim,
@@ -272,6 +273,16 @@ _STATEMENTS: dict[str, str] = {
         SELECT 'd', day - DATE '1970-01-01', 0, tokens, cost_usd, 0 FROM {schema}.quota_days
         WHERE customer_id = %(customer)s AND day >= DATE '1970-01-01' + %(from_day)s::int""",
     "clock": "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint",
+    # The customer's quota lock and its suspension in force, in one statement (the suspension
+    # is read from the snapshot taken before the lock: standing needs no lock).
+    "lock_and_standing": """
+        SELECT pg_advisory_xact_lock(%(key)s)::text, s.since, s.until, s.reason
+        FROM (SELECT 1) AS one LEFT JOIN {schema}.suspensions AS s
+            ON s.customer_id = %(customer)s AND (s.until IS NULL OR s.until > clock_timestamp())""",
+    "standing": """
+        SELECT '', s.since, s.until, s.reason
+        FROM (SELECT 1) AS one LEFT JOIN {schema}.suspensions AS s
+            ON s.customer_id = %(customer)s AND (s.until IS NULL OR s.until > clock_timestamp())""",
     # The hold, its buckets, and the pruning of what can no longer count, in one statement.
     "hold": """
         WITH gc AS (
@@ -335,6 +346,11 @@ _STATEMENTS: dict[str, str] = {
                     %(request_id)s)
             ON CONFLICT (record_id) DO NOTHING
             RETURNING 1
+        ), request AS (
+            INSERT INTO {{schema}}.requests (request_id, customer_id)
+            SELECT %(request_id_map)s::text, %(customer_id)s
+            WHERE %(request_id_map)s::text IS NOT NULL
+            ON CONFLICT (request_id) DO UPDATE SET customer_id = EXCLUDED.customer_id
         ), counts AS (
             SELECT EXISTS (SELECT 1 FROM inserted) AND %(counts)s AS yes
         ), minute AS (
@@ -523,8 +539,36 @@ def _migrate(q: _Sql) -> _Op[None]:
         yield _Query(q["set_version"], {"version": number + 1})
 
 
+def _begin_call(
+    q: _Sql, customer_id: str, quota: Quota | None, demand: QuotaDemand, identifier: str | None
+) -> _Op[CallStart]:
+    """Standing, reservation and identifier map in one transaction, on the server's clock.
+    The customer's quota lock is taken by the statement that reads its standing."""
+    limited = quota is not None and not quota.is_unlimited
+    params = {"customer": customer_id}
+    if limited:
+        key = _lock_key("safe_openai.quota", q.schema, customer_id)
+        rows = yield _Query(q["lock_and_standing"], {**params, "key": key})
+    else:
+        rows = yield _Query(q["standing"], params)
+    if identifier is not None:
+        yield from _remember(q, "remember_identifier", identifier, customer_id)
+    found = [row for row in rows if row[1] is not None]
+    if found:
+        return CallStart(_suspension_from_row((customer_id, *found[0][1:])), None)
+    if quota is None:
+        return CallStart(None, None)
+    return CallStart(None, (yield from _reserve(q, customer_id, quota, demand, None, locked=True)))
+
+
 def _reserve(
-    q: _Sql, customer_id: str, quota: Quota, demand: QuotaDemand, now: datetime | None
+    q: _Sql,
+    customer_id: str,
+    quota: Quota,
+    demand: QuotaDemand,
+    now: datetime | None,
+    *,
+    locked: bool = False,
 ) -> _Op[Reservation]:
     # the caller's clock only bounds which day rows are read; with now=None the decision and
     # the hold use the server's clock
@@ -535,7 +579,9 @@ def _reserve(
     else:
         # Held until commit: every replica deciding for this customer waits its turn, and the
         # key needs no row, so a customer's very first calls are serialised too.
-        yield _Query(q["lock"], {"key": _lock_key("safe_openai.quota", q.schema, customer_id)})
+        if not locked:
+            key = _lock_key("safe_openai.quota", q.schema, customer_id)
+            yield _Query(q["lock"], {"key": key})
         rows = yield _Query(
             q["quota_state"],
             {
@@ -624,7 +670,9 @@ def _suspension_from_row(row: Sequence[Any]) -> Suspension:
     )
 
 
-def _settle_params(reservation: Reservation | None, record: UsageRecord) -> dict[str, Any]:
+def _settle_params(
+    reservation: Reservation | None, record: UsageRecord, request_id: str | None = None
+) -> dict[str, Any]:
     when = reservation.at if reservation is not None and reservation.at else record.created_at
     quota_us = to_us(_utc(when))
     return {
@@ -635,16 +683,18 @@ def _settle_params(reservation: Reservation | None, record: UsageRecord) -> dict
         "cost": float(record.cost_usd or 0.0),
         "quota_us": quota_us,
         "quota_day": day_of(quota_us),
+        "request_id_map": request_id or None,
     }
 
 
-def _commit(q: _Sql, reservation: Reservation, record: UsageRecord) -> _Op[None]:
-    if reservation.id and reservation.customer_id != record.customer_id:
+def _commit(
+    q: _Sql, reservation: Reservation | None, record: UsageRecord, request_id: str | None = None
+) -> _Op[None]:
+    if reservation is not None and reservation.id and reservation.customer_id != record.customer_id:
         # a hold of another customer is released, not settled by this record
         yield from _release(q, reservation)
-        yield _Query(q["settle"], _settle_params(None, record))
-    else:
-        yield _Query(q["settle"], _settle_params(reservation, record))
+        reservation = None
+    yield _Query(q["settle"], _settle_params(reservation, record, request_id))
 
 
 def _release(q: _Sql, reservation: Reservation) -> _Op[None]:
@@ -903,6 +953,24 @@ class PostgresStore:
         """
         return self._run(_reserve(self._sql, customer_id, quota, demand, now))
 
+    def begin_call(
+        self,
+        customer_id: str,
+        quota: Quota | None,
+        demand: QuotaDemand,
+        *,
+        identifier: str | None = None,
+    ) -> CallStart:
+        """Standing, reservation (on the server's clock) and identifier map of a call about to
+        be sent, in one transaction. A suspended customer gets no reservation."""
+        return self._run(_begin_call(self._sql, customer_id, quota, demand, identifier))
+
+    def finish_call(
+        self, reservation: Reservation | None, record: UsageRecord, *, request_id: str | None = None
+    ) -> None:
+        """Settle a call in one statement: commit (or record) its usage, map its request id."""
+        self._run(_commit(self._sql, reservation, record, request_id))
+
     def commit(self, reservation: Reservation, record: UsageRecord) -> None:
         self._run(_commit(self._sql, reservation, record))
 
@@ -1069,6 +1137,24 @@ class AsyncPostgresStore:
         ``now`` defaults to the server's clock (``clock_timestamp()``), shared by every replica.
         """
         return await self._run(_reserve(self._sql, customer_id, quota, demand, now))
+
+    async def begin_call(
+        self,
+        customer_id: str,
+        quota: Quota | None,
+        demand: QuotaDemand,
+        *,
+        identifier: str | None = None,
+    ) -> CallStart:
+        """Standing, reservation (on the server's clock) and identifier map of a call about to
+        be sent, in one transaction. A suspended customer gets no reservation."""
+        return await self._run(_begin_call(self._sql, customer_id, quota, demand, identifier))
+
+    async def finish_call(
+        self, reservation: Reservation | None, record: UsageRecord, *, request_id: str | None = None
+    ) -> None:
+        """Settle a call in one statement: commit (or record) its usage, map its request id."""
+        await self._run(_commit(self._sql, reservation, record, request_id))
 
     async def commit(self, reservation: Reservation, record: UsageRecord) -> None:
         await self._run(_commit(self._sql, reservation, record))

@@ -80,6 +80,7 @@ from ._types import (
     RESERVATION_TTL,
     SKEW_US,
     TTL_US,
+    CallStart,
     CustomerReport,
     EventClaim,
     QuotaDemand,
@@ -763,9 +764,10 @@ def _quota_keys(keys: _Keys, customer_id: str, reservation_id: str) -> tuple[str
     )
 
 
-def _reserve(
+def _reserve_eval(
     keys: _Keys, customer_id: str, quota: Quota, demand: QuotaDemand, now: datetime | None
-) -> _Op[Reservation]:
+) -> tuple[_Eval, str]:
+    """The reservation script for one call, and the id its hold gets."""
     # The caller's clock (or the given now) only picks the day and month counters around it;
     # with now=None the script decides on the Redis server's clock.
     local = _utc(now) if now is not None else datetime.now(timezone.utc)
@@ -776,31 +778,33 @@ def _reserve(
     while len(months) < 5:
         months.append(next_month(months[-1]))
     reservation_id = uuid.uuid4().hex
-    (reply,) = yield [
-        _Eval(
-            _RESERVE,
-            (
-                *_quota_keys(keys, customer_id, reservation_id),
-                *(keys.of(customer_id, f"day:{_day_label(day)}") for day in days),
-                *(keys.of(customer_id, f"month:{_month_label(month)}") for month in months[:4]),
-                keys.of(customer_id, "win"),
-                keys.of(customer_id, "pending"),
-            ),
-            (
-                "" if now is None else _us(local),
-                day_of(_us(days[0])),
-                *(_us(month) for month in months),
-                _limit(quota.requests_per_minute),
-                _limit(quota.tokens_per_minute),
-                _limit(quota.tokens_per_day),
-                _limit(quota.usd_per_month),
-                int(demand.tokens),
-                _float(demand.cost_usd),
-                _HOLD_TTL_S,
-                "0" if quota.is_unlimited else "1",
-            ),
-        )
-    ]
+    script = _Eval(
+        _RESERVE,
+        (
+            *_quota_keys(keys, customer_id, reservation_id),
+            *(keys.of(customer_id, f"day:{_day_label(day)}") for day in days),
+            *(keys.of(customer_id, f"month:{_month_label(month)}") for month in months[:4]),
+            keys.of(customer_id, "win"),
+            keys.of(customer_id, "pending"),
+        ),
+        (
+            "" if now is None else _us(local),
+            day_of(_us(days[0])),
+            *(_us(month) for month in months),
+            _limit(quota.requests_per_minute),
+            _limit(quota.tokens_per_minute),
+            _limit(quota.tokens_per_day),
+            _limit(quota.usd_per_month),
+            int(demand.tokens),
+            _float(demand.cost_usd),
+            _HOLD_TTL_S,
+            "0" if quota.is_unlimited else "1",
+        ),
+    )
+    return script, reservation_id
+
+
+def _reservation(reply: Any, reservation_id: str, customer_id: str) -> Reservation:
     if int(reply[0]) == 1:
         return Reservation(reservation_id, customer_id, True, at=from_us(int(reply[1])))
     retry_us = int(reply[2])
@@ -809,7 +813,47 @@ def _reserve(
     return Reservation("", customer_id, False, _text(reply[1]), retry_after)
 
 
+def _reserve(
+    keys: _Keys, customer_id: str, quota: Quota, demand: QuotaDemand, now: datetime | None
+) -> _Op[Reservation]:
+    script, reservation_id = _reserve_eval(keys, customer_id, quota, demand, now)
+    (reply,) = yield [script]
+    return _reservation(reply, reservation_id, customer_id)
+
+
+def _begin_call(
+    keys: _Keys,
+    customer_id: str,
+    quota: Quota | None,
+    demand: QuotaDemand,
+    identifier: str | None,
+) -> _Op[CallStart]:
+    """Standing, reservation and identifier map in one pipelined round trip (the identifier
+    map lives in another slot, so it is its own command). A suspended customer's hold, if the
+    script placed one, is released in a second trip: suspended customers are refused anyway."""
+    batch: _Batch = [_cmd("hmget", keys.of(customer_id, "susp"), list(_SUSPENSION_FIELDS))]
+    reservation_id = ""
+    if quota is not None:
+        script, reservation_id = _reserve_eval(keys, customer_id, quota, demand, None)
+        batch.append(script)
+    if identifier is not None:
+        batch.append(_cmd("set", keys.identifier(identifier), customer_id))
+    replies = yield batch
+    reservation = None if quota is None else _reservation(replies[1], reservation_id, customer_id)
+    now = reservation.at if reservation is not None and reservation.at else None
+    suspension = _suspension(customer_id, *replies[0])
+    if suspension is not None and suspension.active_at(now or datetime.now(timezone.utc)):
+        if reservation is not None and reservation.admitted:
+            yield from _release(keys, reservation)
+        return CallStart(suspension, None)
+    return CallStart(None, reservation)
+
+
 def _record(keys: _Keys, record: UsageRecord, reservation: Reservation | None) -> _Op[None]:
+    yield _record_batch(keys, record, reservation)
+
+
+def _record_batch(keys: _Keys, record: UsageRecord, reservation: Reservation | None) -> _Batch:
     customer = record.customer_id
     at = _utc(record.created_at)
     # where the record counts when it settles no hold: at its reservation's time, else its own
@@ -821,7 +865,7 @@ def _record(keys: _Keys, record: UsageRecord, reservation: Reservation | None) -
     columns = [(name, value) for name, value in sums[customer].items() if value]
     columns.append(("records", 1))
     reservation_id = reservation.id if reservation is not None else ""
-    yield [
+    return [
         # the set of customers lives in another slot, so it is kept outside the script; a
         # customer listed with nothing written yet shows in no report
         _cmd("sadd", keys.customers, customer),
@@ -852,13 +896,18 @@ def _record(keys: _Keys, record: UsageRecord, reservation: Reservation | None) -
     ]
 
 
-def _commit(keys: _Keys, reservation: Reservation, record: UsageRecord) -> _Op[None]:
-    if reservation.id and reservation.customer_id != record.customer_id:
+def _commit(
+    keys: _Keys, reservation: Reservation | None, record: UsageRecord, request_id: str | None = None
+) -> _Op[None]:
+    if reservation is not None and reservation.id and reservation.customer_id != record.customer_id:
         # two customers are two slots: drop the hold first, then write the record
         yield from _release(keys, reservation)
-        yield from _record(keys, record, None)
-    else:
-        yield from _record(keys, record, reservation)
+        reservation = None
+    batch = _record_batch(keys, record, reservation)
+    if request_id:
+        # the request map lives in another slot: its own command, in the same round trip
+        batch.append(_cmd("set", keys.request(request_id), record.customer_id))
+    yield batch
 
 
 def _release(keys: _Keys, reservation: Reservation) -> _Op[None]:
@@ -1137,6 +1186,24 @@ class RedisStore:
         """
         return self._run(_reserve(self._keys, customer_id, quota, demand, now))
 
+    def begin_call(
+        self,
+        customer_id: str,
+        quota: Quota | None,
+        demand: QuotaDemand,
+        *,
+        identifier: str | None = None,
+    ) -> CallStart:
+        """Standing, reservation (on the server's clock) and identifier map of a call about to
+        be sent, in one round trip. A suspended customer gets no reservation."""
+        return self._run(_begin_call(self._keys, customer_id, quota, demand, identifier))
+
+    def finish_call(
+        self, reservation: Reservation | None, record: UsageRecord, *, request_id: str | None = None
+    ) -> None:
+        """Settle a call in one round trip: commit (or record) its usage, map its request id."""
+        self._run(_commit(self._keys, reservation, record, request_id))
+
     def commit(self, reservation: Reservation, record: UsageRecord) -> None:
         self._run(_commit(self._keys, reservation, record))
 
@@ -1281,6 +1348,24 @@ class AsyncRedisStore:
         ``now`` defaults to the Redis server's clock (``TIME``), shared by every replica.
         """
         return await self._run(_reserve(self._keys, customer_id, quota, demand, now))
+
+    async def begin_call(
+        self,
+        customer_id: str,
+        quota: Quota | None,
+        demand: QuotaDemand,
+        *,
+        identifier: str | None = None,
+    ) -> CallStart:
+        """Standing, reservation (on the server's clock) and identifier map of a call about to
+        be sent, in one round trip. A suspended customer gets no reservation."""
+        return await self._run(_begin_call(self._keys, customer_id, quota, demand, identifier))
+
+    async def finish_call(
+        self, reservation: Reservation | None, record: UsageRecord, *, request_id: str | None = None
+    ) -> None:
+        """Settle a call in one round trip: commit (or record) its usage, map its request id."""
+        await self._run(_commit(self._keys, reservation, record, request_id))
 
     async def commit(self, reservation: Reservation, record: UsageRecord) -> None:
         await self._run(_commit(self._keys, reservation, record))

@@ -49,6 +49,7 @@ from ._types import (
     RESERVATION_TTL,
     SECOND_US,
     Bucket,
+    CallStart,
     CustomerReport,
     DayTotal,
     EventClaim,
@@ -525,6 +526,45 @@ def _settle(conn: sqlite3.Connection, reservation: Reservation | None, record: U
         _count(conn, record.customer_id, at_us, tokens, cost, minute=True)
 
 
+def _reserve_in(
+    conn: sqlite3.Connection, customer_id: str, quota: Quota, demand: QuotaDemand, now_us: int
+) -> Reservation:
+    """Decide and hold a reservation inside the caller's write transaction."""
+    if not quota.is_unlimited:
+        limit, retry_after = decide(quota, demand, _quota_state(conn, customer_id, now_us), now_us)
+        if limit is not None:
+            return Reservation("", customer_id, False, limit, retry_after)
+    reservation_id = uuid.uuid4().hex
+    at = from_us(now_us)
+    for statement in _PRUNE:
+        conn.execute(
+            statement,
+            {
+                "customer": customer_id,
+                "old_second": now_us // SECOND_US - KEEP_SECONDS,
+                "old_minute": now_us // MINUTE_US - KEEP_HOLD_MINUTES,
+                "old_pending": _ts(at - _PENDING_GC),
+            },
+        )
+    tokens, cost = int(demand.tokens), float(demand.cost_usd)
+    held = {"customer": customer_id, "tokens": tokens, "cost": cost, "at": now_us}
+    conn.execute(_ADD_SECOND, {**held, "index": now_us // SECOND_US})
+    conn.execute(_ADD_HOLD, {**held, "index": now_us // MINUTE_US})
+    conn.execute(
+        "INSERT INTO pending (id, customer_id, at, tokens, cost_usd) VALUES (?, ?, ?, ?, ?)",
+        (reservation_id, customer_id, _ts(at), tokens, cost),
+    )
+    return Reservation(reservation_id, customer_id, True, at=at)
+
+
+_REMEMBER_IDENTIFIER = "INSERT OR REPLACE INTO identifiers (identifier, customer_id) VALUES (?, ?)"
+_REMEMBER_REQUEST = "INSERT OR REPLACE INTO requests (request_id, customer_id) VALUES (?, ?)"
+_SUSPENSION = (
+    "SELECT customer_id, since, until, reason FROM suspensions "
+    "WHERE customer_id = ? AND (until IS NULL OR until > ?)"
+)
+
+
 # --- the stores -----------------------------------------------------------------------------
 
 
@@ -779,33 +819,38 @@ class SQLiteStore:
         """
         now_us = to_us(now if now is not None else datetime.now(timezone.utc))
         with self._transaction("reserve quota", "IMMEDIATE") as conn:
-            if not quota.is_unlimited:
-                state = _quota_state(conn, customer_id, now_us)
-                limit, retry_after = decide(quota, demand, state, now_us)
-                if limit is not None:
-                    return Reservation("", customer_id, False, limit, retry_after)
-            reservation_id = uuid.uuid4().hex
-            at = from_us(now_us)
-            for statement in _PRUNE:
-                conn.execute(
-                    statement,
-                    {
-                        "customer": customer_id,
-                        "old_second": now_us // SECOND_US - KEEP_SECONDS,
-                        "old_minute": now_us // MINUTE_US - KEEP_HOLD_MINUTES,
-                        "old_pending": _ts(at - _PENDING_GC),
-                    },
-                )
-            tokens, cost = int(demand.tokens), float(demand.cost_usd)
-            held = {"customer": customer_id, "tokens": tokens, "cost": cost, "at": now_us}
-            conn.execute(_ADD_SECOND, {**held, "index": now_us // SECOND_US})
-            conn.execute(_ADD_HOLD, {**held, "index": now_us // MINUTE_US})
-            conn.execute(
-                "INSERT INTO pending (id, customer_id, at, tokens, cost_usd) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (reservation_id, customer_id, _ts(at), tokens, cost),
-            )
-        return Reservation(reservation_id, customer_id, True, at=at)
+            return _reserve_in(conn, customer_id, quota, demand, now_us)
+
+    def begin_call(
+        self,
+        customer_id: str,
+        quota: Quota | None,
+        demand: QuotaDemand,
+        *,
+        identifier: str | None = None,
+    ) -> CallStart:
+        """Standing, reservation and identifier map of a call about to be sent, in one
+        transaction. A suspended customer gets no reservation; ``quota`` ``None`` reserves
+        nothing."""
+        now_us = to_us(datetime.now(timezone.utc))
+        with self._transaction("check standing and quota", "IMMEDIATE") as conn:
+            if identifier is not None:
+                conn.execute(_REMEMBER_IDENTIFIER, (identifier, customer_id))
+            row = conn.execute(_SUSPENSION, (customer_id, now_us / SECOND_US)).fetchone()
+            if row is not None:
+                return CallStart(_suspension_from_row(row), None)
+            if quota is None:
+                return CallStart(None, None)
+            return CallStart(None, _reserve_in(conn, customer_id, quota, demand, now_us))
+
+    def finish_call(
+        self, reservation: Reservation | None, record: UsageRecord, *, request_id: str | None = None
+    ) -> None:
+        """Settle a call in one transaction: commit (or record) its usage, map its request id."""
+        with self._transaction("commit usage", "IMMEDIATE") as conn:
+            _settle(conn, reservation, record)
+            if request_id:
+                conn.execute(_REMEMBER_REQUEST, (request_id, record.customer_id))
 
     def commit(self, reservation: Reservation, record: UsageRecord) -> None:
         """Replace a pending reservation by the call's actual usage record, atomically."""
@@ -963,11 +1008,7 @@ class SQLiteStore:
     def suspension(self, customer_id: str, *, now: datetime) -> Suspension | None:
         """The customer's suspension in force at ``now``, if any."""
         with self._transaction("read a suspension") as conn:
-            row = conn.execute(
-                "SELECT customer_id, since, until, reason FROM suspensions "
-                "WHERE customer_id = ? AND (until IS NULL OR until > ?)",
-                (customer_id, _ts(now)),
-            ).fetchone()
+            row = conn.execute(_SUSPENSION, (customer_id, _ts(now))).fetchone()
         return None if row is None else _suspension_from_row(row)
 
     def suspensions(self, *, now: datetime) -> list[Suspension]:
@@ -985,10 +1026,7 @@ class SQLiteStore:
     def remember_identifier(self, identifier: str, customer_id: str) -> None:
         """Map a safety identifier back to its customer."""
         with self._transaction("remember an identifier", "IMMEDIATE") as conn:
-            conn.execute(
-                "INSERT OR REPLACE INTO identifiers (identifier, customer_id) VALUES (?, ?)",
-                (identifier, customer_id),
-            )
+            conn.execute(_REMEMBER_IDENTIFIER, (identifier, customer_id))
 
     def customer_for_identifier(self, identifier: str) -> str | None:
         """The customer a safety identifier belongs to."""
@@ -1001,10 +1039,7 @@ class SQLiteStore:
     def remember_request(self, request_id: str, customer_id: str) -> None:
         """Map an OpenAI request id back to its customer."""
         with self._transaction("remember a request", "IMMEDIATE") as conn:
-            conn.execute(
-                "INSERT OR REPLACE INTO requests (request_id, customer_id) VALUES (?, ?)",
-                (request_id, customer_id),
-            )
+            conn.execute(_REMEMBER_REQUEST, (request_id, customer_id))
 
     def customer_for_request(self, request_id: str) -> str | None:
         """The customer an OpenAI request id belongs to."""

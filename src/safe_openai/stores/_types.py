@@ -48,6 +48,7 @@ __all__ = [
     "OUTCOME_COLUMNS",
     "RESERVATION_TTL",
     "Bucket",
+    "CallStart",
     "CustomerReport",
     "DayTotal",
     "EventClaim",
@@ -196,6 +197,25 @@ class Reservation:
     limit: str | None = None
     retry_after: float | None = None
     at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CallStart:
+    """The answer to ``begin_call``: the customer's standing and, when a quota applies and the
+    customer is not suspended, its reservation.
+
+    Attributes:
+        suspension: The suspension in force, if any (then nothing was reserved).
+        reservation: The reservation, admitted or refused; ``None`` when no quota applies.
+    """
+
+    suspension: Suspension | None
+    reservation: Reservation | None
+
+    @property
+    def admitted(self) -> bool:
+        """Whether a hold was placed that must be settled or released."""
+        return self.reservation is not None and self.reservation.admitted
 
 
 @dataclass(frozen=True, slots=True)
