@@ -18,9 +18,20 @@ whichever comes first, and reports the rate of what it did. Servers that cannot 
 skipped with a note. Each run uses its own Redis key prefix / PostgreSQL schema / SQLite file
 and removes it afterwards.
 
+The growth table: for a tenant with 0, 1,000, 10,000 and 50,000 calls already in its minute
+window (records stamped in the last 20 s, written just before), the time of a store-level
+``reserve`` + ``commit`` and of a whole guarded call (a ``SafeClient`` with a quota, moderation
+cached), per backend, and their ratios to the 0-entry tenant in the same run. With an O(1)
+quota state the ratios stay near 1.
+
+Round trips per guarded call: the store round trips one guarded call makes, counted by a
+wrapper around the store's network layer (one Redis pipeline or one SQL statement each, plus
+``BEGIN`` and ``COMMIT`` per PostgreSQL transaction), and on Redis the commands the server
+counted (``INFO commandstats`` deltas; server-wide, so exact only when nothing else runs).
+
 Usage: ``python benchmarks/stores.py [--records 2000] [--seconds 8]
-[--redis-url URL] [--postgres-url URL]``. Results are printed as a table and written to
-``benchmarks/results/stores.json``.
+[--redis-url URL] [--postgres-url URL] [--growth 0,1000,10000,50000]``. Results are printed as
+tables and written to ``benchmarks/results/stores.json``.
 """
 
 from __future__ import annotations
@@ -35,7 +46,8 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from datetime import datetime, timezone
+from dataclasses import replace
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -46,6 +58,7 @@ from safe_openai import DefaultPolicy, SafeClient
 from safe_openai.errors import StoreError
 from safe_openai.policy import Quota
 from safe_openai.stores import QuotaDemand, UsageStore, store_from_url
+from safe_openai.stores._memory import MemoryStore
 from safe_openai.testing import FakeOpenAI
 from safe_openai.usage import TokenUsage, UsageRecord
 
@@ -123,7 +136,9 @@ def measure(store: UsageStore, records: int, seconds: float) -> dict[str, Any]:
     }
 
 
-def guarded_call_ms(store: UsageStore, calls: int) -> float:
+def guarded_call_ms(
+    store: UsageStore, calls: int, *, customer: str | None = None, rounds: int = 5
+) -> float:
     """Milliseconds per guarded chat call on ``store``, moderation served from the cache."""
     fake = FakeOpenAI(reply="ok")
     client = SafeClient(
@@ -132,17 +147,172 @@ def guarded_call_ms(store: UsageStore, calls: int) -> float:
         store=store,
         spool=False,
         policy=DefaultPolicy(quota=GUARDED_QUOTA),
-    ).for_customer(f"bench-{uuid.uuid4().hex[:8]}")
+    ).for_customer(customer or f"bench-{uuid.uuid4().hex[:8]}")
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     for _ in range(5):
         client.chat.completions.create(model="gpt-4o-mini", messages=messages)
     best = float("inf")
-    for _ in range(5):  # the fastest of five rounds: the slower ones measure other processes
+    for _ in range(rounds):  # the fastest round: the slower ones measure other processes
         started = time.perf_counter()
         for _ in range(calls):
             client.chat.completions.create(model="gpt-4o-mini", messages=messages)
         best = min(best, (time.perf_counter() - started) / calls)
     return best * 1000
+
+
+def _fill(store: UsageStore, customer: str, entries: int) -> None:
+    """Put ``entries`` calls in ``customer``'s minute window: records stamped in the last 20 s."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    now = datetime.now(timezone.utc)
+
+    def write(chunk: range) -> None:
+        for n in chunk:
+            store.record_usage(
+                UsageRecord(
+                    customer_id=customer,
+                    endpoint="/chat/completions",
+                    model="gpt-4o-mini",
+                    outcome="ok",
+                    tokens=TokenUsage(10, 0, 10, 0),
+                    cost_usd=0.0,
+                    latency_s=0.1,
+                    created_at=now - timedelta(microseconds=(n * 397) % 20_000_000),
+                    record_id=uuid.uuid4().hex,
+                )
+            )
+
+    # SQLite and memory take one writer at a time anyway; servers are filled by 8 threads
+    threads = 1 if isinstance(store, MemoryStore) else 8
+    step = max(1, entries // threads)
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(write, [range(i, min(i + step, entries)) for i in range(0, entries, step)]))
+
+
+def growth(store: UsageStore, sizes: list[int], calls: int) -> list[dict[str, Any]]:
+    """reserve+commit and a whole guarded call for tenants with ``sizes`` entries."""
+    rows = []
+    for size in sizes:
+        tenant = f"tenant-{size}-{uuid.uuid4().hex[:6]}"
+        _fill(store, tenant, size)
+        started = time.perf_counter()
+        done = 0
+        while done < 200 and time.perf_counter() - started < 3:
+            record = replace(_record(done), customer_id=tenant)
+            reservation = store.reserve(tenant, QUOTA, QuotaDemand(tokens=2000, cost_usd=0.001))
+            assert reservation.admitted
+            store.commit(reservation, record)
+            done += 1
+        reserve_ms = (time.perf_counter() - started) / done * 1000
+        call_ms = guarded_call_ms(store, calls, customer=tenant, rounds=3)
+        rows.append(
+            {
+                "entries": size,
+                "reserve_commit_ms": round(reserve_ms, 3),
+                "guarded_call_ms": round(call_ms, 3),
+            }
+        )
+    base = rows[0]
+    for row in rows:
+        row["reserve_commit_ratio"] = round(row["reserve_commit_ms"] / base["reserve_commit_ms"], 2)
+        row["guarded_call_ratio"] = round(row["guarded_call_ms"] / base["guarded_call_ms"], 2)
+    return rows
+
+
+class _Counted:
+    """Counts the round trips of a built-in store: Redis pipelines, PostgreSQL statements and
+    transactions, SQLite transactions."""
+
+    def __init__(self, store: Any) -> None:
+        self.trips = 0
+        self.transactions = 0
+        kind = type(store).__name__
+        if kind == "RedisStore":
+            send = store._send
+
+            def counted_send(batch: Any) -> Any:
+                self.trips += 1
+                return send(batch)
+
+            store._send = counted_send
+        elif kind == "PostgresStore":
+            execute = store._execute
+
+            def counted_execute(op: Any) -> Any:
+                self.transactions += 1
+
+                def counting() -> Any:
+                    query = next(op)
+                    while True:
+                        self.trips += 1
+                        try:
+                            query = op.send((yield query))
+                        except StopIteration as done:
+                            return done.value
+
+                return execute(counting())
+
+            store._execute = counted_execute
+        elif kind == "SQLiteStore":
+            transaction = store._transaction
+
+            def counted_transaction(action: str, begin: str | None = None) -> Any:
+                self.transactions += 1
+                return transaction(action, begin)
+
+            store._transaction = counted_transaction
+
+    @property
+    def round_trips(self) -> int:
+        # psycopg sends BEGIN and COMMIT as their own round trips around a transaction
+        return (
+            self.trips + 2 * self.transactions
+            if self.trips and self.transactions
+            else (self.trips or self.transactions)
+        )
+
+
+def round_trips(store: Any, url: str, calls: int) -> dict[str, Any]:
+    """Store round trips (and Redis commands) per guarded call, after a warm-up call."""
+    fake = FakeOpenAI(reply="ok")
+    client = SafeClient(
+        **fake.openai_kwargs(),
+        identifier_secret="benchmark-secret",
+        store=store,
+        spool=False,
+        policy=DefaultPolicy(quota=GUARDED_QUOTA),
+    ).for_customer(f"trips-{uuid.uuid4().hex[:8]}")
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    client.chat.completions.create(model="gpt-4o-mini", messages=messages)
+    counter = _Counted(store)
+    before = _commandstats(url) if type(store).__name__ == "RedisStore" else None
+    for _ in range(calls):
+        client.chat.completions.create(model="gpt-4o-mini", messages=messages)
+    row: dict[str, Any] = {"round_trips_per_call": round(counter.round_trips / calls, 2)}
+    if type(store).__name__ == "PostgresStore":
+        row["statements_per_call"] = round(counter.trips / calls, 2)
+        row["transactions_per_call"] = round(counter.transactions / calls, 2)
+    if before is not None:
+        after = _commandstats(url)
+        row["redis_commands_per_call"] = {
+            name: round((after.get(name, 0) - before.get(name, 0)) / calls, 2)
+            for name in sorted(after)
+            if after.get(name, 0) - before.get(name, 0) >= calls // 2
+        }
+    for name in ("_send", "_execute", "_transaction"):
+        store.__dict__.pop(name, None)
+    return row
+
+
+def _commandstats(url: str) -> dict[str, int]:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        stats = client.info("commandstats")
+    finally:
+        client.close()
+    return {name.removeprefix("cmdstat_"): int(value["calls"]) for name, value in stats.items()}
 
 
 def _reachable(url: str, default_port: int) -> str | None:
@@ -218,6 +388,11 @@ def main() -> None:
         default=os.environ.get("SAFE_OPENAI_BENCH_POSTGRES_URL", "postgresql://127.0.0.1/test"),
     )
     parser.add_argument("--calls", type=int, default=100, help="guarded calls per round")
+    parser.add_argument(
+        "--growth",
+        default="0,1000,10000,50000",
+        help="entries in the tenant's minute window for the growth table (comma-separated)",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
     # Logging as a production app would set it: warnings and up (the library never configures it).
@@ -239,6 +414,9 @@ def main() -> None:
                 try:
                     row.update(measure(store, args.records, args.seconds))
                     row["guarded_call_ms"] = round(guarded_call_ms(store, args.calls), 3)
+                    row.update(round_trips(store, backend["url"], 50))
+                    sizes = [int(n) for n in args.growth.split(",") if n]
+                    row["growth"] = growth(store, sizes, max(10, args.calls // 4))
                 finally:
                     store.close()
             except StoreError as exc:
@@ -265,6 +443,24 @@ def main() -> None:
             f"{row['reserve_commit_per_s']:>17,.0f} {row['report_ms']:>10.1f} "
             f"{row['store_ms_per_guarded_call']:>14.3f}"
         )
+    print(
+        f"\n{'backend':<10} {'entries':>8} {'reserve+commit ms':>18} {'ratio':>6} "
+        f"{'guarded call ms':>16} {'ratio':>6}"
+    )
+    for row in results:
+        for step in row.get("growth", []):
+            print(
+                f"{row['backend']:<10} {step['entries']:>8,} {step['reserve_commit_ms']:>18.3f} "
+                f"{step['reserve_commit_ratio']:>6.2f} {step['guarded_call_ms']:>16.3f} "
+                f"{step['guarded_call_ratio']:>6.2f}"
+            )
+    print(f"\n{'backend':<10} {'round trips/call':>17}  redis commands/call")
+    for row in results:
+        if "round_trips_per_call" in row:
+            print(
+                f"{row['backend']:<10} {row['round_trips_per_call']:>17}  "
+                f"{row.get('redis_commands_per_call', '')}"
+            )
     payload = {
         "benchmark": "stores",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -589,7 +589,8 @@ def start(state: GuardState, call: Call, lookup: _Lookup) -> Flow[tuple[bool, An
     it. An unreachable store is the policy's to decide (``fail_open``).
 
     Raises:
-        CustomerSuspended, QuotaExceeded: recorded as ``denied``; nothing may be sent.
+        CustomerSuspended, QuotaExceeded, UnpricedModel: recorded as ``denied``; nothing may be
+            sent.
     """
     customer_id = call.customer_key
     quota = state.policy.quota_for(customer_id)
@@ -598,9 +599,16 @@ def start(state: GuardState, call: Call, lookup: _Lookup) -> Flow[tuple[bool, An
     identifier: str | None = identifier_of(state, call.spec, call.body, customer_id)
     if (identifier, customer_id) in state.known_identifiers:
         identifier = None
+    try:
+        demand = _worst_case(state, call)
+    except UnpricedModel:
+        yield from check_standing(state, call)  # a suspended customer hears that first
+        yield from _refuse(state, call, "denied")
+        log.info("safe_openai.request_refused", customer_id=customer_id, reason="unpriced")
+        raise
     command = StoreCall(
         "begin_call",
-        (customer_id, quota, _worst_case(state, call)),
+        (customer_id, quota, demand),
         {"identifier": identifier},
         undo="release",
     )

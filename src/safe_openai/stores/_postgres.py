@@ -2,8 +2,10 @@
 
 Open it with ``store_from_url("postgresql://user@host/db", schema="safe_openai")``. Options:
 ``schema`` (every table lives in it), ``min_size`` / ``max_size`` (the connection pool),
-``timeout`` (seconds to wait for a pooled connection before :class:`~safe_openai.StoreError`);
-any other keyword is passed to ``psycopg.connect`` (``connect_timeout``, ``sslmode``, ...).
+``timeout`` (seconds to wait for a pooled connection before :class:`~safe_openai.StoreError`),
+also settable in the URL's query as ``?min_size=1&max_size=20&pool_timeout=5``; a call that finds
+every connection busy waits for one, up to ``timeout``; any other keyword is passed to
+``psycopg.connect`` (``connect_timeout``, ``sslmode``, ...).
 
 The schema is created and migrated by the library on first use. :data:`_MIGRATIONS` is an
 ordered list of steps; ``<schema>.schema_version`` records the ones applied. Many processes
@@ -33,6 +35,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, TypeVar, cast
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import psycopg
 from psycopg import sql
@@ -850,6 +853,30 @@ def _identity(conninfo: str, connect_kwargs: dict[str, Any], schema: str) -> str
     return f"postgresql://{host}:{params.get('port') or 5432}/{database}#schema={schema}"
 
 
+#: Pool options a URL may carry in its query (libpq would refuse them), by keyword argument.
+_POOL_QUERY = {"min_size": "min_size", "max_size": "max_size", "pool_timeout": "timeout"}
+
+
+def _pool_from_url(url: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The URL without the pool's query parameters, and the options with them (keyword
+    arguments win over the URL)."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    options = dict(options)
+    kept = []
+    for name, value in query:
+        if name not in _POOL_QUERY:
+            kept.append((name, value))
+            continue
+        keyword = _POOL_QUERY[name]
+        try:
+            parsed: float = float(value) if keyword == "timeout" else int(value)
+        except ValueError as exc:
+            raise ConfigurationError(f"The store URL's {name} must be a number.") from exc
+        options.setdefault(keyword, parsed)
+    return urlunsplit(parts._replace(query=urlencode(kept))), options
+
+
 def _check_schema(schema: str) -> str:
     if not schema or len(schema.encode()) > 63:
         raise ConfigurationError("The PostgreSQL schema name must have 1 to 63 bytes.")
@@ -914,6 +941,7 @@ class PostgresStore:
             url: The database URL, e.g. ``postgresql://app@db.internal:5432/app``.
             **options: The keyword arguments of :class:`PostgresStore`.
         """
+        url, options = _pool_from_url(url, options)
         return cls(_conninfo(url), **options)
 
     def _execute(self, op: _Op[T]) -> T:
@@ -1095,6 +1123,7 @@ class AsyncPostgresStore:
             url: The database URL.
             **options: The keyword arguments of :class:`AsyncPostgresStore`.
         """
+        url, options = _pool_from_url(url, options)
         return cls(_conninfo(url), **options)
 
     async def _execute(self, op: _Op[T]) -> T:

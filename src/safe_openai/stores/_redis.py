@@ -1,7 +1,7 @@
 """The Redis store: quotas and rate windows shared by every replica that talks to one Redis.
 
 Open it with ``store_from_url("redis://host:6379/0", prefix="myapp")`` (``rediss://`` for TLS);
-every other keyword is passed to ``redis.Redis.from_url`` (``socket_timeout``, ``retry``, ...).
+every other keyword is passed to the connection pool (``socket_timeout``, ``retry``, ...).
 
 Durability: what the application must configure
 -----------------------------------------------
@@ -66,6 +66,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
 import redis.asyncio
@@ -96,12 +97,22 @@ from ._types import (
     next_month,
 )
 
-__all__ = ["DEFAULT_PREFIX", "AsyncRedisStore", "RedisStore"]
+__all__ = [
+    "DEFAULT_MAX_CONNECTIONS",
+    "DEFAULT_POOL_TIMEOUT",
+    "DEFAULT_PREFIX",
+    "AsyncRedisStore",
+    "RedisStore",
+]
 
 T = TypeVar("T")
 
 #: The key prefix used when none is given.
 DEFAULT_PREFIX = "safe_openai"
+#: Connections a store's pool may open; more concurrent calls wait for one.
+DEFAULT_MAX_CONNECTIONS = 50
+#: Seconds a call waits for a pooled connection before failing with StoreError.
+DEFAULT_POOL_TIMEOUT = 10.0
 
 _US = 1_000_000
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -742,6 +753,27 @@ def _identity(client: Any, prefix: str) -> str:
     return f"redis://{where}/{options.get('db', 0)}#prefix={prefix}"
 
 
+def _pool_options(url: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """A blocking pool (a call waits for a free connection instead of failing), sized by the
+    ``max_connections`` and ``pool_timeout`` keywords or URL query parameters."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    given = {name: value for name, value in query if name in ("max_connections", "pool_timeout")}
+    kept = [(name, value) for name, value in query if name not in given]
+    url = urlunsplit(parts._replace(query=urlencode(kept)))
+    options = dict(options)
+    try:
+        size = int(
+            options.pop("max_connections", given.get("max_connections", DEFAULT_MAX_CONNECTIONS))
+        )
+        wait = float(options.pop("pool_timeout", given.get("pool_timeout", DEFAULT_POOL_TIMEOUT)))
+    except (TypeError, ValueError) as exc:
+        raise ConfigurationError("max_connections and pool_timeout must be numbers.") from exc
+    if size < 1 or not wait > 0 or wait == float("inf"):
+        raise ConfigurationError("max_connections must be >= 1 and pool_timeout > 0 seconds.")
+    return url, {**options, "max_connections": size, "timeout": wait}
+
+
 def _check_prefix(prefix: str) -> str:
     if not prefix or "{" in prefix or "}" in prefix:
         raise ConfigurationError(
@@ -1144,10 +1176,23 @@ class RedisStore:
         Args:
             url: The Redis URL, e.g. ``redis://localhost:6379/0``.
             prefix: Namespace of every key.
-            **options: Passed to ``redis.Redis.from_url`` (``socket_timeout``, ``retry``, ...).
+            **options: ``max_connections`` (the pool's size, default
+                :data:`DEFAULT_MAX_CONNECTIONS`) and ``pool_timeout`` (seconds a call waits for a
+                pooled connection before :class:`~safe_openai.StoreError`, default
+                :data:`DEFAULT_POOL_TIMEOUT`), both also settable in the URL's query; the rest
+                is passed to the connection pool (``socket_timeout``, ``retry``, ...).
+
+        Raises:
+            ConfigurationError: A pool option is invalid.
         """
         _check_prefix(prefix)
-        return cls(redis.Redis.from_url(url, **options), prefix=prefix, owns_client=True)
+        url, options = _pool_options(url, options)
+        with _store_errors():
+            client = redis.Redis(
+                connection_pool=redis.BlockingConnectionPool.from_url(url, **options)
+            )
+        client.auto_close_connection_pool = True
+        return cls(client, prefix=prefix, owns_client=True)
 
     def _send(self, batch: _Batch) -> list[Any]:
         pipe = self.client.pipeline(transaction=False)
@@ -1308,10 +1353,19 @@ class AsyncRedisStore:
         Args:
             url: The Redis URL.
             prefix: Namespace of every key.
-            **options: Passed to ``redis.asyncio.Redis.from_url``.
+            **options: ``max_connections`` and ``pool_timeout`` as for
+                :meth:`RedisStore.from_url`; the rest is passed to the connection pool.
+
+        Raises:
+            ConfigurationError: A pool option is invalid.
         """
         _check_prefix(prefix)
-        return cls(redis.asyncio.Redis.from_url(url, **options), prefix=prefix, owns_client=True)
+        url, options = _pool_options(url, options)
+        with _store_errors():
+            pool = redis.asyncio.BlockingConnectionPool.from_url(url, **options)
+            client = redis.asyncio.Redis(connection_pool=pool)
+        client.auto_close_connection_pool = True
+        return cls(client, prefix=prefix, owns_client=True)
 
     async def _send(self, batch: _Batch) -> list[Any]:
         pipe = self.client.pipeline(transaction=False)
