@@ -628,7 +628,7 @@ def start(state: GuardState, call: Call, lookup: _Lookup) -> Flow[tuple[bool, An
             raise
         log.warning("safe_openai.store_unavailable", customer_id=customer_id, check="standing")
         return prefetched
-    if identifier is not None:
+    if identifier is not None and begun.identifier_saved:
         state.known_identifiers.add((identifier, customer_id))
     if begun.suspension is not None:
         yield from _refuse(state, call, "denied")

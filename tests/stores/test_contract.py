@@ -997,10 +997,11 @@ def test_begin_call_of_a_suspended_customer_reserves_nothing(store: StoreDriver)
 
 
 def test_begin_call_without_a_quota_only_checks_standing(store: StoreDriver) -> None:
-    """quota=None: no reservation, no suspension, the identifier still mapped."""
+    """quota=None: no reservation, no suspension; the identifier is mapped exactly when the
+    answer says so (SQLite leaves it to the caller, to stay a read)."""
     start = store.begin_call("acme", None, QuotaDemand(), identifier="sid")
     assert (start.suspension, start.reservation) == (None, None)
-    assert store.customer_for_identifier("sid") == "acme"
+    assert (store.customer_for_identifier("sid") == "acme") is start.identifier_saved
 
 
 def test_finish_call_settles_the_hold_records_once_and_maps_the_request(

@@ -117,7 +117,7 @@ def test_an_exhausted_redis_pool_waits_then_fails_with_store_error() -> None:
     held = store.client.connection_pool.get_connection()
     try:
         with pytest.raises(StoreError):
-            store.claim_event(f"never-{uuid.uuid4().hex}")
+            store.customer_for_identifier(f"never-{uuid.uuid4().hex}")
     finally:
         store.client.connection_pool.release(held)
         store.close()

@@ -830,9 +830,16 @@ class SQLiteStore:
         identifier: str | None = None,
     ) -> CallStart:
         """Standing, reservation and identifier map of a call about to be sent, in one
-        transaction. A suspended customer gets no reservation; ``quota`` ``None`` reserves
-        nothing."""
+        transaction. A suspended customer gets no reservation. With ``quota`` ``None`` only
+        the standing is read (no write lock), and the identifier is left to the caller."""
         now_us = to_us(datetime.now(timezone.utc))
+        if quota is None:
+            # Standing alone is a read, which WAL serves while another process writes; the
+            # identifier is then the caller's to map (best effort, as it always was).
+            with self._transaction("check standing") as conn:
+                row = conn.execute(_SUSPENSION, (customer_id, now_us / SECOND_US)).fetchone()
+            found = None if row is None else _suspension_from_row(row)
+            return CallStart(found, None, identifier_saved=identifier is None)
         with self._transaction("check standing and quota", "IMMEDIATE") as conn:
             if identifier is not None:
                 conn.execute(_REMEMBER_IDENTIFIER, (identifier, customer_id))

@@ -207,10 +207,13 @@ class CallStart:
     Attributes:
         suspension: The suspension in force, if any (then nothing was reserved).
         reservation: The reservation, admitted or refused; ``None`` when no quota applies.
+        identifier_saved: Whether the identifier given was mapped (``False``: the caller maps
+            it with ``remember_identifier`` itself).
     """
 
     suspension: Suspension | None
     reservation: Reservation | None
+    identifier_saved: bool = True
 
     @property
     def admitted(self) -> bool:
