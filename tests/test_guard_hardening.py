@@ -24,6 +24,7 @@ from safe_openai import (
     Price,
     PriceTable,
     Quota,
+    QuotaExceeded,
     SafeClient,
     SafeOpenAIError,
     UnguardedPathError,
@@ -32,7 +33,7 @@ from safe_openai import (
     testing,
 )
 from safe_openai._identity import safety_identifier
-from safe_openai._moderation import ModerationInput
+from safe_openai._moderation import ModerationInput, VerdictCache
 from safe_openai.policy import MODERATION_CATEGORIES, ModerationResult
 from safe_openai.stores import Spool as LocalSpool
 from safe_openai.stores import async_store_from_url, store_from_url
@@ -592,3 +593,44 @@ def test_a_refusal_stands_when_store_and_spool_both_fail(fake: FakeOpenAI, tmp_p
     ):
         client.for_customer("acme").chat.completions.create(**_hello())
     assert fake.model_requests == []
+
+
+class _SlowCommit(_SlowReserve):
+    """An async store whose commit answers late: the caller may be cancelled meanwhile."""
+
+    async def reserve(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._store.reserve(*args, **kwargs)
+
+    async def commit(self, *args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(0.1)
+        return await self._store.commit(*args, **kwargs)
+
+
+async def test_a_commit_under_way_when_the_caller_is_cancelled_still_settles(
+    fake: FakeOpenAI,
+) -> None:
+    """Defect 3: the call was sent; its usage is recorded and its reservation settled, not
+    left pending for the reservation's lifetime."""
+    store = _SlowCommit(AsyncMemoryStore())
+    two = DefaultPolicy(quota=Quota(requests_per_minute=2))
+    async with make_async_client(fake, policy=two, store=store) as client:
+        acme = client.for_customer("acme")
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(acme.chat.completions.create(**_hello()), 0.05)
+        [record] = await client.store.usage_records()
+        assert record.outcome == "ok"
+        await acme.chat.completions.create(**_hello())  # one of two used, none held
+        with pytest.raises(QuotaExceeded):
+            await acme.chat.completions.create(**_hello())
+    assert len(fake.model_requests) == 2
+
+
+def test_texts_that_differ_only_in_lone_surrogates_have_verdicts_of_their_own() -> None:
+    """The verdict cache keys the text itself: no two texts share a verdict by encoding."""
+    keys = {VerdictCache.key("m", ModerationInput("text", t)) for t in ("a\ud800", "a\udc00", "a?")}
+    assert len(keys) == 3
+
+
+def test_unsuspend_checks_the_customer_id(client: SafeClient) -> None:
+    with pytest.raises(InvalidCustomerId):
+        client.unsuspend("")

@@ -553,7 +553,7 @@ class SafeClient(_Guarded, openai.OpenAI):
 
     def unsuspend(self, customer_id: str) -> bool:
         """Lift a customer's suspension. Returns whether one was in force."""
-        lifted: bool = drive(unsuspend(customer_id, by="api"), self._execute)
+        lifted: bool = drive(unsuspend(validate_customer_id(customer_id), by="api"), self._execute)
         return lifted
 
     @override
@@ -821,7 +821,9 @@ class AsyncSafeClient(_Guarded, openai.AsyncOpenAI):
 
     async def unsuspend(self, customer_id: str) -> bool:
         """Lift a customer's suspension. Returns whether one was in force."""
-        lifted: bool = await adrive(unsuspend(customer_id, by="api"), self._execute)
+        lifted: bool = await adrive(
+            unsuspend(validate_customer_id(customer_id), by="api"), self._execute
+        )
         return lifted
 
     @override
@@ -964,9 +966,10 @@ class AsyncSafeClient(_Guarded, openai.AsyncOpenAI):
         if isinstance(command, StoreCall):
             try:
                 pending = getattr(state.store, command.method)(*command.args, **command.kwargs)
-                if command.undo is None:
+                if command.undo is None and not command.shield:
                     return await pending
-                return await _settled(pending, getattr(state.store, command.undo))
+                undo = getattr(state.store, command.undo) if command.undo else None
+                return await _settled(pending, undo)
             except SafeOpenAIError:
                 raise
             except Exception as exc:  # any driver error: a StoreError with the cause chained
@@ -1022,17 +1025,17 @@ def _outcome(task: asyncio.Future[Any]) -> tuple[bool, Any]:
     return (False, error) if error is not None else (True, task.result())
 
 
-async def _settled(pending: Awaitable[Any], undo: Callable[[Any], Awaitable[Any]]) -> Any:
-    """Await a store call that makes something (a reservation); if the caller is cancelled
-    meanwhile, let the call finish and ``undo`` what it made, then go on with the cancellation,
-    so a cancelled reservation is never left behind."""
+async def _settled(pending: Awaitable[Any], undo: Callable[[Any], Awaitable[Any]] | None) -> Any:
+    """Await a store call that makes or settles a reservation; if the caller is cancelled
+    meanwhile, let the call finish (and ``undo`` what it made), then go on with the
+    cancellation, so a cancelled call never leaves a reservation behind."""
     task = asyncio.ensure_future(pending)
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
         made = await _outlast(task)
         made = getattr(made, "reservation", made)  # a begin_call's answer holds it
-        if made is not None and getattr(made, "admitted", True):
+        if undo is not None and made is not None and getattr(made, "admitted", True):
             await _outlast(asyncio.ensure_future(undo(made)))
         raise
 

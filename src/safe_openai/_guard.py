@@ -97,12 +97,14 @@ class StoreCall:
     ``undo`` names the store method that takes back what the call made (``release`` for a
     reservation): a driver interrupted while the call runs (asyncio cancellation) lets the call
     finish and undoes it instead of sending its result back, so nothing is left behind.
+    ``shield`` lets a call that settles a reservation (commit, release) finish all the same.
     """
 
     method: str
     args: tuple[Any, ...] = ()
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     undo: str | None = None
+    shield: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -994,7 +996,7 @@ def _release(call: Call) -> Flow[None]:
     if reservation is None:
         return
     try:
-        yield StoreCall("release", (reservation,))
+        yield StoreCall("release", (reservation,), shield=True)
     except StoreError:
         # An unreleased reservation expires by itself after RESERVATION_TTL.
         log.warning("safe_openai.store_unavailable", check="release")
@@ -1044,9 +1046,11 @@ def _write(
     try:
         if state.one_trip:
             mapped = bool(request_id)
-            yield StoreCall("finish_call", (reservation, record), {"request_id": request_id})
+            yield StoreCall(
+                "finish_call", (reservation, record), {"request_id": request_id}, shield=True
+            )
         elif reservation is not None:
-            yield StoreCall("commit", (reservation, record))
+            yield StoreCall("commit", (reservation, record), shield=True)
         else:
             yield StoreCall("record_usage", (record,))
     except StoreError:

@@ -145,7 +145,9 @@ class VerdictCache:
     def key(model: str, item: ModerationInput) -> bytes:
         """The cache key of an input under a moderation model."""
         digest = hashlib.sha256(model.encode())
-        digest.update(b"\0" + item.kind.encode() + b"\0" + item.value.encode("utf-8", "replace"))
+        # surrogatepass: texts that differ only in lone surrogates get keys of their own
+        value = item.value.encode("utf-8", "surrogatepass")
+        digest.update(b"\0" + item.kind.encode() + b"\0" + value)
         return digest.digest()
 
     @staticmethod
