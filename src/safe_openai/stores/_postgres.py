@@ -268,13 +268,17 @@ _STATEMENTS: dict[str, str] = {
         SELECT 'n', (extract(epoch FROM clock_timestamp()) * 1000000)::bigint, 0, 0, 0.0, 0
         UNION ALL
         SELECT 's', second, requests, tokens, 0.0, last_us FROM {schema}.quota_seconds
-        WHERE customer_id = %(customer)s AND second >= %(from_second)s
+        WHERE customer_id = %(customer)s AND second >= coalesce(
+            %(from_second)s::bigint,
+            floor(extract(epoch FROM clock_timestamp()))::bigint - %(keep_seconds)s::bigint)
         UNION ALL
         SELECT 'h', minute, requests, tokens, cost_usd, last_us FROM {schema}.quota_holds
         WHERE customer_id = %(customer)s
         UNION ALL
         SELECT 'd', day - DATE '1970-01-01', 0, tokens, cost_usd, 0 FROM {schema}.quota_days
-        WHERE customer_id = %(customer)s AND day >= DATE '1970-01-01' + %(from_day)s::int""",
+        WHERE customer_id = %(customer)s AND day >= coalesce(
+            DATE '1970-01-01' + %(from_day)s::int,
+            (clock_timestamp() AT TIME ZONE 'UTC')::date - 40)""",
     "clock": "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint",
     # The customer's quota lock and its suspension in force, in one statement (the suspension
     # is read from the snapshot taken before the lock: standing needs no lock).
@@ -547,9 +551,8 @@ def _begin_call(
 ) -> _Op[CallStart]:
     """Standing, reservation and identifier map in one transaction, on the server's clock.
     The customer's quota lock is taken by the statement that reads its standing."""
-    limited = quota is not None and not quota.is_unlimited
     params = {"customer": customer_id}
-    if limited:
+    if quota is not None:  # a hold is written: every writer of the buckets holds the lock
         key = _lock_key("safe_openai.quota", q.schema, customer_id)
         rows = yield _Query(q["lock_and_standing"], {**params, "key": key})
     else:
@@ -576,21 +579,23 @@ def _reserve(
     # the caller's clock only bounds which day rows are read; with now=None the decision and
     # the hold use the server's clock
     local = _utc(now) if now is not None else datetime.now(timezone.utc)
+    # Held until commit: every replica deciding for this customer waits its turn, and the
+    # key needs no row, so a customer's very first calls are serialised too. The hold below
+    # writes the customer's buckets, so it is taken without limits too.
+    if not locked:
+        yield from _lock_customers(q, customer_id)
     if quota.is_unlimited:
         rows = [] if now is not None else (yield _Query(q["clock"], {}))
         now_us = to_us(local) if now is not None else int(rows[0][0])
     else:
-        # Held until commit: every replica deciding for this customer waits its turn, and the
-        # key needs no row, so a customer's very first calls are serialised too.
-        if not locked:
-            key = _lock_key("safe_openai.quota", q.schema, customer_id)
-            yield _Query(q["lock"], {"key": key})
+        # with now=None the rows are picked on the server's clock, however far this host's is
         rows = yield _Query(
             q["quota_state"],
             {
                 "customer": customer_id,
-                "from_second": to_us(local) // SECOND_US - KEEP_SECONDS - 3600,
-                "from_day": day_of(to_us(local)) - 40,
+                "from_second": None if now is None else to_us(local) // SECOND_US - KEEP_SECONDS,
+                "from_day": None if now is None else day_of(to_us(local)) - 40,
+                "keep_seconds": KEEP_SECONDS,
             },
         )
         seconds, holds, days = [], [], []
@@ -690,22 +695,36 @@ def _settle_params(
     }
 
 
+def _lock_customers(q: _Sql, *customers: str) -> _Op[None]:
+    """Take the customers' quota locks (in one order, so two writers never wait on each other
+    crosswise). Every writer of a customer's buckets takes its lock first: a reservation locks
+    its second's bucket and then its minute's, a settle the minute's and then the second's, so
+    without it the two deadlock."""
+    for key in sorted({_lock_key("safe_openai.quota", q.schema, c) for c in customers}):
+        yield _Query(q["lock"], {"key": key})
+
+
 def _commit(
     q: _Sql, reservation: Reservation | None, record: UsageRecord, request_id: str | None = None
 ) -> _Op[None]:
     if reservation is not None and reservation.id and reservation.customer_id != record.customer_id:
         # a hold of another customer is released, not settled by this record
-        yield from _release(q, reservation)
+        yield from _lock_customers(q, reservation.customer_id, record.customer_id)
+        yield _Query(q["release"], {"id": reservation.id})
         reservation = None
+    else:
+        yield from _lock_customers(q, record.customer_id)
     yield _Query(q["settle"], _settle_params(reservation, record, request_id))
 
 
 def _release(q: _Sql, reservation: Reservation) -> _Op[None]:
     if reservation.id:
+        yield from _lock_customers(q, reservation.customer_id)
         yield _Query(q["release"], {"id": reservation.id})
 
 
 def _record_usage(q: _Sql, record: UsageRecord) -> _Op[None]:
+    yield from _lock_customers(q, record.customer_id)
     yield _Query(q["settle"], _settle_params(None, record))
 
 
