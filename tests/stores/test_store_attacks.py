@@ -56,11 +56,19 @@ def test_concurrent_reserve_commit_and_release_of_one_customer_never_fail(
 
     def work(worker: int) -> None:
         barrier.wait()
+        # odd workers take the guard's path: one round trip before the call, one after
+        whole_calls = worker % 2 == 1 and hasattr(store.store, "begin_call")
         for i in range(25):
             try:
-                held = store.reserve("busy", quota, QuotaDemand(tokens=100, cost_usd=0.01))
+                demand = QuotaDemand(tokens=100, cost_usd=0.01)
+                if whole_calls:
+                    held = store.begin_call("busy", quota, demand).reservation
+                else:
+                    held = store.reserve("busy", quota, demand)
                 if (worker + i) % 3 == 0:
                     store.release(held)
+                elif whole_calls:
+                    store.finish_call(held, _record("busy"))
                 else:
                     store.commit(held, _record("busy"))
             except Exception as exc:
