@@ -516,13 +516,20 @@ def test_other_endpoints_are_not_output_moderated() -> None:
         assert fake.moderation_inputs == ["hi"]  # the input only: embeddings say no text
 
 
-def test_the_server_side_moderation_parameter_is_sent_as_given() -> None:
+@pytest.mark.parametrize("endpoint", ["chat", "responses"])
+@pytest.mark.parametrize("mode", MODES)
+def test_the_server_side_moderation_parameter_is_sent_as_given(
+    endpoint: str, mode: str | None
+) -> None:
     fake = FakeOpenAI(reply=CLEAN)
     setting = {"model": "omni-moderation-latest", "policy": {"output": {"mode": "score"}}}
-    with make_client(fake, policy=policy("block")) as client:
-        call(client.for_customer("acme"), "chat", extra_body={"moderation": setting})
-        [request] = fake.model_requests
-        assert request.json is not None and request.json["moderation"] == setting
+    with make_client(fake, policy=policy(mode)) as client:
+        acme = client.for_customer("acme")
+        call(acme, endpoint, moderation=setting)
+        call(acme, endpoint)
+        sent, omitted = fake.model_requests
+        assert sent.json is not None and sent.json["moderation"] == setting
+        assert omitted.json is not None and "moderation" not in omitted.json  # never added
 
 
 def read(create: Any, client: Any, stream: bool, delivered: list[str]) -> None:
