@@ -164,31 +164,38 @@ def _fold_body(options: FinalRequestOptions) -> tuple[FinalRequestOptions, dict[
     return options, body
 
 
-_PLAIN = (str, int, float, type(None))
+#: Types whose JSON encoding is their value. Compared exactly: a subclass (a ``str`` with its
+#: own ``strip`` or ``encode``, a ``dict`` with its own ``get``) could read differently from
+#: how the encoder sends it, so it is re-encoded like any other object.
+_PLAIN = frozenset({str, int, float, bool, type(None)})
 
 
 def _as_sent(value: Any) -> Any:
     """``value`` as the SDK's JSON encoding will send it: tuples as lists, pydantic objects as
-    their JSON dicts. A value that is already plain JSON comes back as the very same object, so
-    the common case costs a walk and no copy.
+    their JSON dicts, subclasses of JSON types as their plain values. A value that is already
+    plain JSON comes back as the very same object, so the common case costs a walk and no copy.
     """
-    if isinstance(value, _PLAIN):
+    kind = type(value)
+    if kind in _PLAIN:
         return value
-    if isinstance(value, dict):
+    if kind is dict:
         changed: dict[Any, Any] | None = None
         for key, item in value.items():
+            if type(key) is not str:
+                return json.loads(openapi_dumps(value))
             sent = _as_sent(item)
             if sent is not item:
                 if changed is None:
                     changed = dict(value)
                 changed[key] = sent
         return value if changed is None else changed
-    if isinstance(value, (list, tuple)):
+    if kind is list or kind is tuple:
         items = [_as_sent(item) for item in value]
-        if isinstance(value, list) and all(a is b for a, b in zip(items, value, strict=True)):
+        if kind is list and all(a is b for a, b in zip(items, value, strict=True)):
             return value
         return items
-    # Pydantic models, datetimes and anything else: exactly what the SDK's encoder makes of it.
+    # Pydantic models, datetimes, subclasses and anything else: exactly what the SDK's encoder
+    # makes of it.
     return json.loads(openapi_dumps(value))
 
 

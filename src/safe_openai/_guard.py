@@ -423,17 +423,14 @@ def begin(
         yield from _moderate(state, call, request, extraction.pieces, lookup, prefetched)
         if customer_id is not None:
             yield from tag(state, spec, body, customer_id)
+        if spec.name == "chat.completions" and body.get("stream") is True:
+            _ask_for_stream_usage(call, body)
     except BaseException:
         # Every exit before the call is sent gives back what it reserved: a refusal, a store
         # error, a cancelled task, a KeyboardInterrupt or a gevent timeout alike.
         yield from _release(call)
         raise
 
-    if spec.name == "chat.completions" and body.get("stream") is True:
-        options = body.get("stream_options")
-        if not (isinstance(options, Mapping) and options.get("include_usage") is True):
-            body["stream_options"] = {**(options or {}), "include_usage": True}
-            call.hide_usage_chunk = True
     if customer_id is not None and spec.identity_field is not None:
         log.debug("safe_openai.request_tagged", customer_id=customer_id, field=spec.identity_field)
     log.debug(
@@ -443,6 +440,17 @@ def begin(
         model=call.model,
     )
     return call
+
+
+def _ask_for_stream_usage(call: Call, body: dict[str, Any]) -> None:
+    """Ask a chat stream for its usage chunk, hidden from a caller that did not ask for it.
+    ``stream_options`` that is not an object is left as it is, for the API to refuse."""
+    options = body.get("stream_options")
+    if options is None or (
+        isinstance(options, Mapping) and options.get("include_usage") is not True
+    ):
+        body["stream_options"] = {**(options or {}), "include_usage": True}
+        call.hide_usage_chunk = True
 
 
 #: Endpoints whose answers output moderation reads.
@@ -1127,7 +1135,7 @@ def _worst_case(state: GuardState, call: Call) -> QuotaDemand:
     for name in call.spec.output_limit_fields:
         value = body.get(name)
         if isinstance(value, int) and not isinstance(value, bool):
-            output = value
+            output = max(value, 0)  # a negative cap (the API refuses it) reserves nothing
             break
     else:
         output = call.spec.default_output_tokens

@@ -1201,6 +1201,8 @@ class FakeOpenAI(httpx2.BaseTransport, httpx2.AsyncBaseTransport):
         usage = self._chat_usage(prompt_chars, output_tokens * n)
         if body.get("stream"):
             options = body.get("stream_options") or {}
+            if not isinstance(options, dict):
+                raise _ApiError(400, "Invalid type for 'stream_options'.", param="stream_options")
             return self._chat_stream(
                 completion_id, model, text, finish, n, usage, bool(options.get("include_usage"))
             )
