@@ -4,16 +4,22 @@ fixes pinned (each test failed before its fix)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import Sequence
 from typing import Any
 
+import anyio
 import openai
 import pytest
 
-from safe_openai import DefaultPolicy, ModerationBlocked, Quota
+from safe_openai import AsyncSafeClient, DefaultPolicy, ModerationBlocked, Quota, QuotaExceeded
+from safe_openai._moderation import ModerationInput
+from safe_openai.policy import ModerationResult
+from safe_openai.stores._memory import AsyncMemoryStore
 from safe_openai.testing import FakeOpenAI
 
-from .conftest import make_client
+from .conftest import make_async_client, make_client
 
 BAD = "I will kill them all"
 MODEL = "gpt-4o-mini"
@@ -123,3 +129,128 @@ def test_a_negative_output_cap_reserves_no_negative_tokens(fake: FakeOpenAI) -> 
         store.reserve = spy
         acme.chat.completions.create(**_hello(max_tokens=-(10**9)))
     assert demands and all(d.tokens >= 0 and d.cost_usd >= 0 for d in demands)
+
+
+# --- cancellation that comes again at every await (anyio cancel scopes) --------------------
+
+
+class _AwaitingStore:
+    """An async store whose writes take a round trip, as Redis and PostgreSQL do: a caller
+    cancelled at every ``await`` (an anyio cancel scope) would cut each one off."""
+
+    def __init__(self) -> None:
+        self.inner = AsyncMemoryStore()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def _later(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(0.01)
+        return await getattr(self.inner, name)(*args, **kwargs)
+
+    async def release(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._later("release", *args, **kwargs)
+
+    async def commit(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._later("commit", *args, **kwargs)
+
+    async def record_usage(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._later("record_usage", *args, **kwargs)
+
+    async def record_violation(self, *args: Any, **kwargs: Any) -> Any:
+        return await self._later("record_violation", *args, **kwargs)
+
+
+class _SlowCleanModerator:
+    async def moderate(self, inputs: Sequence[ModerationInput]) -> list[ModerationResult]:
+        await asyncio.sleep(0.3)
+        return [CLEAN for _ in inputs]
+
+
+class _FlaggingModerator:
+    def moderate(self, inputs: Sequence[ModerationInput]) -> list[ModerationResult]:
+        return [FLAGGED for _ in inputs]
+
+
+CLEAN = ModerationResult(flagged=False, categories={"violence": False}, scores={"violence": 0.0})
+FLAGGED = ModerationResult(flagged=True, categories={"violence": True}, scores={"violence": 0.9})
+#: Room for one call's worst case (4096 output tokens): a second call is admitted only if the
+#: first holds nothing (sent calls that failed record zero tokens).
+ROOM_FOR_ONE = DefaultPolicy(quota=Quota(tokens_per_minute=5000))
+
+
+async def _admitted(client: AsyncSafeClient) -> bool:
+    """Whether a clean call for acme is admitted now."""
+    client._safe.moderator = _Clean()
+    try:
+        await client.for_customer("acme").chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "a clean question"}]
+        )
+    except QuotaExceeded:
+        return False
+    return True
+
+
+async def test_scope_cancelled_during_moderation_releases_the_reservation(
+    fake: FakeOpenAI,
+) -> None:
+    store = _AwaitingStore()
+    async with make_async_client(
+        fake, policy=ROOM_FOR_ONE, store=store, moderator=_SlowCleanModerator()
+    ) as client:
+        acme = client.for_customer("acme")
+        with anyio.move_on_after(0.05) as scope:
+            await acme.chat.completions.create(**_hello())
+        assert scope.cancelled_caught
+        assert fake.model_requests == []
+        assert await _admitted(client)
+
+
+async def test_scope_cancelled_while_sending_records_the_call(fake: FakeOpenAI) -> None:
+    """The call went out: its usage record is written (an error, zero tokens) and its
+    reservation settled, however often the scope cancels."""
+    store = _AwaitingStore()
+    fake.delay = 0.3
+    async with make_async_client(
+        fake, policy=ROOM_FOR_ONE, store=store, moderator=_Clean()
+    ) as client:
+        with anyio.move_on_after(0.05) as scope:
+            await client.for_customer("acme").chat.completions.create(**_hello())
+        assert scope.cancelled_caught
+        records = await store.usage_records(customer_id="acme")
+        assert len(fake.model_requests) == 1
+        assert [r.outcome for r in records] == ["error"]
+        fake.delay = 0
+        assert await _admitted(client)
+
+
+async def test_scope_cancelled_during_a_block_keeps_the_violation(fake: FakeOpenAI) -> None:
+    """A block is decided before the scope's cancellation reaches its writes: the blocked
+    record and the violation are written, and the cancellation then goes on."""
+    store = _AwaitingStore()
+    async with make_async_client(
+        fake, policy=ROOM_FOR_ONE, store=store, moderator=_FlaggingModerator()
+    ) as client:
+        acme = client.for_customer("acme")
+        with anyio.CancelScope() as scope:
+
+            async def cancel_soon() -> None:
+                await asyncio.sleep(0.005)  # while the release round trip runs
+                scope.cancel()
+
+            task = asyncio.ensure_future(cancel_soon())
+            try:
+                await acme.chat.completions.create(**_hello())
+            finally:
+                await task
+        violations = await store.violations(customer_id="acme")
+        records = await store.usage_records(customer_id="acme")
+        assert len(violations) == 1
+        assert [r.outcome for r in records] == ["blocked"]
+        assert fake.model_requests == []
+        assert await _admitted(client)
+
+
+class _Clean:
+    def moderate(self, inputs: Sequence[ModerationInput]) -> list[ModerationResult]:
+        return [CLEAN for _ in inputs]

@@ -973,7 +973,7 @@ class AsyncSafeClient(_Guarded, openai.AsyncOpenAI):
         if isinstance(command, StoreCall):
             try:
                 pending = getattr(state.store, command.method)(*command.args, **command.kwargs)
-                if command.undo is None and not command.shield:
+                if command.undo is None and not command.settles:
                     return await pending
                 undo = getattr(state.store, command.undo) if command.undo else None
                 return await _settled(pending, undo)

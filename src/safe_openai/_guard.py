@@ -11,6 +11,7 @@ moderation -> tagging -> (the SDK call) -> usage.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import hashlib
 import os
@@ -97,14 +98,17 @@ class StoreCall:
     ``undo`` names the store method that takes back what the call made (``release`` for a
     reservation): a driver interrupted while the call runs (asyncio cancellation) lets the call
     finish and undoes it instead of sending its result back, so nothing is left behind.
-    ``shield`` lets a call that settles a reservation (commit, release) finish all the same.
+
+    ``settles`` marks a write that closes a decided call (a release, a usage record, a
+    violation): :func:`adrive` runs it to its end even when the caller is cancelled meanwhile,
+    and delivers the cancellation afterwards (see :func:`adrive`).
     """
 
     method: str
     args: tuple[Any, ...] = ()
     kwargs: Mapping[str, Any] = field(default_factory=dict)
     undo: str | None = None
-    shield: bool = False
+    settles: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -894,7 +898,7 @@ def record_violation(state: GuardState, violation: Violation) -> Flow[bool]:
 
     Returns whether the customer was suspended by this violation.
     """
-    yield StoreCall("record_violation", (violation,))
+    yield StoreCall("record_violation", (violation,), settles=True)
     suspended: bool = yield from enforce_strikes(state, violation)
     return suspended
 
@@ -918,11 +922,16 @@ def enforce_strikes(state: GuardState, violation: Violation) -> Flow[bool]:
     at = violation.created_at
     customer_id = violation.customer_id
     stored = yield StoreCall(
-        "violations", (), {"customer_id": customer_id, "since": at - window, "limit": _STRIKE_SCAN}
+        "violations",
+        (),
+        {"customer_id": customer_id, "since": at - window, "limit": _STRIKE_SCAN},
+        settles=True,
     )
     if len(stored) >= _STRIKE_SCAN:
         # Too many to place one by one (a customer blocked over and over): count instead.
-        count = yield StoreCall("count_violations", (customer_id,), {"since": at - window})
+        count = yield StoreCall(
+            "count_violations", (customer_id,), {"since": at - window}, settles=True
+        )
         filled_at = at if count >= limit else None
     else:
         times = sorted(v.created_at for v in stored if v.created_at <= at + window)
@@ -932,13 +941,18 @@ def enforce_strikes(state: GuardState, violation: Violation) -> Flow[bool]:
     until = filled_at + policy.suspension if policy.suspension else None
     if until is not None and until <= _now():
         return False  # the suspension these strikes earned is already over
-    current = yield StoreCall("suspension", (customer_id,), {"now": filled_at})
+    current = yield StoreCall("suspension", (customer_id,), {"now": filled_at}, settles=True)
     if current is not None and (
         current.until is None or (until is not None and current.until >= until)
     ):
         return False  # a longer suspension (e.g. after an OpenAI deactivation) stays in force
     reason = f"{limit} violations within {_human(window)}"
-    yield StoreCall("suspend", (customer_id,), {"reason": reason, "until": until, "now": filled_at})
+    yield StoreCall(
+        "suspend",
+        (customer_id,),
+        {"reason": reason, "until": until, "now": filled_at},
+        settles=True,
+    )
     log.warning(
         "safe_openai.customer_suspended",
         customer_id=customer_id,
@@ -1004,7 +1018,7 @@ def _release(call: Call) -> Flow[None]:
     if reservation is None:
         return
     try:
-        yield StoreCall("release", (reservation,), shield=True)
+        yield StoreCall("release", (reservation,), settles=True)
     except StoreError:
         # An unreleased reservation expires by itself after RESERVATION_TTL.
         log.warning("safe_openai.store_unavailable", check="release")
@@ -1055,12 +1069,12 @@ def _write(
         if state.one_trip:
             mapped = bool(request_id)
             yield StoreCall(
-                "finish_call", (reservation, record), {"request_id": request_id}, shield=True
+                "finish_call", (reservation, record), {"request_id": request_id}, settles=True
             )
         elif reservation is not None:
-            yield StoreCall("commit", (reservation, record), shield=True)
+            yield StoreCall("commit", (reservation, record), settles=True)
         else:
-            yield StoreCall("record_usage", (record,))
+            yield StoreCall("record_usage", (record,), settles=True)
     except StoreError:
         log.warning(
             "safe_openai.usage_spooled",
@@ -1113,7 +1127,7 @@ def finish(
     )
     if request_id and call.customer_id is not None and not mapped:
         try:
-            yield StoreCall("remember_request", (request_id, call.customer_id))
+            yield StoreCall("remember_request", (request_id, call.customer_id), settles=True)
         except StoreError:
             log.warning("safe_openai.store_unavailable", check="request_map")
     log.info(
@@ -1211,18 +1225,61 @@ async def adrive(flow: Flow[T], execute: Callable[[Command], Awaitable[Any]]) ->
 
     Whatever a command raises is thrown back into the flow, ``asyncio.CancelledError``
     included, so a cancelled call still releases what it reserved before the cancellation
-    goes on.
+    goes on. A command that :func:`settles` a call is run to its end even when the caller is
+    cancelled meanwhile, once or over and over (anyio cancel scopes cancel at every ``await``):
+    its result goes back to the flow, and the cancellation is thrown in at the flow's next
+    command that does not settle, or raised when the flow ends. So a cancelled call's release,
+    usage record and violation are never cut off halfway.
     """
     value: Any = None
     error: BaseException | None = None
+    deferred: BaseException | None = None
     while True:
         try:
             command = flow.throw(error) if error is not None else flow.send(value)
         except StopIteration as stop:
+            if deferred is not None:
+                raise deferred from None
             result: T = stop.value
             return result
-        value, error = None, None
-        try:
-            value = await execute(command)
         except BaseException as exc:
-            error = exc
+            if deferred is not None and exc is not deferred:
+                raise deferred from exc
+            raise
+        value, error = None, None
+        if deferred is not None and not settles(command):
+            error, deferred = deferred, None
+        elif settles(command):
+            value, error, cancelled = await _to_its_end(execute(command))
+            deferred = deferred or cancelled
+        else:
+            try:
+                value = await execute(command)
+            except BaseException as exc:
+                error = exc
+
+
+def settles(command: Command) -> bool:
+    """Whether ``command`` closes a decided call (see :attr:`StoreCall.settles`)."""
+    return isinstance(command, DrainSpool) or (isinstance(command, StoreCall) and command.settles)
+
+
+async def _to_its_end(
+    pending: Awaitable[Any],
+) -> tuple[Any, BaseException | None, BaseException | None]:
+    """Await ``pending`` to its end through any cancellation of the caller. Returns its result,
+    its own failure, and the caller's cancellation that came meanwhile (each or ``None``)."""
+    task = asyncio.ensure_future(pending)
+    cancelled: BaseException | None = None
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError as exc:
+            if not task.done():
+                cancelled = exc
+        except BaseException:
+            pass  # the task's own failure, read below
+    if task.cancelled():  # the command itself was cancelled (a closing loop): a failure
+        return None, cancelled or asyncio.CancelledError(), None
+    failure = task.exception()
+    return (None if failure is not None else task.result()), failure, cancelled
