@@ -13,7 +13,14 @@ import anyio
 import openai
 import pytest
 
-from safe_openai import AsyncSafeClient, DefaultPolicy, ModerationBlocked, Quota, QuotaExceeded
+from safe_openai import (
+    AsyncSafeClient,
+    DefaultPolicy,
+    ModerationBlocked,
+    Quota,
+    QuotaExceeded,
+    UnguardedPathError,
+)
 from safe_openai._moderation import ModerationInput
 from safe_openai.policy import ModerationResult
 from safe_openai.stores._memory import AsyncMemoryStore
@@ -254,3 +261,88 @@ async def test_scope_cancelled_during_a_block_keeps_the_violation(fake: FakeOpen
 class _Clean:
     def moderate(self, inputs: Sequence[ModerationInput]) -> list[ModerationResult]:
         return [CLEAN for _ in inputs]
+
+
+# --- content the extractor did not read -----------------------------------------------------
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("path", ["/images/edits", "/audio/transcriptions"])
+def test_form_fields_passed_as_files_are_refused(fake: FakeOpenAI, path: str) -> None:
+    """``files=[("prompt", (None, text))]`` goes out as the ``prompt`` form field, which the
+    body the guard reads does not show."""
+    with make_client(fake) as client, pytest.raises(UnguardedPathError, match="form field"):
+        client.for_customer("acme").post(
+            path,
+            body={"model": "gpt-image-1"},
+            files=[("image", ("a.png", PNG, "image/png")), ("prompt", (None, BAD.encode()))],
+            options={"headers": {"Content-Type": "multipart/form-data"}},
+            cast_to=object,
+        )
+    assert fake.model_requests == []
+
+
+def test_sdk_file_uploads_still_pass(fake: FakeOpenAI) -> None:
+    # sent: the fake answers 404, having no transcription route
+    with make_client(fake) as client, pytest.raises(openai.NotFoundError):
+        client.for_customer("acme").audio.transcriptions.create(
+            model="whisper-1", file=("a.wav", b"RIFF0000WAVE", "audio/wav"), prompt="hello"
+        )
+    assert [r.path for r in fake.model_requests] == ["/audio/transcriptions"]
+    assert fake.moderation_inputs == ["hello"]
+
+
+SMUGGLED_MESSAGES: dict[str, dict[str, Any]] = {
+    "function_call-arguments": {
+        "role": "assistant",
+        "content": None,
+        "function_call": {"name": "f", "arguments": BAD},
+    },
+    "custom-tool-input": {
+        "role": "assistant",
+        "tool_calls": [{"id": "c1", "type": "custom", "custom": {"name": "f", "input": BAD}}],
+    },
+    "user-name": {"role": "user", "content": "hello", "name": BAD},
+}
+
+
+@pytest.mark.parametrize("name", list(SMUGGLED_MESSAGES))
+def test_every_text_of_a_moderated_message_is_moderated(fake: FakeOpenAI, name: str) -> None:
+    policy = DefaultPolicy(moderate_roles=EVERY_ROLE)
+    with make_client(fake, policy=policy) as client, pytest.raises(ModerationBlocked):
+        client.for_customer("acme").chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "hello"}, SMUGGLED_MESSAGES[name]],  # type: ignore[list-item]
+        )
+    assert fake.model_requests == []
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/embeddings", {"model": "text-embedding-3-small", "input": [[BAD]]}),
+        ("/embeddings", {"model": "text-embedding-3-small", "input": [1, BAD]}),
+        ("/completions", {"model": "gpt-3.5-turbo-instruct", "prompt": [[BAD], "hello"]}),
+    ],
+    ids=["nested-list", "mixed-list", "nested-prompt"],
+)
+def test_strings_among_token_ids_are_moderated(
+    fake: FakeOpenAI, path: str, body: dict[str, Any]
+) -> None:
+    """A list that is not all strings is not all token ids either: its strings are read."""
+    with make_client(fake) as client, pytest.raises(ModerationBlocked):
+        client.for_customer("acme").post(path, body=body, cast_to=object)
+    assert fake.model_requests == []
+
+
+@pytest.mark.parametrize("field", ["instructions", "additional_instructions"])
+def test_run_instructions_are_moderated_like_responses_instructions(
+    fake: FakeOpenAI, field: str
+) -> None:
+    policy = DefaultPolicy(moderate_roles=EVERY_ROLE)
+    with make_client(fake, policy=policy) as client, pytest.raises(ModerationBlocked):
+        client.for_customer("acme").post(
+            "/threads/thread_1/runs", body={"assistant_id": "asst_1", field: BAD}, cast_to=object
+        )
+    assert fake.model_requests == []

@@ -159,9 +159,26 @@ def _fold_body(options: FinalRequestOptions) -> tuple[FinalRequestOptions, dict[
     if options.extra_json:
         body.update(options.extra_json)
         options.extra_json = None
+    _refuse_form_fields(options)
     body = _as_sent(body)
     options.json_data = body
     return options, body
+
+
+def _refuse_form_fields(options: FinalRequestOptions) -> None:
+    """Refuse ``files`` entries without a file name: they go out as plain form fields (a
+    ``prompt`` among an image edit's files), which the body the guard reads does not show.
+    The SDK itself sends every form field from the body; only hand-built requests do this.
+    """
+    files = options.files
+    entries = list(files.items()) if isinstance(files, Mapping) else list(files or [])
+    for entry in entries:
+        value = entry[1] if isinstance(entry, tuple) and len(entry) == 2 else None
+        if isinstance(value, tuple) and value and value[0] is None:
+            raise UnguardedPathError(
+                f"A form field ({entry[0]!r}) passed as a file to {options.url} cannot be "
+                "moderated; pass it in the request body."
+            )
 
 
 #: Types whose JSON encoding is their value. Compared exactly: a subclass (a ``str`` with its

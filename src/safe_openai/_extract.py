@@ -170,16 +170,27 @@ def _chat(body: Mapping[str, Any], out: Extraction) -> None:
             role = "tool"
         where = f"messages[{i}]"
         _text_or_parts(message.get("content"), role, f"{where}.content", out)
-        refusal = message.get("refusal")
-        if isinstance(refusal, str):
-            out.text(refusal, role, f"{where}.refusal")
+        # The model reads the participant's name (a function message's is the function's)
+        # and a legacy function call too.
+        for key in ("refusal",) if message.get("role") == "function" else ("refusal", "name"):
+            text = message.get(key)
+            if isinstance(text, str):
+                out.text(text, role, f"{where}.{key}")
+        legacy = message.get("function_call")
+        if isinstance(legacy, dict) and isinstance(legacy.get("arguments"), str):
+            out.text(legacy["arguments"], role, f"{where}.function_call.arguments")
         calls = message.get("tool_calls")
         if isinstance(calls, list):
             for j, call in enumerate(calls):
-                function = call.get("function") if isinstance(call, dict) else None
+                if not isinstance(call, dict):
+                    continue
+                function, custom = call.get("function"), call.get("custom")
                 args = function.get("arguments") if isinstance(function, dict) else None
                 if isinstance(args, str):
                     out.text(args, role, f"{where}.tool_calls[{j}].arguments")
+                given = custom.get("input") if isinstance(custom, dict) else None
+                if isinstance(given, str):
+                    out.text(given, role, f"{where}.tool_calls[{j}].input")
         if message.get("audio") is not None:
             out.opaque("audio", role)
     prediction = body.get("prediction")
@@ -272,6 +283,8 @@ def _prompt_like(*fields: str) -> Extractor:
                     for i, text in enumerate(value):
                         out.text(text, "user", f"{name}[{i}]")
                 elif value:
+                    # Token ids, or a list the API may refuse: every string in it is read.
+                    _strings(value, "user", name, out)
                     out.opaque("token_ids", "user")
 
     return extract
@@ -288,6 +301,10 @@ def _audio_in(body: Mapping[str, Any], out: Extraction) -> None:
 
 
 def _thread_messages(body: Mapping[str, Any], out: Extraction) -> None:
+    for key in ("instructions", "additional_instructions"):
+        text = body.get(key)
+        if isinstance(text, str):  # a run's, like Responses ``instructions``
+            out.text(text, "developer", key)
     if "content" in body:
         _text_or_parts(body.get("content"), str(body.get("role") or "user"), "content", out)
     for key in ("messages", "additional_messages"):
