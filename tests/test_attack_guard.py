@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -23,6 +24,7 @@ from safe_openai import (
 )
 from safe_openai._moderation import ModerationInput
 from safe_openai.policy import ModerationResult
+from safe_openai.stores import Spool
 from safe_openai.stores._memory import AsyncMemoryStore
 from safe_openai.testing import FakeOpenAI
 
@@ -345,4 +347,36 @@ def test_run_instructions_are_moderated_like_responses_instructions(
         client.for_customer("acme").post(
             "/threads/thread_1/runs", body={"assistant_id": "asst_1", field: BAD}, cast_to=object
         )
+    assert fake.model_requests == []
+
+
+class _DownAfterARoundTrip(_AwaitingStore):
+    """Writes fail after their round trip (the store went away meanwhile)."""
+
+    async def _later(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(0.01)
+        raise ConnectionError("store went away")
+
+
+async def test_scope_cancelled_while_the_store_fails_still_spools(
+    fake: FakeOpenAI, tmp_path: Path
+) -> None:
+    """The write fails while the cancellation waits: the record and the violation go to the
+    spool instead of being dropped by the cancellation."""
+    spool = Spool(tmp_path)
+    async with make_async_client(
+        fake, store=_DownAfterARoundTrip(), moderator=_FlaggingModerator(), spool=spool
+    ) as client:
+        with anyio.CancelScope() as scope:
+
+            async def cancel_soon() -> None:
+                await asyncio.sleep(0.005)
+                scope.cancel()
+
+            task = asyncio.ensure_future(cancel_soon())
+            try:
+                await client.for_customer("acme").chat.completions.create(**_hello())
+            finally:
+                await task
+    assert spool.waiting()
     assert fake.model_requests == []

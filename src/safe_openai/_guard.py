@@ -1261,7 +1261,9 @@ async def adrive(flow: Flow[T], execute: Callable[[Command], Awaitable[Any]]) ->
 
 def settles(command: Command) -> bool:
     """Whether ``command`` closes a decided call (see :attr:`StoreCall.settles`)."""
-    return isinstance(command, DrainSpool) or (isinstance(command, StoreCall) and command.settles)
+    if isinstance(command, StoreCall):
+        return command.settles
+    return isinstance(command, (Spool, SpoolViolation, DrainSpool))
 
 
 async def _to_its_end(
