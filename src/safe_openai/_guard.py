@@ -873,7 +873,7 @@ def strike(state: GuardState, violation: Violation, keys: Iterable[bytes]) -> Fl
     if not violation.violation_id:
         violation = replace(violation, violation_id=os.urandom(16).hex())
     try:
-        yield from record_violation(state, violation)
+        yield from record_violation(state, violation, settles=True)
     except StoreError:
         if state.spool is None:
             # Logged, and not noted as struck: the next block of the same content tries again.
@@ -893,17 +893,25 @@ def strike(state: GuardState, violation: Violation, keys: Iterable[bytes]) -> Fl
 _STRIKE_SCAN = 1000
 
 
-def record_violation(state: GuardState, violation: Violation) -> Flow[bool]:
+def record_violation(
+    state: GuardState, violation: Violation, *, settles: bool = False
+) -> Flow[bool]:
     """Store a violation and suspend the customer when it reaches the strike limit.
+
+    ``settles``: the writes run to their end through a cancellation (a moderation block's
+    strike, see :attr:`StoreCall.settles`); a webhook delivery keeps them cancellable, so a
+    dropped delivery gives its claim back at once.
 
     Returns whether the customer was suspended by this violation.
     """
-    yield StoreCall("record_violation", (violation,), settles=True)
-    suspended: bool = yield from enforce_strikes(state, violation)
+    yield StoreCall("record_violation", (violation,), settles=settles)
+    suspended: bool = yield from enforce_strikes(state, violation, settles=settles)
     return suspended
 
 
-def enforce_strikes(state: GuardState, violation: Violation) -> Flow[bool]:
+def enforce_strikes(
+    state: GuardState, violation: Violation, *, settles: bool = False
+) -> Flow[bool]:
     """Apply the strike rule to a stored violation; returns whether it suspended the customer.
 
     Strike windows use the time each violation happened (``created_at``: the blocked call's
@@ -925,12 +933,12 @@ def enforce_strikes(state: GuardState, violation: Violation) -> Flow[bool]:
         "violations",
         (),
         {"customer_id": customer_id, "since": at - window, "limit": _STRIKE_SCAN},
-        settles=True,
+        settles=settles,
     )
     if len(stored) >= _STRIKE_SCAN:
         # Too many to place one by one (a customer blocked over and over): count instead.
         count = yield StoreCall(
-            "count_violations", (customer_id,), {"since": at - window}, settles=True
+            "count_violations", (customer_id,), {"since": at - window}, settles=settles
         )
         filled_at = at if count >= limit else None
     else:
@@ -941,7 +949,7 @@ def enforce_strikes(state: GuardState, violation: Violation) -> Flow[bool]:
     until = filled_at + policy.suspension if policy.suspension else None
     if until is not None and until <= _now():
         return False  # the suspension these strikes earned is already over
-    current = yield StoreCall("suspension", (customer_id,), {"now": filled_at}, settles=True)
+    current = yield StoreCall("suspension", (customer_id,), {"now": filled_at}, settles=settles)
     if current is not None and (
         current.until is None or (until is not None and current.until >= until)
     ):
@@ -951,7 +959,7 @@ def enforce_strikes(state: GuardState, violation: Violation) -> Flow[bool]:
         "suspend",
         (customer_id,),
         {"reason": reason, "until": until, "now": filled_at},
-        settles=True,
+        settles=settles,
     )
     log.warning(
         "safe_openai.customer_suspended",
