@@ -22,6 +22,7 @@ from safe_openai import (
 from safe_openai._guard import KnownIdentifiers, _has_one_trip
 from safe_openai._moderation import ModerationInput
 from safe_openai.policy import ModerationResult
+from safe_openai.stores import QuotaDemand
 from safe_openai.stores._memory import AsyncMemoryStore, MemoryStore
 from safe_openai.testing import FakeOpenAI
 
@@ -326,3 +327,35 @@ def test_hosts_with_skewed_clocks_share_one_window(
                 except QuotaExceeded:
                     pass
     assert admitted == 3
+
+
+def test_postgres_sends_a_guarded_calls_statements_in_three_round_trips() -> None:
+    """PostgreSQL: begin_call yields the lock, standing and quota state as one step and the
+    hold as the transaction's last (sent with its COMMIT); finish_call one step: the
+    customer's lock, the statement and COMMIT."""
+    pytest.importorskip("psycopg")
+    from safe_openai.stores import _postgres
+
+    q = _postgres._Sql("s")
+    op = _postgres._begin_call(q, "acme", Quota(requests_per_minute=5), QuotaDemand(), None)
+    first = next(op)
+    assert isinstance(first, tuple) and len(first) == 2
+    hold = op.send([[("", None, None, None)], [("n", 1_700_000_000_000_000, 0, 0, 0.0, 0)]])
+    assert isinstance(hold, _postgres._Query) and hold.last
+    with pytest.raises(StopIteration) as done:
+        op.send([])
+    assert done.value.value.admitted
+
+    settle = _postgres._commit(q, done.value.value.reservation, _record_for_test())
+    step = next(settle)
+    assert isinstance(step, tuple) and step[-1].last  # its lock, itself and COMMIT at once
+    with pytest.raises(StopIteration):
+        settle.send([[], []])
+
+
+def _record_for_test() -> Any:
+    from safe_openai.usage import TokenUsage, UsageRecord
+
+    return UsageRecord(
+        "acme", "/responses", "m", "ok", TokenUsage(1, 0, 1), created_at=datetime.now(timezone.utc)
+    )

@@ -27,6 +27,7 @@ Times are ``timestamptz`` (microseconds, like Python). ``usage_report`` reads
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import threading
 import uuid
@@ -512,10 +513,14 @@ def _lock_key(*parts: str) -> int:
 class _Query:
     statement: sql.Composed
     params: dict[str, Any]
+    #: The transaction's last statement: sent together with its COMMIT.
+    last: bool = False
 
 
 _Rows = list[tuple[Any, ...]]
-_Op = Generator[_Query, _Rows, T]
+#: An operation yields a statement (and gets its rows) or several to send at once (and gets
+#: the rows of each).
+_Op = Generator[_Query | tuple[_Query, ...], Any, T]
 
 
 def _utc(moment: datetime) -> datetime:
@@ -546,15 +551,34 @@ def _migrate(q: _Sql) -> _Op[None]:
         yield _Query(q["set_version"], {"version": number + 1})
 
 
+def _state_query(q: _Sql, customer_id: str, now: datetime | None) -> _Query:
+    """The read of a customer's quota state; with ``now`` None the rows are picked on the
+    server's clock, however far this host's is."""
+    return _Query(
+        q["quota_state"],
+        {
+            "customer": customer_id,
+            "from_second": None if now is None else to_us(_utc(now)) // SECOND_US - KEEP_SECONDS,
+            "from_day": None if now is None else day_of(to_us(_utc(now))) - 40,
+            "keep_seconds": KEEP_SECONDS,
+        },
+    )
+
+
 def _begin_call(
     q: _Sql, customer_id: str, quota: Quota | None, demand: QuotaDemand, identifier: str | None
 ) -> _Op[CallStart]:
     """Standing, reservation and identifier map in one transaction, on the server's clock.
-    The customer's quota lock is taken by the statement that reads its standing."""
+    The customer's quota lock is taken by the statement that reads its standing, sent in one
+    round trip with the read of its quota state."""
     params = {"customer": customer_id}
+    state_rows = None
     if quota is not None:  # a hold is written: every writer of the buckets holds the lock
         key = _lock_key("safe_openai.quota", q.schema, customer_id)
-        rows = yield _Query(q["lock_and_standing"], {**params, "key": key})
+        rows, state_rows = yield (
+            _Query(q["lock_and_standing"], {**params, "key": key}),
+            _state_query(q, customer_id, None),
+        )
     else:
         rows = yield _Query(q["standing"], params)
     if identifier is not None:
@@ -564,7 +588,9 @@ def _begin_call(
         return CallStart(_suspension_from_row((customer_id, *found[0][1:])), None)
     if quota is None:
         return CallStart(None, None)
-    return CallStart(None, (yield from _reserve(q, customer_id, quota, demand, None, locked=True)))
+    return CallStart(
+        None, (yield from _reserve(q, customer_id, quota, demand, None, state_rows=state_rows))
+    )
 
 
 def _reserve(
@@ -574,44 +600,32 @@ def _reserve(
     demand: QuotaDemand,
     now: datetime | None,
     *,
-    locked: bool = False,
+    state_rows: list[tuple[Any, ...]] | None = None,
 ) -> _Op[Reservation]:
-    # the caller's clock only bounds which day rows are read; with now=None the decision and
-    # the hold use the server's clock
-    local = _utc(now) if now is not None else datetime.now(timezone.utc)
-    # Held until commit: every replica deciding for this customer waits its turn, and the
-    # key needs no row, so a customer's very first calls are serialised too. The hold below
-    # writes the customer's buckets, so it is taken without limits too.
-    if not locked:
-        yield from _lock_customers(q, customer_id)
-    if quota.is_unlimited:
-        rows = [] if now is not None else (yield _Query(q["clock"], {}))
-        now_us = to_us(local) if now is not None else int(rows[0][0])
+    """Decide and hold a reservation: with ``now`` None on the server's clock."""
+    if state_rows is not None:
+        rows = state_rows  # read by the caller, under the customer's lock
     else:
-        # with now=None the rows are picked on the server's clock, however far this host's is
-        rows = yield _Query(
-            q["quota_state"],
-            {
-                "customer": customer_id,
-                "from_second": None if now is None else to_us(local) // SECOND_US - KEEP_SECONDS,
-                "from_day": None if now is None else day_of(to_us(local)) - 40,
-                "keep_seconds": KEEP_SECONDS,
-            },
-        )
-        seconds, holds, days = [], [], []
-        server_us = 0
-        for kind, index, requests, tokens, cost, last_us in rows:
-            if kind == "n":
-                server_us = int(index)
-            elif kind == "s":
-                seconds.append(Bucket(int(index), int(requests), int(tokens), 0.0, int(last_us)))
-            elif kind == "h":
-                holds.append(
-                    Bucket(int(index), int(requests), int(tokens), float(cost), int(last_us))
-                )
-            else:
-                days.append(DayTotal(int(index), int(tokens), float(cost)))
-        now_us = to_us(local) if now is not None else server_us
+        # Held until commit: every replica deciding for this customer waits its turn, and the
+        # key needs no row, so a customer's very first calls are serialised too; the hold
+        # writes the customer's buckets, so it is taken without limits too. The lock and the
+        # read go in one round trip: the read's snapshot is taken when it starts, after the
+        # lock is granted.
+        key = _lock_key("safe_openai.quota", q.schema, customer_id)
+        _, rows = yield (_Query(q["lock"], {"key": key}), _state_query(q, customer_id, now))
+    seconds, holds, days = [], [], []
+    server_us = 0
+    for kind, index, requests, tokens, cost, last_us in rows:
+        if kind == "n":
+            server_us = int(index)
+        elif kind == "s":
+            seconds.append(Bucket(int(index), int(requests), int(tokens), 0.0, int(last_us)))
+        elif kind == "h":
+            holds.append(Bucket(int(index), int(requests), int(tokens), float(cost), int(last_us)))
+        else:
+            days.append(DayTotal(int(index), int(tokens), float(cost)))
+    now_us = to_us(_utc(now)) if now is not None else server_us
+    if not quota.is_unlimited:
         limit, retry_after = decide(quota, demand, QuotaState(seconds, holds, days), now_us)
         if limit is not None:
             return Reservation("", customer_id, False, limit, retry_after)
@@ -619,7 +633,8 @@ def _reserve(
     at = from_us(now_us)
     yield _Query(
         q["hold"],
-        {
+        last=True,
+        params={
             "id": reservation_id,
             "customer": customer_id,
             "now": at,
@@ -695,37 +710,46 @@ def _settle_params(
     }
 
 
-def _lock_customers(q: _Sql, *customers: str) -> _Op[None]:
-    """Take the customers' quota locks (in one order, so two writers never wait on each other
+def _locks(q: _Sql, *customers: str) -> tuple[_Query, ...]:
+    """The customers' quota locks (in one order, so two writers never wait on each other
     crosswise). Every writer of a customer's buckets takes its lock first: a reservation locks
     its second's bucket and then its minute's, a settle the minute's and then the second's, so
     without it the two deadlock."""
-    for key in sorted({_lock_key("safe_openai.quota", q.schema, c) for c in customers}):
-        yield _Query(q["lock"], {"key": key})
+    keys = sorted({_lock_key("safe_openai.quota", q.schema, c) for c in customers})
+    return tuple(_Query(q["lock"], {"key": key}) for key in keys)
 
 
 def _commit(
     q: _Sql, reservation: Reservation | None, record: UsageRecord, request_id: str | None = None
 ) -> _Op[None]:
+    """The locks, the statement and COMMIT go in one round trip (pipeline mode)."""
     if reservation is not None and reservation.id and reservation.customer_id != record.customer_id:
         # a hold of another customer is released, not settled by this record
-        yield from _lock_customers(q, reservation.customer_id, record.customer_id)
-        yield _Query(q["release"], {"id": reservation.id})
-        reservation = None
-    else:
-        yield from _lock_customers(q, record.customer_id)
-    yield _Query(q["settle"], _settle_params(reservation, record, request_id))
+        yield (
+            *_locks(q, reservation.customer_id, record.customer_id),
+            _Query(q["release"], {"id": reservation.id}),
+            _Query(q["settle"], _settle_params(None, record, request_id), last=True),
+        )
+        return
+    yield (
+        *_locks(q, record.customer_id),
+        _Query(q["settle"], _settle_params(reservation, record, request_id), last=True),
+    )
 
 
 def _release(q: _Sql, reservation: Reservation) -> _Op[None]:
     if reservation.id:
-        yield from _lock_customers(q, reservation.customer_id)
-        yield _Query(q["release"], {"id": reservation.id})
+        yield (
+            *_locks(q, reservation.customer_id),
+            _Query(q["release"], {"id": reservation.id}, last=True),
+        )
 
 
 def _record_usage(q: _Sql, record: UsageRecord) -> _Op[None]:
-    yield from _lock_customers(q, record.customer_id)
-    yield _Query(q["settle"], _settle_params(None, record))
+    yield (
+        *_locks(q, record.customer_id),
+        _Query(q["settle"], _settle_params(None, record), last=True),
+    )
 
 
 def _filters(customer_id: str | None, since: datetime | None) -> tuple[str, dict[str, Any]]:
@@ -964,15 +988,22 @@ class PostgresStore:
         return cls(_conninfo(url), **options)
 
     def _execute(self, op: _Op[T]) -> T:
-        with self._pool.connection(timeout=self._timeout) as conn, conn.cursor() as cur:
+        with self._pool.connection(timeout=self._timeout) as conn:
             try:
-                query = next(op)
+                step: Any = next(op)
                 while True:
-                    cur.execute(query.statement, query.params)
-                    rows = cur.fetchall() if cur.description is not None else []
-                    query = op.send(rows)
+                    queries = step if isinstance(step, tuple) else (step,)
+                    # several statements at once, or a last one with its COMMIT, go out in one
+                    # round trip (pipeline mode)
+                    piped = len(queries) > 1 or queries[-1].last
+                    with conn.pipeline() if piped else contextlib.nullcontext():
+                        cursors = [conn.execute(q.statement, q.params) for q in queries]
+                        if queries[-1].last:
+                            conn.commit()
+                    rows = [c.fetchall() if c.description is not None else [] for c in cursors]
+                    step = op.send(rows if isinstance(step, tuple) else rows[0])
             except StopIteration as done:
-                # leaving the `connection()` block commits the transaction
+                # leaving the `connection()` block commits the transaction (if still open)
                 result: T = done.value
                 return result
 
@@ -1146,16 +1177,26 @@ class AsyncPostgresStore:
         return cls(_conninfo(url), **options)
 
     async def _execute(self, op: _Op[T]) -> T:
-        async with (
-            self._pool.connection(timeout=self._timeout) as conn,
-            conn.cursor() as cur,
-        ):
+        async with self._pool.connection(timeout=self._timeout) as conn:
             try:
-                query = next(op)
+                step: Any = next(op)
                 while True:
-                    await cur.execute(query.statement, query.params)
-                    rows = await cur.fetchall() if cur.description is not None else []
-                    query = op.send(rows)
+                    queries = step if isinstance(step, tuple) else (step,)
+                    piped = len(queries) > 1 or queries[-1].last
+                    cursors = []
+                    if piped:
+                        async with conn.pipeline():
+                            for q in queries:
+                                cursors.append(await conn.execute(q.statement, q.params))
+                            if queries[-1].last:
+                                await conn.commit()
+                    else:
+                        for q in queries:
+                            cursors.append(await conn.execute(q.statement, q.params))
+                    rows = [
+                        await c.fetchall() if c.description is not None else [] for c in cursors
+                    ]
+                    step = op.send(rows if isinstance(step, tuple) else rows[0])
             except StopIteration as done:
                 result: T = done.value
                 return result
