@@ -26,8 +26,9 @@ cached), per backend, and their ratios to the 0-entry tenant in the same run. Wi
 quota state the ratios stay near 1.
 
 Round trips per guarded call: the store round trips one guarded call makes, counted by a
-wrapper around the store's network layer (one Redis pipeline or one SQL statement each, plus
-``BEGIN`` and ``COMMIT`` per PostgreSQL transaction), and on Redis the commands the server
+wrapper around the store's network layer (one Redis pipeline, one SQLite transaction, one
+batch of PostgreSQL statements sent together in pipeline mode; psycopg's own waits for
+``BEGIN`` and at each pipeline's end are not counted), and on Redis the commands the server
 counted (``INFO commandstats`` deltas; server-wide, so exact only when nothing else runs).
 
 Usage: ``python benchmarks/stores.py [--records 2000] [--seconds 8]

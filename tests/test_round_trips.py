@@ -329,7 +329,7 @@ def test_hosts_with_skewed_clocks_share_one_window(
     assert admitted == 3
 
 
-def test_postgres_sends_a_guarded_calls_statements_in_three_round_trips() -> None:
+def test_postgres_sends_a_guarded_calls_statements_in_three_batches() -> None:
     """PostgreSQL: begin_call yields the lock, standing and quota state as one step and the
     hold as the transaction's last (sent with its COMMIT); finish_call one step: the
     customer's lock, the statement and COMMIT."""
