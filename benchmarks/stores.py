@@ -1,7 +1,8 @@
 """Throughput of each usage store backend: usage writes and quota checks per second.
 
-For every backend URL (memory, a SQLite file, Redis, PostgreSQL) this measures, on one
-synchronous store in one thread:
+For every backend URL (memory, a SQLite file, Redis, PostgreSQL, and the topologies: a Redis
+Cluster, a Sentinel-managed primary, PostgreSQL with prepared statements and behind PgBouncer)
+this measures, on one synchronous store in one thread:
 
 - ``record_usage``: records written per second (each its own durable write);
 - ``reserve+commit``: quota checks per second, each a reservation against a quota with every
@@ -10,7 +11,10 @@ synchronous store in one thread:
 - ``store ms per guarded call``: a SafeClient with a quota on every limit, calling chat
   completions over the offline FakeOpenAI transport (moderation cached), per call, minus the
   same client on ``memory://`` in the same run: the time the store adds to one guarded call
-  (standing check, reservation, commit, identifier and request maps).
+  (standing check, reservation, commit, identifier and request maps);
+- ``vs standalone``: that store time as a ratio to the standalone server of its family in the
+  same run (Redis for the Redis topologies, PostgreSQL on a direct connection without
+  prepared statements for PostgreSQL's).
 
 Ten customers share the load, so each customer's minute window holds many entries, as for a
 busy tenant. A measurement stops after ``--records`` operations or ``--seconds`` seconds,
@@ -32,8 +36,10 @@ batch of PostgreSQL statements sent together in pipeline mode; psycopg's own wai
 counted (``INFO commandstats`` deltas; server-wide, so exact only when nothing else runs).
 
 Usage: ``python benchmarks/stores.py [--records 2000] [--seconds 8]
-[--redis-url URL] [--postgres-url URL] [--growth 0,1000,10000,50000]``. Results are printed as
-tables and written to ``benchmarks/results/stores.json``.
+[--redis-url URL] [--postgres-url URL] [--growth 0,1000,10000,50000] [--redis-cluster-url URL]
+[--redis-sentinel-url URL] [--pgbouncer-url URL]``. The topology URLs default to those
+``.ci/topologies.sh start`` wrote (``.topologies/env``). Results are printed as tables and
+written to ``benchmarks/results/stores.json``.
 """
 
 from __future__ import annotations
@@ -65,6 +71,27 @@ from safe_openai.testing import FakeOpenAI
 from safe_openai.usage import TokenUsage, UsageRecord
 
 RESULTS = Path(__file__).parent / "results" / "stores.json"
+TOPOLOGY_ENV = Path(__file__).resolve().parents[1] / ".topologies" / "env"
+#: Each topology row's standalone server, whose store time it is compared with.
+FAMILY = {
+    "redis-cluster": "redis",
+    "redis-sentinel": "redis",
+    "postgres-prepared": "postgres",
+    "pgbouncer": "postgres",
+}
+
+
+def _topology_url(name: str) -> str:
+    """A topology's URL from the environment, else from ``.ci/topologies.sh``'s env file."""
+    if os.environ.get(name):
+        return os.environ[name]
+    try:
+        lines = TOPOLOGY_ENV.read_text().splitlines()
+    except OSError:
+        return ""
+    return dict(line.split("=", 1) for line in lines if "=" in line).get(name, "")
+
+
 # High enough never to refuse: every window is still evaluated on each call.
 GUARDED_QUOTA = Quota(
     requests_per_minute=10**9, tokens_per_minute=10**12, tokens_per_day=10**12, usd_per_month=1e9
@@ -326,7 +353,11 @@ def _commandstats(url: str) -> dict[str, int]:
 
 
 def _reachable(url: str, default_port: int) -> str | None:
-    parts = urlsplit(url)
+    if not url:
+        return "no URL (start the topologies: .ci/topologies.sh start)"
+    # the first node of a multi-host URL
+    netloc = url.partition("://")[2].split("/", 1)[0].split("?", 1)[0].rpartition("@")[2]
+    parts = urlsplit("//" + netloc.split(",")[0])
     host, port = parts.hostname or "127.0.0.1", parts.port or default_port
     try:
         socket.create_connection((host, port), timeout=2).close()
@@ -336,13 +367,13 @@ def _reachable(url: str, default_port: int) -> str | None:
 
 
 def _drop_redis(url: str, prefix: str) -> None:
-    import redis
+    from safe_openai.stores._redis import RedisStore
 
-    client = redis.Redis.from_url(url)
+    client = RedisStore.from_url(url, wait_replicas=0).client  # any topology
     try:
         keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-        for start in range(0, len(keys), 1000):
-            client.delete(*keys[start : start + 1000])
+        for key in keys:  # one by one: on a cluster they live in many slots
+            client.delete(key)
     finally:
         client.close()
 
@@ -382,6 +413,35 @@ def backends(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]:
             "skip": _reachable(args.postgres_url, 5432),
             "cleanup": lambda: _drop_postgres(args.postgres_url, schema),
         },
+        {
+            "name": "redis-cluster",
+            "url": args.redis_cluster_url,
+            "options": {"prefix": prefix + "-cluster"},
+            "skip": _reachable(args.redis_cluster_url, 6379),
+            "cleanup": lambda: _drop_redis(args.redis_cluster_url, prefix + "-cluster"),
+        },
+        {
+            "name": "redis-sentinel",
+            "url": args.redis_sentinel_url,
+            "options": {"prefix": prefix + "-sentinel"},
+            "skip": _reachable(args.redis_sentinel_url, 26379),
+            "cleanup": lambda: _drop_redis(args.redis_sentinel_url, prefix + "-sentinel"),
+        },
+        {
+            # psycopg's own default: prepare a statement after 5 executions (direct only)
+            "name": "postgres-prepared",
+            "url": args.postgres_url,
+            "options": {"schema": schema + "_prepared", "prepare_threshold": 5},
+            "skip": _reachable(args.postgres_url, 5432),
+            "cleanup": lambda: _drop_postgres(args.postgres_url, schema + "_prepared"),
+        },
+        {
+            "name": "pgbouncer",
+            "url": args.pgbouncer_url,
+            "options": {"schema": schema + "_bouncer"},
+            "skip": _reachable(args.pgbouncer_url, 6432),
+            "cleanup": lambda: _drop_postgres(args.postgres_url, schema + "_bouncer"),
+        },
     ]
 
 
@@ -397,6 +457,13 @@ def main() -> None:
         "--postgres-url",
         default=os.environ.get("SAFE_OPENAI_BENCH_POSTGRES_URL", "postgresql://127.0.0.1/test"),
     )
+    parser.add_argument(
+        "--redis-cluster-url", default=_topology_url("SAFE_OPENAI_TEST_REDIS_CLUSTER_URL")
+    )
+    parser.add_argument(
+        "--redis-sentinel-url", default=_topology_url("SAFE_OPENAI_TEST_REDIS_SENTINEL_URL")
+    )
+    parser.add_argument("--pgbouncer-url", default=_topology_url("SAFE_OPENAI_TEST_PGBOUNCER_URL"))
     parser.add_argument("--calls", type=int, default=100, help="guarded calls per round")
     parser.add_argument(
         "--growth",
@@ -440,18 +507,26 @@ def main() -> None:
     for row in results:
         if "guarded_call_ms" in row:
             row["store_ms_per_guarded_call"] = round(row["guarded_call_ms"] - memory_ms, 3)
+    by_name = {row["backend"]: row for row in results}
+    for row in results:
+        base = by_name.get(FAMILY.get(row["backend"], ""), {})
+        if "store_ms_per_guarded_call" in row and base.get("store_ms_per_guarded_call"):
+            ratio = row["store_ms_per_guarded_call"] / base["store_ms_per_guarded_call"]
+            row["store_ms_vs_standalone"] = round(ratio, 2)
     print(
-        f"{'backend':<10} {'record_usage/s':>15} {'reserve+commit/s':>17} {'report ms':>10} "
-        f"{'store ms/call':>14}"
+        f"{'backend':<18} {'record_usage/s':>15} {'reserve+commit/s':>17} {'report ms':>10} "
+        f"{'store ms/call':>14} {'vs standalone':>14}"
     )
     for row in results:
         if "skipped" in row:
-            print(f"{row['backend']:<10} skipped: {row['skipped']}")
+            print(f"{row['backend']:<18} skipped: {row['skipped']}")
             continue
+        ratio = row.get("store_ms_vs_standalone")
         print(
-            f"{row['backend']:<10} {row['record_usage_per_s']:>15,.0f} "
+            f"{row['backend']:<18} {row['record_usage_per_s']:>15,.0f} "
             f"{row['reserve_commit_per_s']:>17,.0f} {row['report_ms']:>10.1f} "
-            f"{row['store_ms_per_guarded_call']:>14.3f}"
+            f"{row['store_ms_per_guarded_call']:>14.3f} "
+            f"{'' if ratio is None else f'{ratio:.2f}x':>14}"
         )
     print(
         f"\n{'backend':<10} {'entries':>8} {'reserve+commit ms':>18} {'ratio':>6} "

@@ -4,11 +4,11 @@
 store. For an async store each call runs to completion on the driver's own event loop, so every
 contract case is written once and checked against both flavours.
 
-Service-backed URLs (Redis, PostgreSQL) skip when their backend module is not written yet, and
-skip when the server is absent, except with ``CI=true``, where an absent server is a failure.
-Each of their tests gets a clean namespace: a random key prefix on Redis, a fresh schema on
-PostgreSQL, dropped afterwards. Override the servers with ``SAFE_OPENAI_TEST_REDIS_URL`` and
-``SAFE_OPENAI_TEST_POSTGRES_URL``.
+Service-backed URLs (Redis and PostgreSQL, standalone and in each topology: a Redis Cluster,
+a Sentinel-managed primary, PgBouncer in transaction pooling) skip when the server is absent,
+except with ``CI=true``, where an absent server is a failure. Each of their tests gets a clean
+namespace: a random key prefix on Redis, a fresh schema on PostgreSQL, dropped afterwards. The
+servers are those of :mod:`tests.topologies`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import importlib.util
-import os
 import socket
 import threading
 import uuid
@@ -25,25 +24,38 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 
 from safe_openai.errors import ConfigurationError, StoreError
 from safe_openai.stores import async_store_from_url, store_from_url
 
-REDIS_URL = os.environ.get("SAFE_OPENAI_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-POSTGRES_URL = os.environ.get("SAFE_OPENAI_TEST_POSTGRES_URL", "postgresql://127.0.0.1:5432/test")
+from ..topologies import (
+    POSTGRES_URL,
+    REDIS_URL,
+    TOPOLOGIES,
+    drop_postgres_schema,
+    drop_redis_prefix,
+    first_address,
+    require,
+    unavailable,
+)
+from ..topologies import params as topology_params
 
 STORE_URLS = [
     pytest.param("memory://", id="memory"),
     pytest.param("sqlite:///{tmp_path}/usage.db", id="sqlite"),
     pytest.param("sqlite:///:memory:", id="sqlite-memory"),
-    pytest.param(REDIS_URL, id="redis", marks=pytest.mark.redis),
-    pytest.param(POSTGRES_URL, id="postgres", marks=pytest.mark.postgres),
+    # a service topology by name (tests/topologies.py), resolved to its URL by `store_url`
+    *(
+        pytest.param(f"topology:{name}", id=name, marks=p.marks)
+        for name, p in zip(TOPOLOGIES, topology_params(), strict=True)
+    ),
 ]
 
 # Backends whose stores opened twice on one URL share their data.
+__all__ = ["POSTGRES_URL", "REDIS_URL", "Backend", "Call", "StoreDriver", "call", "run_in_parallel"]
+
 _SHARED_SCHEMES = {"sqlite", "redis", "rediss", "postgresql", "postgres"}
 _SERVICE_MODULES = {
     "redis": "safe_openai.stores._redis",
@@ -51,7 +63,6 @@ _SERVICE_MODULES = {
     "postgresql": "safe_openai.stores._postgres",
     "postgres": "safe_openai.stores._postgres",
 }
-_DEFAULT_PORTS = {"redis": 6379, "rediss": 6379, "postgresql": 5432, "postgres": 5432}
 
 
 @dataclass(frozen=True)
@@ -143,11 +154,7 @@ def run_in_parallel(
         return list(pool.map(run, drivers))
 
 
-def _unavailable(message: str) -> None:
-    """Skip, or fail in CI, where a service the suite needs must be there."""
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"{message} (CI=true, so this is a failure, not a skip)", pytrace=False)
-    pytest.skip(message)
+_unavailable = unavailable
 
 
 @dataclass
@@ -194,38 +201,20 @@ def _check_service(url: str, scheme: str) -> None:
     module = _SERVICE_MODULES[scheme]
     if importlib.util.find_spec(module) is None:
         pytest.skip(f"{module} is not written yet")
-    parts = urlsplit(url)
-    host, port = parts.hostname or "127.0.0.1", parts.port or _DEFAULT_PORTS[scheme]
+    host, port = first_address(url)
     try:
         socket.create_connection((host, port), timeout=2).close()
     except OSError as exc:
         _unavailable(f"{scheme} server not reachable at {host}:{port}: {exc}")
 
 
-def _clean_redis(url: str, prefix: str) -> None:
-    import redis
-
-    client = redis.Redis.from_url(url)
-    try:
-        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
-
-
-def _clean_postgres(url: str, schema: str) -> None:
-    import psycopg
-    from psycopg import sql
-
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
-
-
 @pytest.fixture(params=STORE_URLS)
 def store_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
     """A store URL of each backend (SQLite files under the test's temporary directory)."""
-    return str(request.param).format(tmp_path=tmp_path)
+    param = str(request.param)
+    if param.startswith("topology:"):
+        return require(param.removeprefix("topology:"))
+    return param.format(tmp_path=tmp_path)
 
 
 @pytest.fixture(params=["sync", "async"])
@@ -245,10 +234,10 @@ def backend(store_url: str, flavour: str) -> Iterator[Backend]:
         _check_service(store_url, scheme)
     if scheme in ("redis", "rediss"):
         options["prefix"] = f"safe-openai-test-{tag}:"
-        cleanup = functools.partial(_clean_redis, store_url, options["prefix"])
+        cleanup = functools.partial(drop_redis_prefix, store_url, options["prefix"])
     elif scheme in ("postgresql", "postgres"):
         options["schema"] = f"safe_openai_test_{tag}"
-        cleanup = functools.partial(_clean_postgres, store_url, options["schema"])
+        cleanup = functools.partial(drop_postgres_schema, options["schema"])
     found = Backend(
         store_url,
         is_async=flavour == "async",

@@ -1,5 +1,9 @@
 """Redis and PostgreSQL stores under real concurrency: threads, processes, first-seen customers.
 
+Each test runs on every topology of :mod:`tests.topologies`: standalone Redis, a Redis
+Cluster, a Sentinel-managed primary, PostgreSQL directly and behind PgBouncer in transaction
+pooling.
+
 Workers are spawned processes (``multiprocessing`` spawn context), each with its own store on
 the same server, like replicas of a web app. They start together at a wall-clock instant handed
 out by the test, so their calls overlap. Every test gets a clean namespace (a random Redis key
@@ -35,8 +39,15 @@ from safe_openai.stores import (
 from safe_openai.stores._memory import MemoryStore
 from safe_openai.usage import Outcome, TokenUsage, UsageRecord
 
-REDIS_URL = os.environ.get("SAFE_OPENAI_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-POSTGRES_URL = os.environ.get("SAFE_OPENAI_TEST_POSTGRES_URL", "postgresql://127.0.0.1:5432/test")
+from ..topologies import (
+    POSTGRES_URL,
+    REDIS_URL,
+    drop_postgres_schema,
+    drop_redis_prefix,
+    require,
+)
+from ..topologies import params as topology_params
+
 WORKERS = 3
 THREADS = 8
 K = 5
@@ -67,43 +78,25 @@ def _reachable(url: str) -> None:
         _unavailable(f"{url} not reachable: {exc}")
 
 
-def _drop_redis(prefix: str) -> None:
-    import redis
-
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
+def _drop_redis(prefix: str, url: str = REDIS_URL) -> None:
+    drop_redis_prefix(url, prefix)
 
 
 def _drop_postgres(schema: str) -> None:
-    import psycopg
-    from psycopg import sql
-
-    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+    drop_postgres_schema(schema)
 
 
-@pytest.fixture(
-    params=[
-        pytest.param("redis", marks=pytest.mark.redis),
-        pytest.param("postgres", marks=pytest.mark.postgres),
-    ]
-)
+@pytest.fixture(params=topology_params())
 def target(request: pytest.FixtureRequest) -> Iterator[Target]:
     tag = uuid.uuid4().hex[:10]
-    if request.param == "redis":
-        _reachable(REDIS_URL)
+    url = require(request.param)
+    if url.startswith("redis"):
         prefix = f"safe-openai-proc-{tag}"
-        yield Target(REDIS_URL, {"prefix": prefix})
-        _drop_redis(prefix)
+        yield Target(url, {"prefix": prefix})
+        _drop_redis(prefix, url)
     else:
-        _reachable(POSTGRES_URL)
         schema = f"safe_openai_proc_{tag}"
-        yield Target(POSTGRES_URL, {"schema": schema})
+        yield Target(url, {"schema": schema})
         _drop_postgres(schema)
 
 

@@ -6,6 +6,8 @@ the async client); no base class is needed. Pick a built-in backend by URL::
     store_from_url("memory://")                      # one process, nothing kept
     store_from_url("sqlite:///usage.db")             # the embedded default for anything kept
     store_from_url("redis://127.0.0.1:6379/0")       # pip install safe-openai[redis]
+    store_from_url("redis+cluster://h1:6379,h2:6379") # a Redis Cluster
+    store_from_url("redis+sentinel://s1:26379/main")  # a Sentinel-managed primary
     store_from_url("postgresql://localhost/app")     # pip install safe-openai[postgres]
 
 Backends are imported lazily: ``import safe_openai`` never imports redis or psycopg. Every
@@ -211,6 +213,10 @@ _BACKENDS: dict[str, tuple[str, str, str, str | None]] = {
     "sqlite": ("._sqlite", "SQLiteStore", "AsyncSQLiteStore", None),
     "redis": ("._redis", "RedisStore", "AsyncRedisStore", "redis"),
     "rediss": ("._redis", "RedisStore", "AsyncRedisStore", "redis"),
+    "redis+cluster": ("._redis", "RedisStore", "AsyncRedisStore", "redis"),
+    "rediss+cluster": ("._redis", "RedisStore", "AsyncRedisStore", "redis"),
+    "redis+sentinel": ("._redis", "RedisStore", "AsyncRedisStore", "redis"),
+    "rediss+sentinel": ("._redis", "RedisStore", "AsyncRedisStore", "redis"),
     "postgresql": ("._postgres", "PostgresStore", "AsyncPostgresStore", "postgres"),
     "postgres": ("._postgres", "PostgresStore", "AsyncPostgresStore", "postgres"),
 }
@@ -224,9 +230,15 @@ def default_store_url() -> str:
     return os.environ.get("SAFE_OPENAI_STORE_URL") or DEFAULT_STORE_URL
 
 
+#: Schemes that take a SQLAlchemy-style ``+driver`` suffix, which is ignored.
+_DRIVER_SUFFIXED = ("sqlite", "postgresql", "postgres")
+
+
 def _backend_class(url: str, *, want_async: bool) -> Any:
     scheme, sep, _ = url.partition("://")
-    scheme = scheme.split("+", 1)[0].lower()
+    scheme = scheme.lower()
+    if scheme not in _BACKENDS and scheme.split("+", 1)[0] in _DRIVER_SUFFIXED:
+        scheme = scheme.split("+", 1)[0]
     if not sep or scheme not in _BACKENDS:
         known = ", ".join(f"{s}://" for s in _BACKENDS)
         raise ConfigurationError(

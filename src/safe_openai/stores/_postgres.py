@@ -4,8 +4,22 @@ Open it with ``store_from_url("postgresql://user@host/db", schema="safe_openai")
 ``schema`` (every table lives in it), ``min_size`` / ``max_size`` (the connection pool),
 ``timeout`` (seconds to wait for a pooled connection before :class:`~safe_openai.StoreError`),
 also settable in the URL's query as ``?min_size=1&max_size=20&pool_timeout=5``; a call that finds
-every connection busy waits for one, up to ``timeout``; any other keyword is passed to
-``psycopg.connect`` (``connect_timeout``, ``sslmode``, ...).
+every connection busy waits for one, up to ``timeout``; ``prepare_threshold`` (see below); any
+other keyword is passed to ``psycopg.connect`` (``connect_timeout``, ``sslmode``, ...). The
+store's options may also be given in the URL's query string
+(``postgresql://db/app?schema=billing&prepare_threshold=5``); libpq's own parameters
+(``sslmode``, ``connect_timeout``, ...) stay in it for libpq.
+
+Connection poolers: nothing the store does outlives a transaction, so it works behind
+PgBouncer in transaction pooling. Every statement names its schema (no ``search_path``), no
+session setting is made, advisory locks are transaction-scoped (``pg_advisory_xact_lock``),
+and by default no statement is prepared: psycopg prepares a statement on the server after
+``prepare_threshold`` executions on one connection (5 by default), and a pooler that hands
+each transaction to any server connection then fails with ``prepared statement "_pg3_0" does
+not exist`` / ``already exists``. ``prepare_threshold=None`` (the default here) sends every
+statement unprepared; on a direct connection ``prepare_threshold=5`` opts back in. Statement
+pooling is not supported: a reservation takes a lock, reads its windows and writes its hold in
+one transaction.
 
 The schema is created and migrated by the library on first use. :data:`_MIGRATIONS` is an
 ordered list of steps; ``<schema>.schema_version`` records the ones applied. Many processes
@@ -36,7 +50,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, TypeVar, cast
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import psycopg
 from psycopg import sql
@@ -81,6 +95,19 @@ DEFAULT_MIN_SIZE = 1
 DEFAULT_MAX_SIZE = 10
 #: Seconds to wait for a pooled connection (an unreachable server fails after this long).
 DEFAULT_TIMEOUT = 10.0
+#: psycopg's ``prepare_threshold``: ``None`` never prepares (safe behind a pooler).
+DEFAULT_PREPARE_THRESHOLD: int | None = None
+#: The store's options that may come in the URL's query string, with their parsers.
+_URL_OPTIONS: dict[str, Any] = {
+    "schema": str,
+    "min_size": int,
+    "max_size": int,
+    "timeout": float,
+    "prepare_threshold": lambda raw: None if raw.lower() in ("", "none", "null") else int(raw),
+    "pool_timeout": float,
+}
+#: URL query names that stand for a keyword of another name.
+_URL_KEYWORDS = {"pool_timeout": "timeout"}
 #: Holds older than this are deleted. Longer than the TTL, so a replica whose clock runs a
 #: little ahead never deletes a hold the others still count.
 _PENDING_GC = RESERVATION_TTL + timedelta(hours=1)
@@ -876,7 +903,12 @@ def _store_errors() -> Iterator[None]:
         yield
     except psycopg.Error as exc:
         # psycopg messages carry the server's text, never the password
-        raise StoreError(f"The PostgreSQL usage store failed: {type(exc).__name__}: {exc}") from exc
+        hint = ""
+        if "statement pooling mode" in str(exc):
+            hint = " (PgBouncer's statement pooling is not supported: use transaction pooling)"
+        raise StoreError(
+            f"The PostgreSQL usage store failed: {type(exc).__name__}: {exc}{hint}"
+        ) from exc
 
 
 def _conninfo(url: str) -> str:
@@ -896,28 +928,36 @@ def _identity(conninfo: str, connect_kwargs: dict[str, Any], schema: str) -> str
     return f"postgresql://{host}:{params.get('port') or 5432}/{database}#schema={schema}"
 
 
-#: Pool options a URL may carry in its query (libpq would refuse them), by keyword argument.
-_POOL_QUERY = {"min_size": "min_size", "max_size": "max_size", "pool_timeout": "timeout"}
+def _split_url(url: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The libpq URL without the store's own query options, and the options merged.
 
-
-def _pool_from_url(url: str, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """The URL without the pool's query parameters, and the options with them (keyword
-    arguments win over the URL)."""
-    parts = urlsplit(url)
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    options = dict(options)
-    kept = []
-    for name, value in query:
-        if name not in _POOL_QUERY:
-            kept.append((name, value))
+    Raises:
+        ConfigurationError: An option is malformed, or given in the URL and as a keyword
+            with different values.
+    """
+    parts = urlsplit(_conninfo(url))
+    kept: list[tuple[str, str]] = []
+    merged = dict(options)
+    for name, raw in parse_qsl(parts.query, keep_blank_values=True):
+        if name not in _URL_OPTIONS:
+            kept.append((name, raw))
             continue
-        keyword = _POOL_QUERY[name]
         try:
-            parsed: float = float(value) if keyword == "timeout" else int(value)
-        except ValueError as exc:
-            raise ConfigurationError(f"The store URL's {name} must be a number.") from exc
-        options.setdefault(keyword, parsed)
-    return urlunsplit(parts._replace(query=urlencode(kept))), options
+            value = _URL_OPTIONS[name](raw)
+        except ValueError:
+            raise ConfigurationError(
+                f"{name}={raw!r} in the PostgreSQL URL is not valid."
+            ) from None
+        keyword = _URL_KEYWORDS.get(name, name)
+        if keyword in options and options[keyword] != value:
+            raise ConfigurationError(
+                f"{name} is given both in the PostgreSQL URL and as a keyword, differently."
+            )
+        merged[keyword] = value
+    if len(kept) == len(parse_qsl(parts.query, keep_blank_values=True)):
+        return _conninfo(url), merged  # nothing of ours in the query: the URL as it was
+    # libpq decodes %XX but not '+', so spaces must be written %20
+    return urlunsplit(parts._replace(query=urlencode(kept, quote_via=quote))), merged
 
 
 def _check_schema(schema: str) -> str:
@@ -945,6 +985,9 @@ class PostgresStore:
         min_size: Connections the pool keeps open.
         max_size: Connections the pool may open.
         timeout: Seconds a call waits for a connection before :class:`~safe_openai.StoreError`.
+        prepare_threshold: psycopg's: prepare a statement on the server after this many
+            executions on one connection; ``None`` (the default) never does, which a pooler
+            in transaction mode needs. See the module documentation.
         **connect_kwargs: Passed to ``psycopg.connect`` for each pooled connection.
     """
 
@@ -956,6 +999,7 @@ class PostgresStore:
         min_size: int = DEFAULT_MIN_SIZE,
         max_size: int = DEFAULT_MAX_SIZE,
         timeout: float = DEFAULT_TIMEOUT,
+        prepare_threshold: int | None = DEFAULT_PREPARE_THRESHOLD,
         **connect_kwargs: Any,
     ) -> None:
         _check_sizes(min_size, max_size, timeout)
@@ -969,7 +1013,7 @@ class PostgresStore:
             min_size=min_size,
             max_size=max_size,
             timeout=timeout,
-            kwargs=connect_kwargs or None,
+            kwargs={**connect_kwargs, "prepare_threshold": prepare_threshold},
             open=False,
             name=f"safe_openai:{schema}",
         )
@@ -984,8 +1028,8 @@ class PostgresStore:
             url: The database URL, e.g. ``postgresql://app@db.internal:5432/app``.
             **options: The keyword arguments of :class:`PostgresStore`.
         """
-        url, options = _pool_from_url(url, options)
-        return cls(_conninfo(url), **options)
+        conninfo, merged = _split_url(url, options)
+        return cls(conninfo, **merged)
 
     def _execute(self, op: _Op[T]) -> T:
         with self._pool.connection(timeout=self._timeout) as conn:
@@ -1131,6 +1175,7 @@ class AsyncPostgresStore:
         min_size: Connections the pool keeps open.
         max_size: Connections the pool may open.
         timeout: Seconds a call waits for a connection before :class:`~safe_openai.StoreError`.
+        prepare_threshold: As for :class:`PostgresStore`.
         **connect_kwargs: Passed to ``psycopg.AsyncConnection.connect``.
     """
 
@@ -1142,6 +1187,7 @@ class AsyncPostgresStore:
         min_size: int = DEFAULT_MIN_SIZE,
         max_size: int = DEFAULT_MAX_SIZE,
         timeout: float = DEFAULT_TIMEOUT,
+        prepare_threshold: int | None = DEFAULT_PREPARE_THRESHOLD,
         **connect_kwargs: Any,
     ) -> None:
         _check_sizes(min_size, max_size, timeout)
@@ -1156,7 +1202,7 @@ class AsyncPostgresStore:
                 min_size=min_size,
                 max_size=max_size,
                 timeout=timeout,
-                kwargs=connect_kwargs or None,
+                kwargs={**connect_kwargs, "prepare_threshold": prepare_threshold},
                 open=False,
                 name=f"safe_openai:{schema}",
             )
@@ -1173,8 +1219,8 @@ class AsyncPostgresStore:
             url: The database URL.
             **options: The keyword arguments of :class:`AsyncPostgresStore`.
         """
-        url, options = _pool_from_url(url, options)
-        return cls(_conninfo(url), **options)
+        conninfo, merged = _split_url(url, options)
+        return cls(conninfo, **merged)
 
     async def _execute(self, op: _Op[T]) -> T:
         async with self._pool.connection(timeout=self._timeout) as conn:

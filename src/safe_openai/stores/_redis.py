@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import uuid
 from collections.abc import Generator, Iterator
 from contextlib import contextmanager
@@ -70,11 +71,20 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
 import redis.asyncio
+import redis.asyncio.cluster
+import redis.cluster
 import redis.exceptions
 
 from ..errors import ConfigurationError, StoreError
 from ..policy import Quota
 from ..usage import UsageRecord
+from ._redis_topology import (
+    is_cluster,
+    is_sentinel,
+    open_async_client,
+    open_client,
+    parse_redis_url,
+)
 from ._types import (
     KEEP_HOLD_MINUTES,
     KEEP_SECONDS,
@@ -101,6 +111,7 @@ __all__ = [
     "DEFAULT_MAX_CONNECTIONS",
     "DEFAULT_POOL_TIMEOUT",
     "DEFAULT_PREFIX",
+    "DEFAULT_WAIT_TIMEOUT",
     "AsyncRedisStore",
     "RedisStore",
 ]
@@ -113,6 +124,8 @@ DEFAULT_PREFIX = "safe_openai"
 DEFAULT_MAX_CONNECTIONS = 50
 #: Seconds a call waits for a pooled connection before failing with StoreError.
 DEFAULT_POOL_TIMEOUT = 10.0
+#: Seconds a write waits for its replicas when ``wait_replicas`` is set.
+DEFAULT_WAIT_TIMEOUT = 0.5
 
 _US = 1_000_000
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -589,18 +602,115 @@ def _cmd(name: str, *args: Any, **kwargs: Any) -> _Cmd:
     return _Cmd(name, args, kwargs)
 
 
-def _queue(pipe: Any, batch: _Batch) -> None:
+def _queue(
+    pipe: Any, batch: _Batch, *, cluster: bool = False, wait: tuple[int, int] | None = None
+) -> None:
+    """Queue ``batch`` on ``pipe``, then ``WAIT replicas timeout_ms`` when ``wait`` is given.
+
+    A cluster pipeline refuses EVALSHA (redis-py cannot load a missing script on the right
+    node mid-pipeline), so on a cluster scripts travel as EVAL with their source: the server
+    still runs them from its script cache, and the pipeline still groups the batch by node.
+    """
     for item in batch:
         if isinstance(item, _Eval):
-            pipe.evalsha(item.script.sha, len(item.keys), *item.keys, *item.args)
+            if cluster:
+                pipe.execute_command(
+                    "EVAL", item.script.source, len(item.keys), *item.keys, *item.args
+                )
+            else:
+                pipe.evalsha(item.script.sha, len(item.keys), *item.keys, *item.args)
         else:
             getattr(pipe, item.name)(*item.args, **item.kwargs)
+    if wait is not None:
+        pipe.execute_command("WAIT", *wait)
+
+
+#: Commands that write nothing: a batch of only these (and read-only scripts) needs no WAIT.
+_READ_COMMANDS = frozenset(
+    {
+        "get",
+        "hget",
+        "hmget",
+        "hgetall",
+        "zcount",
+        "zrange",
+        "zrangebyscore",
+        "zrevrangebyscore",
+        "zscore",
+        "sscan",
+        "smembers",
+        "sismember",
+        "scard",
+        "exists",
+        "ttl",
+    }
+)
+#: What a script may call and still count as a read (a batch of reads needs no WAIT).
+_LUA_READS = _READ_COMMANDS | {"time", "hexists", "hlen", "zcard", "zrevrange", "llen", "pttl"}
+_LUA_CALL = re.compile(r"redis\.p?call\(\s*(['\"]?)(\w*)")
+_SCRIPT_WRITES: dict[str, bool] = {}
+
+
+def _script_writes(script: _Script) -> bool:
+    """Whether a script may write: any command it calls that is not a known read, or a
+    command name that is not a literal, counts as a write."""
+    found = _SCRIPT_WRITES.get(script.sha)
+    if found is None:
+        found = any(
+            not quote or name.lower() not in _LUA_READS
+            for quote, name in _LUA_CALL.findall(script.source)
+        )
+        _SCRIPT_WRITES[script.sha] = found
+    return found
+
+
+def _writes(batch: _Batch) -> bool:
+    """Whether ``batch`` may write (anything not known to be a read counts as a write)."""
+    for item in batch:
+        if isinstance(item, _Eval):
+            if _script_writes(item.script):
+                return True
+        elif item.name not in _READ_COMMANDS:
+            return True
+    return False
+
+
+def _check_wait(replies: list[Any], wait: tuple[int, int] | None) -> list[Any]:
+    """Strip the WAIT reply; raise when fewer replicas than asked confirmed the writes."""
+    if wait is None:
+        return replies
+    confirmed = int(replies[-1])
+    if confirmed < wait[0]:
+        # The writes may be lost by a failover (the replica that takes over never saw them),
+        # so the caller must not count on them: a usage record goes to the spool and is
+        # written again (idempotently, by record id) once a primary confirms it.
+        raise StoreError(
+            f"The Redis usage store's write was confirmed by {confirmed} of {wait[0]} "
+            f"replica(s) within {wait[1]} ms; it may not survive a failover."
+        )
+    return replies[:-1]
 
 
 def _scripts_in(batch: _Batch) -> list[_Script]:
     return list(
         {item.script.sha: item.script for item in batch if isinstance(item, _Eval)}.values()
     )
+
+
+def _wait_for(
+    client: Any, cluster: bool, replicas: int | None, timeout: float
+) -> tuple[int, int] | None:
+    """``(replicas, timeout ms)`` for WAIT after writes, or ``None`` not to wait."""
+    if replicas is None:
+        replicas = 1 if is_sentinel(client) else 0
+    valid = isinstance(replicas, int) and not isinstance(replicas, bool)
+    if not valid or replicas < 0 or not isinstance(timeout, (int, float)) or timeout <= 0:
+        raise ConfigurationError("wait_replicas must be >= 0 and wait_timeout > 0 seconds.")
+    if replicas and cluster:
+        raise ConfigurationError(
+            "wait_replicas is not supported on a Redis Cluster client; leave it at 0."
+        )
+    return (replicas, max(1, round(timeout * 1000))) if replicas else None
 
 
 @contextmanager
@@ -1154,13 +1264,26 @@ class RedisStore:
     needs and the key layout.
 
     Args:
-        client: A ``redis.Redis`` client (``decode_responses`` either way).
+        client: A ``redis.Redis`` client (one server, or ``Sentinel.master_for``) or a
+            ``redis.cluster.RedisCluster`` (``decode_responses`` either way).
         prefix: Namespace of every key, so several applications can share one Redis.
         owns_client: Whether :meth:`close` closes ``client``.
+        wait_replicas: After each batch of writes, wait until this many replicas confirmed
+            them (``WAIT``), and raise :class:`~safe_openai.StoreError` when fewer did: a write
+            a failover could lose is then spooled and written again instead of trusted.
+            Default: 1 on a Sentinel-managed primary, 0 (do not wait) otherwise. Not
+            supported on a cluster client.
+        wait_timeout: Seconds ``WAIT`` waits for the replicas (default 0.5).
     """
 
     def __init__(
-        self, client: redis.Redis, *, prefix: str = DEFAULT_PREFIX, owns_client: bool = False
+        self,
+        client: redis.Redis | redis.cluster.RedisCluster,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        owns_client: bool = False,
+        wait_replicas: int | None = None,
+        wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
     ) -> None:
         self.client = client
         self.prefix = _check_prefix(prefix)
@@ -1168,44 +1291,73 @@ class RedisStore:
         #: Names this store's data (the spool is kept per identity).
         self.identity = _identity(client, self.prefix)
         self._owns_client = owns_client
+        self._cluster = is_cluster(client)
+        self._wait = _wait_for(client, self._cluster, wait_replicas, wait_timeout)
+        self._also_close: list[Any] = []
 
     @classmethod
-    def from_url(cls, url: str, *, prefix: str = DEFAULT_PREFIX, **options: Any) -> RedisStore:
-        """Open a store from a ``redis://`` or ``rediss://`` URL.
+    def from_url(cls, url: str, **options: Any) -> RedisStore:
+        """Open a store from a Redis URL: one server, a cluster or a Sentinel-managed primary.
 
         Args:
-            url: The Redis URL, e.g. ``redis://localhost:6379/0``.
-            prefix: Namespace of every key.
-            **options: ``max_connections`` (the pool's size, default
-                :data:`DEFAULT_MAX_CONNECTIONS`) and ``pool_timeout`` (seconds a call waits for a
-                pooled connection before :class:`~safe_openai.StoreError`, default
-                :data:`DEFAULT_POOL_TIMEOUT`), both also settable in the URL's query; the rest
-                is passed to the connection pool (``socket_timeout``, ``retry``, ...).
+            url: ``redis://localhost:6379/0``, ``redis+cluster://h1:6379,h2:6379``,
+                ``redis+sentinel://s1:26379,s2:26379/service`` (``rediss`` for TLS); see
+                :mod:`safe_openai.stores._redis_topology` for every form and option.
+            **options: ``prefix``, ``wait_replicas``, ``wait_timeout``, the topology's options,
+                and connection options for redis-py (``socket_timeout``, ``retry``, ...); each
+                may be given in the URL's query string instead. On one server, also
+                ``max_connections`` (the pool's size, default :data:`DEFAULT_MAX_CONNECTIONS`)
+                and ``pool_timeout`` (seconds a call waits for a pooled connection before
+                :class:`~safe_openai.StoreError`, default :data:`DEFAULT_POOL_TIMEOUT`).
 
         Raises:
-            ConfigurationError: A pool option is invalid.
+            ConfigurationError: The URL or an option is invalid.
         """
-        _check_prefix(prefix)
-        url, options = _pool_options(url, options)
-        with _store_errors():
-            client = redis.Redis(
-                connection_pool=redis.BlockingConnectionPool.from_url(url, **options)
-            )
-        client.auto_close_connection_pool = True
-        return cls(client, prefix=prefix, owns_client=True)
+        parsed = parse_redis_url(url, options)
+        _check_prefix(parsed.store.get("prefix", DEFAULT_PREFIX))
+        if parsed.topology == "server":
+            pool_url, pool_options = _pool_options(parsed.url, parsed.connection)
+            with _store_errors():
+                client = redis.Redis(
+                    connection_pool=redis.BlockingConnectionPool.from_url(pool_url, **pool_options)
+                )
+            client.auto_close_connection_pool = True
+            return cls(client, owns_client=True, **parsed.store)
+        opened = open_client(parsed)
+        store = cls(opened.client, owns_client=True, **parsed.store)
+        store._also_close = opened.also_close
+        return store
 
     def _send(self, batch: _Batch) -> list[Any]:
-        pipe = self.client.pipeline(transaction=False)
-        _queue(pipe, batch)
-        try:
+        if self._cluster:
+            if len(batch) == 1 and isinstance(batch[0], _Eval):
+                # one script (a reservation, a release): EVALSHA, routed by its keys' slot,
+                # rather than the script's source in a pipeline
+                return [self._cluster_script(batch[0])]
+            pipe = self.client.pipeline(transaction=False)
+            _queue(pipe, batch, cluster=True)
             return pipe.execute()
+        wait = self._wait if self._wait is not None and _writes(batch) else None
+        pipe = self.client.pipeline(transaction=False)
+        _queue(pipe, batch, wait=wait)
+        try:
+            return _check_wait(pipe.execute(), wait)
         except redis.exceptions.NoScriptError:
             # first use on this server, or its script cache was flushed
             for script in _scripts_in(batch):
                 self.client.script_load(script.source)
             pipe = self.client.pipeline(transaction=False)
-            _queue(pipe, batch)
-            return pipe.execute()
+            _queue(pipe, batch, wait=wait)
+            return _check_wait(pipe.execute(), wait)
+
+    def _cluster_script(self, item: _Eval) -> Any:
+        client: Any = self.client
+        args = (*item.keys, *item.args)
+        try:
+            return client.evalsha(item.script.sha, len(item.keys), *args)
+        except redis.exceptions.NoScriptError:
+            client.script_load(item.script.source)  # on every primary
+            return client.evalsha(item.script.sha, len(item.keys), *args)
 
     def _run(self, op: _Op[T]) -> T:
         with _store_errors():
@@ -1317,27 +1469,34 @@ class RedisStore:
         self._run(_settle_event(self._keys, event_id, token, "release"))
 
     def close(self) -> None:
-        """Close the client when this store opened it."""
+        """Close the client (and its Sentinel connections) when this store opened it."""
         if self._owns_client:
             with _store_errors():
                 self.client.close()
+                for other in self._also_close:
+                    other.close()
 
 
 class AsyncRedisStore:
     """The asyncio twin of :class:`RedisStore` (``redis.asyncio``), same keys and scripts.
 
     Args:
-        client: A ``redis.asyncio.Redis`` client.
+        client: A ``redis.asyncio.Redis`` client (one server, or ``Sentinel.master_for``) or
+            a ``redis.asyncio.cluster.RedisCluster``.
         prefix: Namespace of every key.
         owns_client: Whether :meth:`close` closes ``client``.
+        wait_replicas: As for :class:`RedisStore`.
+        wait_timeout: As for :class:`RedisStore`.
     """
 
     def __init__(
         self,
-        client: redis.asyncio.Redis,
+        client: redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster,
         *,
         prefix: str = DEFAULT_PREFIX,
         owns_client: bool = False,
+        wait_replicas: int | None = None,
+        wait_timeout: float = DEFAULT_WAIT_TIMEOUT,
     ) -> None:
         self.client = client
         self.prefix = _check_prefix(prefix)
@@ -1345,39 +1504,61 @@ class AsyncRedisStore:
         #: Names this store's data (the spool is kept per identity).
         self.identity = _identity(client, self.prefix)
         self._owns_client = owns_client
+        self._cluster = is_cluster(client)
+        self._wait = _wait_for(client, self._cluster, wait_replicas, wait_timeout)
+        self._also_close: list[Any] = []
 
     @classmethod
-    def from_url(cls, url: str, *, prefix: str = DEFAULT_PREFIX, **options: Any) -> AsyncRedisStore:
-        """Open a store from a ``redis://`` or ``rediss://`` URL (connects on first use).
-
-        Args:
-            url: The Redis URL.
-            prefix: Namespace of every key.
-            **options: ``max_connections`` and ``pool_timeout`` as for
-                :meth:`RedisStore.from_url`; the rest is passed to the connection pool.
+    def from_url(cls, url: str, **options: Any) -> AsyncRedisStore:
+        """Open a store from a Redis URL (connects on first use); as :meth:`RedisStore.from_url`.
 
         Raises:
-            ConfigurationError: A pool option is invalid.
+            ConfigurationError: The URL or an option is invalid.
         """
-        _check_prefix(prefix)
-        url, options = _pool_options(url, options)
-        with _store_errors():
-            pool = redis.asyncio.BlockingConnectionPool.from_url(url, **options)
-            client = redis.asyncio.Redis(connection_pool=pool)
-        client.auto_close_connection_pool = True
-        return cls(client, prefix=prefix, owns_client=True)
+        parsed = parse_redis_url(url, options)
+        _check_prefix(parsed.store.get("prefix", DEFAULT_PREFIX))
+        if parsed.topology == "server":
+            pool_url, pool_options = _pool_options(parsed.url, parsed.connection)
+            with _store_errors():
+                pool = redis.asyncio.BlockingConnectionPool.from_url(pool_url, **pool_options)
+                client = redis.asyncio.Redis(connection_pool=pool)
+            client.auto_close_connection_pool = True
+            return cls(client, owns_client=True, **parsed.store)
+        opened = open_async_client(parsed)
+        store = cls(opened.client, owns_client=True, **parsed.store)
+        store._also_close = opened.also_close
+        return store
 
     async def _send(self, batch: _Batch) -> list[Any]:
-        pipe = self.client.pipeline(transaction=False)
-        _queue(pipe, batch)
-        try:
+        if self._cluster:
+            # redis-py's asyncio cluster client breaks connections when commands race its
+            # first topology discovery; initialising first (a flag check afterwards) avoids it
+            await self.client.initialize()
+            if len(batch) == 1 and isinstance(batch[0], _Eval):
+                return [await self._cluster_script(batch[0])]
+            pipe = self.client.pipeline(transaction=False)
+            _queue(pipe, batch, cluster=True)
             return await pipe.execute()
+        wait = self._wait if self._wait is not None and _writes(batch) else None
+        pipe = self.client.pipeline(transaction=False)
+        _queue(pipe, batch, wait=wait)
+        try:
+            return _check_wait(await pipe.execute(), wait)
         except redis.exceptions.NoScriptError:
             for script in _scripts_in(batch):
                 await self.client.script_load(script.source)
             pipe = self.client.pipeline(transaction=False)
-            _queue(pipe, batch)
-            return await pipe.execute()
+            _queue(pipe, batch, wait=wait)
+            return _check_wait(await pipe.execute(), wait)
+
+    async def _cluster_script(self, item: _Eval) -> Any:
+        client: Any = self.client
+        args = (*item.keys, *item.args)
+        try:
+            return await client.evalsha(item.script.sha, len(item.keys), *args)
+        except redis.exceptions.NoScriptError:
+            await client.script_load(item.script.source)  # on every primary
+            return await client.evalsha(item.script.sha, len(item.keys), *args)
 
     async def _run(self, op: _Op[T]) -> T:
         with _store_errors():
@@ -1489,7 +1670,9 @@ class AsyncRedisStore:
         await self._run(_settle_event(self._keys, event_id, token, "release"))
 
     async def close(self) -> None:
-        """Close the client when this store opened it."""
+        """Close the client (and its Sentinel connections) when this store opened it."""
         if self._owns_client:
             with _store_errors():
                 await self.client.aclose()
+                for other in self._also_close:
+                    await other.aclose()
