@@ -325,7 +325,9 @@ def round_trips(store: Any, url: str, calls: int) -> dict[str, Any]:
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     client.chat.completions.create(model="gpt-4o-mini", messages=messages)
     counter = _Counted(store)
-    before = _commandstats(url) if type(store).__name__ == "RedisStore" else None
+    # INFO commandstats of one server: not for a cluster's or Sentinel's URL
+    standalone = url.partition("://")[0] in ("redis", "rediss")
+    before = _commandstats(url) if type(store).__name__ == "RedisStore" and standalone else None
     for _ in range(calls):
         client.chat.completions.create(model="gpt-4o-mini", messages=messages)
     row: dict[str, Any] = {"round_trips_per_call": round(counter.round_trips / calls, 2)}

@@ -362,6 +362,22 @@ def test_cluster_round_trips_are_those_docs_stores_md_lists(cluster: tuple[str, 
         )
         record = UsageRecord("acme", "/x", "m", "ok", created_at=NOW, record_id="rt-1")
         assert trips(lambda: store.commit(held, record)) == 1
+        quota = Q(requests_per_minute=10)
+        started: list[Any] = []
+        assert (
+            trips(
+                lambda: started.append(
+                    store.begin_call("acme", quota, QuotaDemand(), identifier="sid-rt")
+                )
+            )
+            == 1
+        )
+        begun = started[0].reservation
+        assert begun is not None and begun.admitted
+        finished = UsageRecord("acme", "/x", "m", "ok", created_at=NOW, record_id="rt-2")
+        assert trips(lambda: store.finish_call(begun, finished, request_id="req-rt")) == 1
+        assert store.customer_for_request("req-rt") == "acme"
+        assert store.customer_for_identifier("sid-rt") == "acme"
         spare = store.reserve("acme", Q(requests_per_minute=10), QuotaDemand(), now=NOW)
         assert trips(lambda: store.release(spare)) == 1
         assert trips(lambda: store.record_violation(Violation("acme", NOW, "moderation"))) == 1
