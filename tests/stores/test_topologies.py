@@ -250,7 +250,7 @@ def test_pgbouncer_transaction_pooling_works_because_nothing_is_prepared() -> No
         finally:
             opted.close()
         assert errors, "with prepared statements PgBouncer's shared server connections fail"
-        assert all("prepared statement" in e for e in errors)
+        assert any("prepared statement" in e for e in errors)
     finally:
         drop_postgres_schema(schema)
 
