@@ -22,7 +22,7 @@ from contextvars import ContextVar
 from datetime import datetime, timedelta, timezone
 from functools import cached_property
 from types import FrameType
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import httpx2
 import openai
@@ -43,13 +43,6 @@ from ._batches import (
     remember_file,
 )
 from ._bodies import meter_body
-from ._connections import (
-    GuardedAsyncBeta,
-    GuardedAsyncResponses,
-    GuardedBeta,
-    GuardedResponses,
-    opening_guarded_socket,
-)
 from ._copies import GUARD_PARAMETERS, signed_copy
 from ._extract import body_from_content, is_guarded, normalize_path, resolve_endpoint, route_of
 from ._guard import (
@@ -100,6 +93,11 @@ from .stores import (
 from .stores import Spool as LocalSpool
 from .stores._spool import default_spool_dir
 from .usage import Outcome, PriceTable, TokenUsage, UsageRecord, token_usage_from_payload
+
+if TYPE_CHECKING:
+    # Imported when first used: the WebSocket resources pull in the SDK's beta types, which a
+    # plain guarded call does not need (import time).
+    from ._connections import GuardedAsyncBeta, GuardedAsyncResponses, GuardedBeta, GuardedResponses
 
 __all__ = ["AsyncSafeClient", "SafeClient"]
 
@@ -539,12 +537,16 @@ class SafeClient(_Guarded, openai.OpenAI):
     @override
     def responses(self) -> GuardedResponses:
         """The SDK's ``responses``; ``connect()`` opens a guarded WebSocket."""
+        from ._connections import GuardedResponses
+
         return GuardedResponses(self)
 
     @cached_property
     @override
     def beta(self) -> GuardedBeta:
         """The SDK's ``beta``; ``responses.connect()`` opens a guarded WebSocket."""
+        from ._connections import GuardedBeta
+
         return GuardedBeta(self)
 
     @override
@@ -816,12 +818,16 @@ class AsyncSafeClient(_Guarded, openai.AsyncOpenAI):
     @override
     def responses(self) -> GuardedAsyncResponses:
         """The SDK's ``responses``; ``connect()`` opens a guarded WebSocket."""
+        from ._connections import GuardedAsyncResponses
+
         return GuardedAsyncResponses(self)
 
     @cached_property
     @override
     def beta(self) -> GuardedAsyncBeta:
         """The SDK's ``beta``; ``responses.connect()`` opens a guarded WebSocket."""
+        from ._connections import GuardedAsyncBeta
+
         return GuardedAsyncBeta(self)
 
     @override
@@ -1284,6 +1290,8 @@ def refuse_websocket(state: GuardState, url: str) -> None:
     its query first (:meth:`_Guarded._websocket_query_params`); the guarded Responses
     connections say so while they open.
     """
+    from ._connections import opening_guarded_socket
+
     if opening_guarded_socket():
         return
     endpoint = "wss:" + normalize_path(url)

@@ -1,0 +1,1 @@
+"""The openai SDK's own test suite run on the guarded clients (see ``run.py``)."""
