@@ -83,9 +83,11 @@ def sdist(version: str, work: Path) -> Path:
     return tree
 
 
-def failures(tree: Path, tests: tuple[str, ...], *, swapped: bool) -> tuple[set[str], int]:
+def failures(
+    tree: Path, tests: tuple[str, ...], *, swapped: bool, workers: str | None = None
+) -> tuple[set[str], int]:
     """The ids of the tests that failed or errored, and how many ran."""
-    present = [t for t in tests if (tree / t).exists()]
+    present = [t for t in tests if (tree / t.split("::", 1)[0]).exists()]
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.xml"
         command = [
@@ -98,7 +100,7 @@ def failures(tree: Path, tests: tuple[str, ...], *, swapped: bool) -> tuple[set[
             "-p",
             "no:cacheprovider",
             "-n",
-            os.environ.get("SDK_CONFORMANCE_WORKERS", "2"),
+            workers or os.environ.get("SDK_CONFORMANCE_WORKERS", "2"),
             "--timeout",
             "60",
             f"--junitxml={report}",
@@ -149,6 +151,14 @@ def main(argv: list[str] | None = None) -> int:
     expected: dict[str, str] = json.loads(args.expected.read_text())["differences"]
 
     differences = guarded - plain
+    unexpected = sorted(differences - expected.keys())
+    if unexpected:
+        # A test that races threads or timers can fail once under load: run the unexpected
+        # ones again, alone, on the guarded clients; only those that fail again count.
+        again, _ = failures(tree, tuple(unexpected), swapped=True, workers="1")
+        for test in sorted(set(unexpected) - again):
+            print(f"passed when run again (flaky, not counted): {test}")
+        differences -= set(unexpected) - again
     new = sorted(differences - expected.keys())
     # an expected difference whose test ran and passed (or failed on the plain SDK too) is stale
     stale = sorted(t for t in expected if t not in differences and _ran(t, tests))
