@@ -61,7 +61,7 @@ class OpenPolicy(DefaultPolicy):
 
 
 GUARD: dict[str, Any] = {
-    "identifier_secret": "sdk-conformance",
+    "identifier_secret": "sdk-conformance-identifier-secret",
     "store": "memory://",
     "spool": False,
 }
