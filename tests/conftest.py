@@ -11,6 +11,7 @@ from typing import Any
 # up front, nothing is parsed late.
 import hypothesis.internal.observability  # noqa: F401
 import pytest
+import structlog
 
 from safe_openai import AsyncSafeClient, SafeClient
 from safe_openai.testing import FakeOpenAI
@@ -29,6 +30,15 @@ def make_client(fake: FakeOpenAI, **options: Any) -> SafeClient:
 def make_async_client(fake: FakeOpenAI, **options: Any) -> AsyncSafeClient:
     """An AsyncSafeClient on ``fake``: the same defaults as :func:`make_client`."""
     return AsyncSafeClient(**{**fake.async_openai_kwargs(), **DEFAULTS, **options})
+
+
+@pytest.fixture(autouse=True)
+def _unconfigured_structlog() -> Iterator[None]:
+    """Each test starts as an application that has not configured structlog: a test that did
+    (``capture_logs`` leaves structlog configured) must not route the next test's events."""
+    structlog.reset_defaults()
+    yield
+    structlog.reset_defaults()
 
 
 @pytest.fixture

@@ -93,6 +93,7 @@ def doc_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeOpe
     monkeypatch.setenv("SAFE_OPENAI_IDENTIFIER_SECRET", "docs-test-identifier-secret")
     monkeypatch.setenv("SAFE_OPENAI_SPOOL_DIR", str(tmp_path / "spool"))
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    structlog.reset_defaults()  # the blocks run as in an application that configured nothing
     with fake.serve() as base_url:
         monkeypatch.setenv("OPENAI_BASE_URL", base_url)
         try:
@@ -134,9 +135,14 @@ def _parameter_sets(function: Callable[..., Any]) -> list[dict[str, Any]]:
     return sets
 
 
-def run_documented_tests(namespace: dict[str, Any], tmp_path: Path) -> list[str]:
+def run_documented_tests(
+    namespace: dict[str, Any],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture | None = None,
+) -> list[str]:
     """Call every ``test_*`` function the blocks defined, as pytest would, with the fixtures
-    docs/testing.md uses (``fake_openai``, ``monkeypatch``, ``tmp_path``). Returns their names.
+    docs/testing.md uses (``fake_openai``, ``monkeypatch``, ``tmp_path``, and the running test's
+    own ``caplog``, cleared for each). Returns their names.
     """
     ran = []
     for name, function in list(namespace.items()):
@@ -151,6 +157,9 @@ def run_documented_tests(namespace: dict[str, Any], tmp_path: Path) -> list[str]
                     "tmp_path": tmp_path / f"{name}-{number}",
                 }
                 fixtures["tmp_path"].mkdir()
+                if caplog is not None:
+                    caplog.clear()
+                    fixtures["caplog"] = caplog
                 arguments = {}
                 for parameter in inspect.signature(function).parameters:
                     if parameter in params:
@@ -170,7 +179,9 @@ def run_documented_tests(namespace: dict[str, Any], tmp_path: Path) -> list[str]
 
 
 @pytest.mark.parametrize("path", FILES, ids=[p.relative_to(ROOT).as_posix() for p in FILES])
-def test_every_python_block_runs(path: Path, doc_env: FakeOpenAI, tmp_path: Path) -> None:
+def test_every_python_block_runs(
+    path: Path, doc_env: FakeOpenAI, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """The file's python blocks run in order, sharing one namespace, against the fake; the
     tests they define (docs/testing.md) then run and pass.
     """
@@ -179,13 +190,16 @@ def test_every_python_block_runs(path: Path, doc_env: FakeOpenAI, tmp_path: Path
     for module in NEEDS.get(path.relative_to(ROOT).as_posix(), ()):
         pytest.importorskip(module)
     namespace = run_blocks(path)
-    run_documented_tests(namespace, tmp_path)
+    run_documented_tests(namespace, tmp_path, caplog)
 
 
-def test_the_testing_guide_defines_tests_and_they_run(doc_env: FakeOpenAI, tmp_path: Path) -> None:
+def test_the_testing_guide_defines_tests_and_they_run(
+    doc_env: FakeOpenAI, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """Guards the documented tests: they exist, and the parametrized one runs per parameter."""
-    ran = run_documented_tests(run_blocks(ROOT / "docs" / "testing.md"), tmp_path)
-    assert len(ran) >= 8
+    ran = run_documented_tests(run_blocks(ROOT / "docs" / "testing.md"), tmp_path, caplog)
+    assert len(ran) >= 9
+    assert "test_a_block_is_logged_for_the_customer" in ran
     assert ran.count("test_threatening_harassment_blocks_at_its_threshold") == 2
 
 

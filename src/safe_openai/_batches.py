@@ -24,8 +24,6 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
-import structlog
-
 from ._extract import (
     EndpointSpec,
     Piece,
@@ -52,6 +50,7 @@ from ._guard import (
     tag,
 )
 from ._identity import current_customer
+from ._log import get_logger
 from ._moderation import ModerationInput, VerdictCache, checked_results, inputs_for
 from .errors import (
     BatchBlocked,
@@ -77,7 +76,7 @@ __all__ = [
     "remember_file",
 ]
 
-log = structlog.get_logger("safe_openai")
+log = get_logger()
 
 #: Texts per moderation call when a batch file is moderated.
 MODERATION_INPUTS_PER_CALL = 32

@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 import httpx2
 import openai
-import structlog
 from openai._legacy_response import LegacyAPIResponse
 from openai._models import FinalRequestOptions
 from openai._response import APIResponse, AsyncAPIResponse
@@ -69,6 +68,7 @@ from ._guard import (
     unsuspend,
 )
 from ._identity import resolve_secret, safety_identifier, validate_customer_id
+from ._log import get_logger
 from ._moderation import AsyncOpenAIModerator, ModerationInput, OpenAIModerator, VerdictCache
 from ._output import OutputWindows, answer_texts
 from ._streams import TAP_KEY, UsageTap, guarded_stream_cls, windowed_bytes_only
@@ -101,7 +101,7 @@ if TYPE_CHECKING:
 
 __all__ = ["AsyncSafeClient", "SafeClient"]
 
-log = structlog.get_logger("safe_openai")
+log = get_logger()
 
 
 class _Sending:

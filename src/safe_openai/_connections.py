@@ -25,7 +25,6 @@ from functools import cached_property
 from typing import Any, TypeVar, cast
 
 import pydantic
-import structlog
 from openai import WebSocketConnectionClosedError
 from openai._send_queue import SendQueue
 from openai._utils import maybe_transform
@@ -37,6 +36,7 @@ from openai.types.responses.responses_client_event_param import ResponsesClientE
 
 from ._extract import RESPONSES_STEER
 from ._guard import Call, Command, Flow, GuardState, adrive, drive
+from ._log import get_logger
 from ._sockets import (
     SocketSession,
     closing,
@@ -58,7 +58,7 @@ __all__ = [
     "opening_guarded_socket",
 ]
 
-log = structlog.get_logger("safe_openai")
+log = get_logger()
 
 Execute = Callable[[Command], Any]
 AsyncExecute = Callable[[Command], Awaitable[Any]]

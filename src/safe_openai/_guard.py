@@ -24,8 +24,6 @@ from datetime import datetime, timedelta, timezone
 from types import MappingProxyType
 from typing import Any, TypeVar
 
-import structlog
-
 from ._extract import (
     EndpointSpec,
     Piece,
@@ -35,6 +33,7 @@ from ._extract import (
     resolve_endpoint,
 )
 from ._identity import current_customer, safety_identifier
+from ._log import get_logger
 from ._moderation import ModerationInput, VerdictCache, checked_results, inputs_for, roles_of
 from ._output import OutputMode
 from .errors import (
@@ -86,7 +85,7 @@ __all__ = [
     "unsuspend",
 ]
 
-log = structlog.get_logger("safe_openai")
+log = get_logger()
 
 T = TypeVar("T")
 

@@ -24,10 +24,9 @@ from collections.abc import Collection, Mapping
 from datetime import datetime, timezone
 from typing import Any
 
-import structlog
-
 from ._extract import RESPONSES_STEER, resolve_endpoint
 from ._guard import Call, Flow, GuardState, begin, finish
+from ._log import get_logger
 from .errors import UnguardedPathError
 from .usage import Outcome, TokenUsage, token_usage_from_payload
 
@@ -42,7 +41,7 @@ __all__ = [
     "unsent",
 ]
 
-log = structlog.get_logger("safe_openai")
+log = get_logger()
 
 #: The endpoint a ``response.create`` event is guarded as; policies see the same path as HTTP.
 CREATE_PATH = "/responses"

@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from importlib import resources
 from typing import Any, Literal
 
-import structlog
+from ._log import get_logger
 
 __all__ = [
     "Outcome",
@@ -27,7 +27,7 @@ __all__ = [
     "token_usage_from_payload",
 ]
 
-log = structlog.get_logger("safe_openai")
+log = get_logger()
 
 #: How a guarded call ended. ``ok``: the model answered; ``blocked``: moderation blocked it;
 #: ``denied``: the policy, a quota, a suspension or a moderation outage (failing closed) refused

@@ -77,7 +77,6 @@ from datetime import datetime, timezone
 from typing import Any, Literal, Protocol, get_args
 
 import openai
-import structlog
 from openai.types.safety import SafetyAlert, SafetyCase
 
 from ._client import AsyncSafeClient, SafeClient
@@ -90,6 +89,7 @@ from ._guard import (
     enforce_strikes,
     record_violation,
 )
+from ._log import get_logger
 from .errors import ConfigurationError, StoreError, WebhookInProgress, WebhookVerificationError
 from .policy import Policy, SafetyAction
 from .stores._types import EVENT_LEASE, Violation
@@ -107,7 +107,7 @@ __all__ = [
     "SafetyWebhookHandler",
 ]
 
-log = structlog.get_logger("safe_openai")
+log = get_logger()
 
 SAFETY_IDENTIFIER_BLOCKED = "safety_identifier.blocked"
 SAFETY_WARNING_ISSUED = "safety.warning_issued"

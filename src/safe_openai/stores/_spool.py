@@ -48,8 +48,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import structlog
-
+from .._log import get_logger
 from ..errors import StoreError
 from ..usage import UsageRecord
 from ._types import Reservation, Violation
@@ -64,7 +63,7 @@ except ImportError:  # pragma: no cover - Windows
 
 __all__ = ["Spool", "default_spool_dir"]
 
-log = structlog.get_logger("safe_openai")
+log = get_logger()
 
 _SPOOLED = ".jsonl"
 _DRAINING = ".draining"
