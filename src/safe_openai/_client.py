@@ -32,6 +32,7 @@ from openai._response import APIResponse, AsyncAPIResponse
 from openai._utils._json import openapi_dumps
 from typing_extensions import Self, override
 
+from . import telemetry
 from ._batches import (
     BATCH_KEY,
     batch_records,
@@ -67,7 +68,7 @@ from ._guard import (
     unsent,
     unsuspend,
 )
-from ._identity import resolve_secret, safety_identifier, validate_customer_id
+from ._identity import current_customer, resolve_secret, safety_identifier, validate_customer_id
 from ._log import get_logger
 from ._moderation import AsyncOpenAIModerator, ModerationInput, OpenAIModerator, VerdictCache
 from ._output import OutputWindows, answer_texts
@@ -399,7 +400,8 @@ class _Guarded:
             )
         options, body = _fold_body(options)
         flow = begin(self._safe, bound_customer=self._safe_customer, path=path, body=body)
-        return options, flow
+        customer = self._safe_customer or current_customer()
+        return options, telemetry.watch_begin(flow, path=path, body=body, customer_id=customer)
 
     def _websocket_query_params(self, url: httpx2.URL, extra_query: Any) -> httpx2.QueryParams:
         """Every WebSocket the SDK opens (Responses, Realtime and its beta, Live, translations)
@@ -451,10 +453,23 @@ class _Guarded:
 
     def _finish_flow(
         self, call: Call, outcome: Outcome, usage: TokenUsage | None, rid: str | None, chars: int
-    ) -> Flow[None]:
-        return finish(
+    ) -> Flow[Any]:
+        flow = finish(
             self._safe, call, outcome=outcome, usage=usage, request_id=rid, output_chars=chars
         )
+        if call.telemetry is None:
+            return flow
+        # Called from the except block of a failed send: that error is the call's.
+        return telemetry.watch_finish(flow, call, outcome, sys.exc_info()[1])
+
+    def _unsent_flow(self, call: Call) -> Flow[Any]:
+        flow = unsent(call)
+        if call.telemetry is None:
+            return flow
+        # Called from the except block of the SDK's refusal: that error ends the call.
+        error = sys.exc_info()[1]
+        outcome = telemetry.outcome_of(error) if error is not None else "error"
+        return telemetry.watch_finish(flow, call, outcome, error)
 
 
 class SafeClient(_Guarded, openai.OpenAI):
@@ -615,6 +630,7 @@ class SafeClient(_Guarded, openai.OpenAI):
             stream_cls = guarded_stream_cls(stream_cls, is_async=False)
         sending = _Sending(tap)
         token = _sending.set(sending)
+        span = telemetry.sending(call, tap)
         try:
             result = super().request(cast_to, options, stream=stream, stream_cls=stream_cls)
         except BaseException as exc:
@@ -625,6 +641,7 @@ class SafeClient(_Guarded, openai.OpenAI):
             raise
         finally:
             _sending.reset(token)
+            telemetry.sent(span)
         if tap is not None:
             _end_unread_stream(result, tap)
             windowed_bytes_only(result, tap)
@@ -644,6 +661,7 @@ class SafeClient(_Guarded, openai.OpenAI):
             )
             if meter_body(result.http_response, body_tap, is_async=False):
                 return result
+        telemetry.response(call, result)
         self._finish(call, "ok", *_usage_of(result), 0)
         if call.output_mode is not None:
             texts, rid = _answer_of(result, _read_answer(result))
@@ -712,7 +730,7 @@ class SafeClient(_Guarded, openai.OpenAI):
 
     def _unsent(self, call: Call) -> None:
         try:
-            drive(unsent(call), self._execute)
+            drive(self._unsent_flow(call), self._execute)
         except Exception:
             log.warning("safe_openai.store_unavailable", check="release")
 
@@ -897,6 +915,7 @@ class AsyncSafeClient(_Guarded, openai.AsyncOpenAI):
             stream_cls = guarded_stream_cls(stream_cls, is_async=True)
         sending = _Sending(tap)
         token = _sending.set(sending)
+        span = telemetry.sending(call, tap)
         try:
             result = await super().request(cast_to, options, stream=stream, stream_cls=stream_cls)
         except BaseException as exc:
@@ -907,6 +926,7 @@ class AsyncSafeClient(_Guarded, openai.AsyncOpenAI):
             raise
         finally:
             _sending.reset(token)
+            telemetry.sent(span)
         if tap is not None:
             _end_unread_stream(result, tap)
             windowed_bytes_only(result, tap)
@@ -921,6 +941,7 @@ class AsyncSafeClient(_Guarded, openai.AsyncOpenAI):
             body_tap = UsageTap(hide_usage_chunk=False, async_finisher=finisher)
             if meter_body(result.http_response, body_tap, is_async=True):
                 return result
+        telemetry.response(call, result)
         await self._finish(call, "ok", *_usage_of(result), 0)
         if call.output_mode is not None:
             texts, rid = _answer_of(result, await _aread_answer(result))
@@ -974,7 +995,7 @@ class AsyncSafeClient(_Guarded, openai.AsyncOpenAI):
 
     async def _unsent(self, call: Call) -> None:
         try:
-            await adrive(unsent(call), self._execute)
+            await adrive(self._unsent_flow(call), self._execute)
         except Exception:
             log.warning("safe_openai.store_unavailable", check="release")
 

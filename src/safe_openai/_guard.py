@@ -320,6 +320,8 @@ class Call:
     output_mode: OutputMode | None = None
     #: A violation was already recorded for this call's output (one per call).
     output_flagged: bool = False
+    #: The call's OpenTelemetry watch (:mod:`safe_openai.telemetry`), when telemetry is on.
+    telemetry: Any = None
 
     @property
     def customer_key(self) -> str:
@@ -904,6 +906,12 @@ def record_violation(
     Returns whether the customer was suspended by this violation.
     """
     yield StoreCall("record_violation", (violation,), settles=settles)
+    log.info(
+        "safe_openai.strike_recorded",
+        customer_id=violation.customer_id,
+        source=violation.source,
+        categories=list(violation.categories),
+    )
     suspended: bool = yield from enforce_strikes(state, violation, settles=settles)
     return suspended
 
@@ -1120,10 +1128,13 @@ def finish(
     usage: TokenUsage | None,
     request_id: str | None,
     output_chars: int = 0,
-) -> Flow[None]:
-    """Record the usage of a call that was sent. Runs once per call; later calls do nothing."""
+) -> Flow[UsageRecord | None]:
+    """Record the usage of a call that was sent. Runs once per call; later calls do nothing.
+
+    Returns the record written (``None`` when the call had already finished).
+    """
     if call.finished:
-        return
+        return None
     call.finished = True
     if usage is None and outcome in ("ok", "estimated") and call.spec.output_limit_fields:
         outcome = "estimated"
@@ -1147,6 +1158,7 @@ def finish(
         output_tokens=record.tokens.output_tokens,
         cost_usd=record.cost_usd,
     )
+    return record
 
 
 def _worst_case(state: GuardState, call: Call) -> QuotaDemand:

@@ -91,6 +91,8 @@ class UsageTap:
         self.usage: TokenUsage | None = None
         self.output_chars = 0
         self.request_id: str | None = None
+        #: The model that answered, as the stream's events name it.
+        self.model: str | None = None
         self._finisher = finisher
         self._async_finisher = async_finisher
         self._ended = False
@@ -116,8 +118,13 @@ class UsageTap:
                 delta = getattr(item, "delta", None)
                 self.output_chars += len(delta) if isinstance(delta, str) else 0
             elif kind in _USAGE_EVENTS:
-                self.usage = token_usage_from_payload(getattr(item, "response", None))
+                response = getattr(item, "response", None)
+                self.usage = token_usage_from_payload(response)
+                self.model = getattr(response, "model", None)
             return False
+        model = getattr(item, "model", None)
+        if isinstance(model, str):
+            self.model = model
         choices = getattr(item, "choices", None)
         if choices:
             for choice in choices:
