@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import structlog
 
+from safe_openai import telemetry
 from safe_openai.testing import FakeOpenAI
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,6 +101,7 @@ def doc_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeOpe
             yield fake
         finally:
             structlog.reset_defaults()  # a snippet may configure logging for the process
+            telemetry.configure()  # ... or give the library providers of its own
 
 
 def run_blocks(path: Path) -> dict[str, Any]:

@@ -139,14 +139,21 @@ class _Instruments:
             "safe_openai.guard.duration",
             unit="s",
             description="Time a guarded call spent in the guard (store and moderation included)",
+            explicit_bucket_boundaries_advisory=_SECONDS,
         )
         self.moderation = meter.create_histogram(
-            "safe_openai.moderation.duration", unit="s", description="Moderation calls"
+            "safe_openai.moderation.duration",
+            unit="s",
+            description="Moderation calls",
+            explicit_bucket_boundaries_advisory=_SECONDS,
         )
         self.client_kind = trace.SpanKind.CLIENT
         self.error_status = trace.Status(trace.StatusCode.ERROR)
         self.customer_metrics = _settings.customer_metrics
 
+
+#: Histogram buckets (seconds): the guard takes well under a millisecond to a few seconds.
+_SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 _active: _Instruments | None = None
 _next_check = 0.0
