@@ -284,3 +284,10 @@ def test_render_quotes_what_would_not_read_back() -> None:
     assert render("safe_openai.x", {"a": "b", "n": 2, "s": "two words", "l": ["v"]}) == (
         "safe_openai.x a=b n=2 s='two words' l=['v']"
     )
+    forged = "acme\nsafe_openai.customer_unsuspended customer_id=globex"
+    line = render("safe_openai.request_blocked", {"customer_id": forged, "e": "", "q": "a=b"})
+    assert "\n" not in line
+    assert line == (
+        "safe_openai.request_blocked customer_id='acme\\nsafe_openai.customer_unsuspended "
+        "customer_id=globex' e='' q='a=b'"
+    )

@@ -440,3 +440,33 @@ def test_without_opentelemetry_installed_calls_work_and_nothing_imports_it() -> 
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout == "Echo: hello\nFalse\n"
+
+
+def test_a_call_the_sdk_refuses_before_sending_ends_its_span_as_an_error(
+    otel: Otel, fake: FakeOpenAI
+) -> None:
+    with make_client(fake) as client, pytest.raises(ValueError, match="JSON"):
+        client.for_customer("acme").chat.completions.create(
+            model="gpt-4o-mini", messages=HELLO, temperature=float("nan")
+        )
+    [span] = otel.call_spans()
+    assert span.attributes["safe_openai.outcome"] == "error"  # type: ignore[index]
+    assert span.attributes["error.type"] == "ValueError"  # type: ignore[index]
+    assert "gen_ai.usage.input_tokens" not in span.attributes  # type: ignore[operator]
+
+
+async def test_a_cancelled_call_ends_its_span(otel: Otel) -> None:
+    import asyncio
+
+    slow = FakeOpenAI(delay=0.5)
+    async with make_async_client(slow) as client:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(
+                client.for_customer("acme").chat.completions.create(
+                    model="gpt-4o-mini", messages=HELLO
+                ),
+                0.05,
+            )
+    [span] = otel.call_spans()
+    assert span.attributes["safe_openai.outcome"] == "cancelled"  # type: ignore[index]
+    assert trace.get_current_span() is trace.INVALID_SPAN

@@ -47,10 +47,17 @@ _env_level = logging.CRITICAL + 1
 
 
 def render(event: str, fields: Mapping[str, Any]) -> str:
-    """``event key=value ...``: one readable line (strings with spaces quoted)."""
+    """``event key=value ...``: one readable line. Strings with spaces, ``=`` or anything
+    unprintable (a newline in a customer id) are quoted and escaped, so one event is one line."""
     parts = [event]
     for key, value in fields.items():
-        if isinstance(value, str) and value and " " not in value and "=" not in value:
+        if (
+            isinstance(value, str)
+            and value.isprintable()
+            and value
+            and " " not in value
+            and "=" not in value
+        ):
             parts.append(f"{key}={value}")
         else:
             parts.append(f"{key}={value!r}")
