@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from safe_openai import CustomerSuspended, ModerationBlocked
+from safe_openai import CustomerSuspended, ModerationBlocked, _log
 from safe_openai._log import get_logger, render
 from safe_openai.testing import FakeOpenAI
 
@@ -243,8 +243,10 @@ def test_a_field_named_like_a_record_attribute_is_kept_beside_it(
 
 
 def test_a_raising_handler_or_processor_never_breaks_a_call(
-    fake: FakeOpenAI, capsys: pytest.CaptureFixture[str]
+    fake: FakeOpenAI, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(_log, "_failed_once", False)
+
     class Broken(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
             raise RuntimeError("broken filter")
@@ -277,7 +279,9 @@ def test_a_raising_handler_or_processor_never_breaks_a_call(
     finally:
         logger.removeFilter(broken)
         logger.setLevel(logging.NOTSET)
-    assert capsys.readouterr().out == ""
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("safe_openai: a log handler or processor raised RuntimeError; ignored") == 1
 
 
 def test_render_quotes_what_would_not_read_back() -> None:

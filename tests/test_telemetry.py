@@ -4,6 +4,8 @@ for moderation, metrics by outcome; nothing when no provider is configured; neve
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import os
 import subprocess
 import sys
@@ -31,6 +33,8 @@ from safe_openai import (
     PolicyDenied,
     Quota,
     QuotaExceeded,
+    StoreError,
+    UnguardedPathError,
     telemetry,
 )
 from safe_openai.policy import Decision, GuardedRequest
@@ -125,6 +129,7 @@ def test_a_call_has_one_span_with_genai_attributes_parent_of_the_sdk_request(
     assert attrs["gen_ai.usage.input_tokens"] == reply.usage.prompt_tokens  # type: ignore[union-attr]
     assert attrs["gen_ai.usage.output_tokens"] == reply.usage.completion_tokens  # type: ignore[union-attr]
     assert attrs["safe_openai.request_id"] == reply._request_id
+    assert attrs["safe_openai.cost_usd"] > 0
 
     [moderation] = otel.spans("safe_openai.moderation")
     assert moderation.parent is not None and moderation.parent.span_id == span.context.span_id
@@ -198,6 +203,12 @@ def test_each_refusal_kind_has_its_outcome_on_the_span_and_in_the_counter(
     assert spans["error"].status.status_code == trace.StatusCode.ERROR
     assert spans["error"].attributes["error.type"] == "InternalServerError"  # type: ignore[index]
     assert spans["moderation_unavailable"].status.status_code == trace.StatusCode.ERROR
+    assert spans["denied"].name == "images.generate gpt-image-1"
+    assert spans["denied"].attributes["gen_ai.operation.name"] == "images.generate"  # type: ignore[index]
+    assert any(
+        p.attributes.get("error.type") == "ModerationUnavailable"
+        for p in otel.points("safe_openai.moderation.duration")
+    )
     [failed_moderation] = [
         s
         for s in otel.spans("safe_openai.moderation")
@@ -402,6 +413,37 @@ print(reply.choices[0].message.content)
 """
 
 
+@pytest.mark.parametrize(
+    ("error", "outcome"),
+    [
+        (ModerationBlocked("acme", categories=("violence",), scores={}, endpoint="/x"), "blocked"),
+        (CustomerSuspended("acme", until=None, reason="r"), "suspended"),
+        (QuotaExceeded("acme", limit="requests_per_minute", retry_after=None), "quota_exceeded"),
+        (PolicyDenied("acme", Decision.deny("no")), "denied"),
+        (ModerationUnavailable("down"), "moderation_unavailable"),
+        (CustomerRequired("/chat/completions"), "customer_required"),
+        (StoreError("down"), "store_unavailable"),
+        (UnguardedPathError("no"), "unguarded"),
+        (asyncio.CancelledError(), "cancelled"),
+        (GeneratorExit(), "cancelled"),
+        (RuntimeError("boom"), "error"),
+    ],
+)
+def test_each_error_has_its_outcome(error: BaseException, outcome: str) -> None:
+    assert telemetry.outcome_of(error) == outcome
+
+
+def test_a_stream_dropped_unread_ends_its_span(otel: Otel, fake: FakeOpenAI) -> None:
+    with make_client(fake) as client:
+        stream = client.for_customer("acme").chat.completions.create(
+            model="gpt-4o-mini", messages=HELLO, stream=True
+        )
+        del stream
+        gc.collect()
+        [span] = otel.call_spans()
+    assert span.attributes["safe_openai.outcome"] == "estimated"  # type: ignore[index]
+
+
 def test_a_global_tracer_provider_is_found_on_its_own() -> None:
     done = _run(
         """
@@ -410,16 +452,31 @@ def test_a_global_tracer_provider_is_found_on_its_own() -> None:
         from opentelemetry.sdk.trace.export import SimpleSpanProcessor
         from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+        from opentelemetry import metrics
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
         exporter = InMemorySpanExporter()
         provider = TracerProvider()
         provider.add_span_processor(SimpleSpanProcessor(exporter))
         trace.set_tracer_provider(provider)
+        reader = InMemoryMetricReader()
+        metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
         """,
         APP,
-        "print(sorted(s.name for s in exporter.get_finished_spans()))",
+        """
+        print(sorted(s.name for s in exporter.get_finished_spans()))
+        data = reader.get_metrics_data()
+        names = {m.name for r in data.resource_metrics for s in r.scope_metrics for m in s.metrics}
+        print(sorted(names))
+        """,
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout == "Echo: hello\n['chat gpt-4o-mini', 'safe_openai.moderation']\n"
+    assert done.stdout == (
+        "Echo: hello\n['chat gpt-4o-mini', 'safe_openai.moderation']\n"
+        "['safe_openai.cost', 'safe_openai.guard.duration', 'safe_openai.moderation.duration', "
+        "'safe_openai.requests', 'safe_openai.tokens']\n"
+    )
 
 
 def test_without_opentelemetry_installed_calls_work_and_nothing_imports_it() -> None:
@@ -456,8 +513,6 @@ def test_a_call_the_sdk_refuses_before_sending_ends_its_span_as_an_error(
 
 
 async def test_a_cancelled_call_ends_its_span(otel: Otel) -> None:
-    import asyncio
-
     slow = FakeOpenAI(delay=0.5)
     async with make_async_client(slow) as client:
         with pytest.raises(TimeoutError):

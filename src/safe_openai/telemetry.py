@@ -21,8 +21,10 @@ exporters. With a tracer or meter provider configured (globally, or here with
 
 No prompt or output text is ever put in an attribute. Metrics carry the customer id only when
 :func:`configure` asks for it (one time series per customer). Without OpenTelemetry imported by
-the application, or without a provider, the cost is a dictionary lookup per call; anything the
-SDK, a span processor or an exporter raises is contained, never the caller's problem.
+the application, or without a provider, the cost is a dictionary lookup per call (and, while the
+API is imported but no provider is set, one look for a provider a second); anything the
+OpenTelemetry SDK, a span processor or an exporter raises is contained, never the caller's
+problem.
 """
 
 from __future__ import annotations
