@@ -29,6 +29,7 @@ from safe_openai import (
     DefaultPolicy,
     ModerationBlocked,
     ModerationUnavailable,
+    OutputBlocked,
     Policy,
     PolicyDenied,
     Quota,
@@ -525,3 +526,56 @@ async def test_a_cancelled_call_ends_its_span(otel: Otel) -> None:
     [span] = otel.call_spans()
     assert span.attributes["safe_openai.outcome"] == "cancelled"  # type: ignore[index]
     assert trace.get_current_span() is trace.INVALID_SPAN
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_blocked_output_is_the_outcome_with_its_moderation_span(otel: Otel, stream: bool) -> None:
+    fake = FakeOpenAI(reply="Sure. I will kill you.")
+    policy = DefaultPolicy(output_moderation="block")
+    with make_client(fake, policy=policy) as client:
+        acme = client.for_customer("acme")
+
+        def ask() -> None:
+            if stream:
+                chunks = acme.chat.completions.create(
+                    model="gpt-4o-mini", messages=HELLO, stream=True
+                )
+                for _ in chunks:
+                    pass
+            else:
+                acme.chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+
+        with pytest.raises(OutputBlocked):
+            ask()
+    [span] = otel.call_spans()
+    attrs = dict(span.attributes or {})
+    assert attrs["safe_openai.outcome"] == "output_blocked"
+    assert attrs["safe_openai.categories"] == ("violence",)
+    assert attrs["gen_ai.usage.output_tokens"] > 0  # the answer was paid for
+    assert span.status.status_code == trace.StatusCode.UNSET
+    moderations = otel.spans("safe_openai.moderation")
+    assert len(moderations) == 2  # the input, then the output
+    assert all(
+        m.parent is not None and m.parent.span_id == span.context.span_id for m in moderations
+    )
+    assert "safe_openai.output_flagged" in {e.name for e in span.events}
+    assert otel.count("safe_openai.requests", **{"safe_openai.outcome": "output_blocked"}) == 1
+
+
+def test_a_websocket_response_has_its_span_until_it_completes(otel: Otel, fake: FakeOpenAI) -> None:
+    with fake.serve_websocket() as url, make_client(fake, websocket_base_url=url) as client:
+        acme = client.for_customer("acme")
+        with acme.responses.connect() as connection:
+            connection.response.create(model="gpt-4o-mini", input="hello over the socket")
+            for event in connection:
+                if event.type == "response.completed":
+                    break
+            with pytest.raises(ModerationBlocked):
+                connection.response.create(model="gpt-4o-mini", input=PROMPT)
+    spans = otel.call_spans()
+    assert [(s.name, s.attributes["safe_openai.outcome"]) for s in spans] == [  # type: ignore[index]
+        ("chat gpt-4o-mini", "ok"),
+        ("chat gpt-4o-mini", "blocked"),
+    ]
+    assert spans[0].attributes["safe_openai.customer_id"] == "acme"  # type: ignore[index]
+    assert spans[0].attributes["gen_ai.usage.output_tokens"] > 0  # type: ignore[index,operator]

@@ -437,8 +437,9 @@ class _Guarded:
         client = cast("openai.OpenAI | openai.AsyncOpenAI", self)
         return route_of(client._prepare_url(url).path, client.base_url.path)
 
-    def _output_flow(self, call: Call, texts: list[str], rid: str | None) -> Flow[None]:
-        return moderate_output(self._safe, call, texts, request_id=rid)
+    def _output_flow(self, call: Call, texts: list[str], rid: str | None) -> Flow[Any]:
+        flow = moderate_output(self._safe, call, texts, request_id=rid)
+        return flow if call.telemetry is None else telemetry.watch_output(flow, call)
 
     def _windows(self, call: Call) -> OutputWindows | None:
         """The output windows of a streamed call whose output is moderated."""

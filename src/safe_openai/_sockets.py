@@ -24,6 +24,7 @@ from collections.abc import Collection, Mapping
 from datetime import datetime, timezone
 from typing import Any
 
+from . import telemetry
 from ._extract import RESPONSES_STEER, resolve_endpoint
 from ._guard import Call, Flow, GuardState, begin, finish
 from ._log import get_logger
@@ -267,8 +268,9 @@ def outgoing(session: SocketSession, data: str | bytes) -> Flow[tuple[str | byte
     kind = event["type"]
     if kind == "response.create":
         body = {key: value for key, value in event.items() if key != "type"}
-        call = yield from begin(
-            state, bound_customer=session.customer_id, path=CREATE_PATH, body=body
+        flow = begin(state, bound_customer=session.customer_id, path=CREATE_PATH, body=body)
+        call = yield from telemetry.watch_begin(
+            flow, path=CREATE_PATH, body=body, customer_id=session.customer_id
         )
         assert call is not None
         return json.dumps({"type": kind, **body}), call
@@ -307,13 +309,13 @@ def register(session: SocketSession, call: Call | None, frame: str | bytes) -> N
 
 def sent_steer(session: SocketSession, call: Call) -> Flow[None]:
     """A steer went out: it is recorded at once (its tokens count in the response it feeds)."""
-    yield from finish(session.state, call, outcome="ok", usage=TokenUsage(), request_id=None)
+    yield from _finish(session.state, call, outcome="ok", usage=TokenUsage(), request_id=None)
 
 
 def unsent(session: SocketSession, call: Call) -> Flow[None]:
     """The socket refused a guarded event: record it as an error, release its reservation."""
     session.forget(call)
-    yield from finish(session.state, call, outcome="error", usage=None, request_id=None)
+    yield from _finish(session.state, call, outcome="error", usage=None, request_id=None)
 
 
 def incoming(session: SocketSession, message: str | bytes) -> Flow[None]:
@@ -339,7 +341,7 @@ def incoming(session: SocketSession, message: str | bytes) -> Flow[None]:
     if kind in _TERMINAL and isinstance(response, dict):
         call, characters = session.ended(str(response.get("id") or ""))
         if call is not None:
-            yield from finish(
+            yield from _finish(
                 session.state,
                 call,
                 outcome=_TERMINAL[kind],
@@ -351,7 +353,7 @@ def incoming(session: SocketSession, message: str | bytes) -> Flow[None]:
     if kind == "error":
         call, characters = session.failed(lane, streaming="sequence_number" in event)
         if call is not None:
-            yield from finish(
+            yield from _finish(
                 session.state,
                 call,
                 outcome="error",
@@ -364,7 +366,7 @@ def incoming(session: SocketSession, message: str | bytes) -> Flow[None]:
 def given_up(session: SocketSession, frames: Collection[str | bytes]) -> Flow[None]:
     """The SDK closed the connection with these frames unsent: their calls are errors."""
     for call in session.take_unsent(frames):
-        yield from finish(session.state, call, outcome="error", usage=None, request_id=None)
+        yield from _finish(session.state, call, outcome="error", usage=None, request_id=None)
 
 
 def closing(session: SocketSession, unsent: Collection[str | bytes] = ()) -> Flow[None]:
@@ -373,7 +375,7 @@ def closing(session: SocketSession, unsent: Collection[str | bytes] = ()) -> Flo
     SDK's ``unsent`` ones)."""
     for call, characters, never_sent in session.drain(unsent):
         outcome: Outcome = "error" if never_sent or not session.opened else "ok"
-        yield from finish(
+        yield from _finish(
             session.state,
             call,
             outcome=outcome,
@@ -381,3 +383,19 @@ def closing(session: SocketSession, unsent: Collection[str | bytes] = ()) -> Flo
             request_id=None,
             output_chars=characters,
         )
+
+
+def _finish(
+    state: Any,
+    call: Call,
+    *,
+    outcome: Outcome,
+    usage: TokenUsage | None,
+    request_id: str | None,
+    output_chars: int = 0,
+) -> Flow[Any]:
+    """The guard's :func:`finish`, ending the call's span when telemetry is on."""
+    flow = finish(
+        state, call, outcome=outcome, usage=usage, request_id=request_id, output_chars=output_chars
+    )
+    return telemetry.watch_finish(flow, call, outcome, None)

@@ -47,6 +47,7 @@ from .errors import (
     CustomerSuspended,
     ModerationBlocked,
     ModerationUnavailable,
+    OutputBlocked,
     PolicyDenied,
     QuotaExceeded,
     StoreError,
@@ -68,6 +69,7 @@ _OPERATIONS = {
 
 #: ``safe_openai.outcome`` of a call the guard refused, by the error it raised.
 _REFUSALS: tuple[tuple[type[BaseException], str], ...] = (
+    (OutputBlocked, "output_blocked"),
     (ModerationBlocked, "blocked"),
     (CustomerSuspended, "suspended"),
     (QuotaExceeded, "quota_exceeded"),
@@ -81,7 +83,9 @@ _REFUSALS: tuple[tuple[type[BaseException], str], ...] = (
     (KeyboardInterrupt, "cancelled"),
 )
 #: Outcomes that are the guard doing its job, not failures (no ERROR status).
-_REFUSED = frozenset({"blocked", "suspended", "quota_exceeded", "denied", "customer_required"})
+_REFUSED = frozenset(
+    {"blocked", "output_blocked", "suspended", "quota_exceeded", "denied", "customer_required"}
+)
 
 
 @dataclass(slots=True)
@@ -243,6 +247,8 @@ class Watch:
         "ended",
         "guard_s",
         "ins",
+        "output_blocked",
+        "pending",
         "response_model",
         "span",
         "started",
@@ -270,6 +276,16 @@ class Watch:
         self.ended = False
         self.response_model: str | None = None
         self.tap: Any = None
+        #: How :meth:`end` is to be called once the output is moderated (calls not streamed).
+        self.pending: tuple[str, Any, BaseException | None] | None = None
+        self.output_blocked: OutputBlocked | None = None
+
+    def __del__(self) -> None:
+        # A call dropped between its record and its output check still ends its span.
+        pending = getattr(self, "pending", None)  # None too when __init__ failed part-way
+        if pending is not None:
+            self.pending = None
+            self.end(pending[0], record=pending[1], error=pending[2])
 
     def step(self, flow: Flow, moderation: tuple[type, ...]) -> Flow:
         """Run ``flow`` with this call's span current in each step; moderation commands get a
@@ -345,6 +361,8 @@ class Watch:
         if self.ended:
             return
         self.ended = True
+        if self.output_blocked is not None:
+            outcome, error = "output_blocked", self.output_blocked
         try:
             span, ins = self.span, self.ins
             span.set_attribute("safe_openai.outcome", outcome)
@@ -494,14 +512,18 @@ def response(call: Any, result: Any) -> None:
 
 def watch_finish(flow: Flow, call: Any, outcome: str, error: BaseException | None) -> Flow:
     """``flow`` (the guard's :func:`~safe_openai._guard.finish`), ending the call's span with
-    the record it wrote."""
+    the record it wrote; for a call not streamed whose output is moderated next, the span ends
+    after that check (:func:`watch_output`)."""
     watch: Watch | None = call.telemetry
     if watch is None or watch.ended:
         return flow
-    return _finish(watch, flow, outcome, error)
+    defer = outcome == "ok" and watch.tap is None and call.output_mode is not None
+    return _finish(watch, flow, outcome, error, defer)
 
 
-def _finish(watch: Watch, flow: Flow, outcome: str, error: BaseException | None) -> Flow:
+def _finish(
+    watch: Watch, flow: Flow, outcome: str, error: BaseException | None, defer: bool
+) -> Flow:
     started = time.perf_counter()
     record = None
     try:
@@ -509,5 +531,32 @@ def _finish(watch: Watch, flow: Flow, outcome: str, error: BaseException | None)
     finally:
         watch.guard_s += time.perf_counter() - started
         final = getattr(record, "outcome", outcome)
-        watch.end(final, record=record, error=None if final in ("ok", "estimated") else error)
+        failure = None if final in ("ok", "estimated") else error
+        if defer:
+            watch.pending = (final, record, failure)
+        else:
+            watch.end(final, record=record, error=failure)
     return record
+
+
+def watch_output(flow: Flow, call: Any) -> Flow:
+    """``flow`` (the guard's output check), with its moderation span; a block makes the call's
+    outcome ``output_blocked``."""
+    watch: Watch | None = call.telemetry
+    if watch is None or watch.ended:
+        return flow
+    return _output(watch, flow)
+
+
+def _output(watch: Watch, flow: Flow) -> Flow:
+    started = time.perf_counter()
+    try:
+        yield from watch.step(flow, (Moderate, ModerateMany))
+    except OutputBlocked as exc:
+        watch.output_blocked = exc
+        raise
+    finally:
+        watch.guard_s += time.perf_counter() - started
+        pending, watch.pending = watch.pending, None
+        if pending is not None:
+            watch.end(pending[0], record=pending[1], error=pending[2])
