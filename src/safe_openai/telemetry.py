@@ -217,7 +217,8 @@ _watching: ContextVar[Watch | None] = ContextVar("safe_openai_watch", default=No
 def _on_log_event(level: int, event: str, fields: Mapping[str, Any]) -> None:
     watch = _watching.get()
     if watch is not None and level >= 20:
-        watch.span.add_event(event, _attributes(fields))
+        with contextlib.suppress(Exception):  # the event is still logged
+            watch.span.add_event(event, _attributes(fields))
 
 
 def _attributes(fields: Mapping[str, Any]) -> dict[str, Any]:
@@ -255,7 +256,9 @@ class Watch:
         "tap",
     )
 
-    def __init__(self, ins: _Instruments, spec_name: str, path: str, body: Mapping[str, Any]):
+    def __init__(
+        self, ins: _Instruments, spec_name: str, path: str, body: Mapping[str, Any]
+    ) -> None:
         self.ins = ins
         model = body.get("model")
         operation = _OPERATIONS.get(spec_name, spec_name)
@@ -400,9 +403,13 @@ class Watch:
 
 
 def _attach(context: Any) -> Any:
-    from opentelemetry import context as otel_context
+    """Make ``context`` current; ``None`` (nothing to detach) if OpenTelemetry fails."""
+    try:
+        from opentelemetry import context as otel_context
 
-    return otel_context.attach(context)
+        return otel_context.attach(context)
+    except Exception:
+        return None
 
 
 def _detach(token: Any) -> None:
