@@ -57,7 +57,10 @@ def build() -> dict[str, Variant]:
     fake = FakeOpenAI(reply="ok")
     plain = openai.OpenAI(**fake.openai_kwargs())
     safe = SafeClient(
-        **fake.openai_kwargs(), identifier_secret="bench", store="memory://", spool=False
+        **fake.openai_kwargs(),
+        identifier_secret="bench-identifier-secret",
+        store="memory://",
+        spool=False,
     ).for_customer("acme")
     history = [{"role": "user", "content": "What is the capital of France?"}]
     tracer_provider = TracerProvider()

@@ -29,7 +29,7 @@ from safe_openai import SafeClient, ModerationBlocked, CustomerSuspended
 from safe_openai.testing import FakeOpenAI
 
 fake = FakeOpenAI()
-client = SafeClient(**fake.openai_kwargs(), identifier_secret="s", store="memory://", spool=False)
+client = SafeClient(**fake.openai_kwargs(), identifier_secret="test-identifier-secret", store="memory://", spool=False)
 acme = client.for_customer("acme")
 reply = acme.chat.completions.create(
     model="gpt-4o-mini", messages=[{"role": "user", "content": "hello"}]
