@@ -579,3 +579,27 @@ def test_a_websocket_response_has_its_span_until_it_completes(otel: Otel, fake: 
     ]
     assert spans[0].attributes["safe_openai.customer_id"] == "acme"  # type: ignore[index]
     assert spans[0].attributes["gen_ai.usage.output_tokens"] > 0  # type: ignore[index,operator]
+
+
+async def test_moderation_overlapped_with_the_store_has_its_span(
+    otel: Otel, fake: FakeOpenAI
+) -> None:
+    """The async client runs the store's first round trip beside moderation (``Together``)."""
+    quota = DefaultPolicy(quota=Quota(requests_per_minute=10))
+    async with make_async_client(fake, policy=quota) as client:
+        await client.for_customer("acme").chat.completions.create(
+            model="gpt-4o-mini", messages=HELLO
+        )
+    async with make_async_client(fake, policy=quota, moderator=Unavailable()) as client:
+        with pytest.raises(ModerationUnavailable):
+            await client.for_customer("acme").chat.completions.create(
+                model="gpt-4o-mini", messages=HELLO
+            )
+    ok, unavailable = otel.call_spans()
+    assert ok.attributes["safe_openai.outcome"] == "ok"  # type: ignore[index]
+    assert unavailable.attributes["safe_openai.outcome"] == "moderation_unavailable"  # type: ignore[index]
+    first, second = otel.spans("safe_openai.moderation")
+    assert first.parent.span_id == ok.context.span_id  # type: ignore[union-attr]
+    assert first.status.status_code == trace.StatusCode.UNSET
+    assert second.parent.span_id == unavailable.context.span_id  # type: ignore[union-attr]
+    assert second.status.status_code == trace.StatusCode.ERROR

@@ -41,7 +41,7 @@ from typing import Any
 
 from . import _log
 from ._extract import resolve_endpoint
-from ._guard import Moderate, ModerateMany
+from ._guard import Moderate, ModerateMany, Together
 from .errors import (
     CustomerRequired,
     CustomerSuspended,
@@ -238,6 +238,19 @@ def _attributes(fields: Mapping[str, Any]) -> dict[str, Any]:
 
 Flow = Generator[Any, Any, Any]
 
+#: Commands that moderate (a :class:`Together` runs a store call beside its moderation).
+_MODERATION = (Moderate, ModerateMany, Together)
+
+
+def _failed(answer: Any) -> BaseException | None:
+    """The moderation error a :class:`Together` answered with, if any: ``(store, moderate)``,
+    each ``(ok, value)``."""
+    try:
+        ok, value = answer[1]
+    except Exception:
+        return None
+    return value if not ok and isinstance(value, BaseException) else None
+
 
 class Watch:
     """The telemetry of one guarded call: its span, its timings, how it ended."""
@@ -320,6 +333,8 @@ class Watch:
             except Exception as exc:
                 error = exc
             finally:
+                if error is None and isinstance(command, Together):
+                    error = _failed(value)
                 self._moderation_end(child, child_token, started, error)
 
     def _moderation_start(self, context: Any) -> tuple[Any, Any, float]:
@@ -458,7 +473,7 @@ def watch_begin(
 
 def _begin(watch: Watch, flow: Flow) -> Flow:
     try:
-        call = yield from watch.step(flow, (Moderate, ModerateMany))
+        call = yield from watch.step(flow, _MODERATION)
     except BaseException as exc:
         watch.guard_s += time.perf_counter() - watch.started
         error = getattr(exc, "customer_id", None)
@@ -558,7 +573,7 @@ def watch_output(flow: Flow, call: Any) -> Flow:
 def _output(watch: Watch, flow: Flow) -> Flow:
     started = time.perf_counter()
     try:
-        yield from watch.step(flow, (Moderate, ModerateMany))
+        yield from watch.step(flow, _MODERATION)
     except OutputBlocked as exc:
         watch.output_blocked = exc
         raise
