@@ -25,10 +25,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, Generic, TypeVar
 
 import httpx2
-import structlog
 from openai import AsyncStream, Stream
 from openai._streaming import extract_stream_chunk_type
 
+from ._log import get_logger
 from ._output import OutputWindows
 from .errors import SafeOpenAIError, UnguardedPathError
 from .usage import Outcome, TokenUsage, token_usage_from_payload
@@ -43,7 +43,7 @@ __all__ = [
     "windowed_bytes_only",
 ]
 
-log = structlog.get_logger("safe_openai")
+log = get_logger()
 
 #: Key of the :class:`UsageTap` in ``httpx2.Request.extensions``.
 TAP_KEY = "safe_openai.tap"
