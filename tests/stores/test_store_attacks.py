@@ -17,7 +17,7 @@ from safe_openai.policy import Quota
 from safe_openai.stores import QuotaDemand
 from safe_openai.usage import TokenUsage, UsageRecord
 
-from .conftest import POSTGRES_URL, Backend
+from .conftest import POSTGRES_URL, Backend, StoreDriver
 
 UTC = timezone.utc
 
@@ -115,3 +115,27 @@ def test_postgres_window_follows_the_server_clock_however_far_the_host_clock_is(
     store.commit(held, _record("month", cost_usd=0.8))
     refused = store.reserve("month", Quota(usd_per_month=1.0), QuotaDemand(cost_usd=0.8))
     assert (refused.admitted, refused.limit) == (False, "usd_per_month")
+
+
+def test_a_reservation_far_ahead_does_not_prune_what_counts_now(store: StoreDriver) -> None:
+    """A caller whose clock is minutes ahead (``now=`` passed by the caller) used to prune the
+    buckets that still count at the store's own time: the other callers' minute window came up
+    empty on their next reservation, again and again (docs/stores.md promises each clock at
+    least its own minute window, and day and month limits shared)."""
+    now = datetime.now(UTC)
+    quota = Quota(requests_per_minute=2, tokens_per_day=1000)
+    assert store.reserve("skewed", quota, QuotaDemand(tokens=400), now=now).admitted
+    assert store.reserve("skewed", quota, QuotaDemand(tokens=400), now=now).admitted
+    ahead = Quota(tokens_per_day=10**9)
+    assert store.reserve("skewed", ahead, QuotaDemand(), now=now + timedelta(minutes=15)).admitted
+    refused = store.reserve(
+        "skewed", quota, QuotaDemand(tokens=100), now=now + timedelta(seconds=1)
+    )
+    assert (refused.admitted, refused.limit) == (False, "requests_per_minute")
+    refused = store.reserve(
+        "skewed",
+        Quota(tokens_per_day=1000),
+        QuotaDemand(tokens=300),
+        now=now + timedelta(seconds=2),
+    )
+    assert (refused.admitted, refused.limit) == (False, "tokens_per_day")

@@ -171,13 +171,16 @@ class MemoryStore:
         now_us = to_us(now if now is not None else datetime.now(timezone.utc))
         with self._lock:
             ledger = self._ledger(customer_id)
-            ledger.prune(now_us)
+            # never prune past this process's clock: a caller's `now` far ahead would drop
+            # what still counts for everyone else
+            prune_us = min(now_us, to_us(datetime.now(timezone.utc)))
+            ledger.prune(prune_us)
             limit, retry_after = decide(quota, demand, ledger.state(), now_us)
             if limit is not None:
                 return Reservation("", customer_id, False, limit, retry_after)
             while self._holds:
                 oldest = next(iter(self._holds.values()))
-                if oldest.at_us >= now_us - _GC_US:
+                if oldest.at_us >= prune_us - _GC_US:
                     break
                 self._holds.popitem(last=False)  # abandoned by a caller that never came back
             reservation_id = uuid.uuid4().hex

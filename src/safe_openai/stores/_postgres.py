@@ -318,17 +318,25 @@ _STATEMENTS: dict[str, str] = {
         SELECT '', s.since, s.until, s.reason
         FROM (SELECT 1) AS one LEFT JOIN {schema}.suspensions AS s
             ON s.customer_id = %(customer)s AND (s.until IS NULL OR s.until > clock_timestamp())""",
-    # The hold, its buckets, and the pruning of what can no longer count, in one statement.
+    # The hold, its buckets, and the pruning of what can no longer count, in one statement;
+    # never pruned past the server's clock (a caller's `now` far ahead would drop what still
+    # counts for everyone else).
     "hold": """
         WITH gc AS (
             DELETE FROM {schema}.reservations
-            WHERE customer_id = %(customer)s AND created_at < %(gc)s
+            WHERE customer_id = %(customer)s
+                AND created_at < least(%(gc)s, clock_timestamp() - %(gc_age)s::interval)
         ), old_seconds AS (
             DELETE FROM {schema}.quota_seconds
-            WHERE customer_id = %(customer)s AND second < %(old_second)s
+            WHERE customer_id = %(customer)s AND second < least(
+                %(old_second)s::bigint,
+                floor(extract(epoch FROM clock_timestamp()))::bigint - %(keep_seconds)s::bigint)
         ), old_holds AS (
             DELETE FROM {schema}.quota_holds
-            WHERE customer_id = %(customer)s AND minute < %(old_minute)s
+            WHERE customer_id = %(customer)s AND minute < least(
+                %(old_minute)s::bigint,
+                floor(extract(epoch FROM clock_timestamp()) / 60)::bigint
+                    - %(keep_minutes)s::bigint)
         ), second AS (
             INSERT INTO {schema}.quota_seconds AS q (customer_id, second, requests, tokens, last_us)
             VALUES (%(customer)s, %(second)s, 1, %(tokens)s, %(at_us)s)
@@ -671,8 +679,11 @@ def _reserve(
             "tokens": int(demand.tokens),
             "cost": float(demand.cost_usd),
             "gc": at - _PENDING_GC,
+            "gc_age": _PENDING_GC,
             "old_second": now_us // SECOND_US - KEEP_SECONDS,
             "old_minute": now_us // MINUTE_US - KEEP_HOLD_MINUTES,
+            "keep_seconds": KEEP_SECONDS,
+            "keep_minutes": KEEP_HOLD_MINUTES,
         },
     )
     return Reservation(reservation_id, customer_id, True, at=at)

@@ -318,8 +318,15 @@ if redis.call('EXISTS', KEYS[13]) == 1 then
   redis.call('DEL', KEYS[13])
 end
 
+-- never prune past this server's clock: a caller's `now` far ahead would drop what still
+-- counts for everyone else
+local clock = now
+if ARGV[1] ~= '' then
+  local t = redis.call('TIME')
+  clock = math.min(now, tonumber(t[1]) * 1000000 + tonumber(t[2]))
+end
 local minute = {}
-local oldest_second = math.floor(now / 1000000) - KEEP_SECONDS
+local oldest_second = math.floor(clock / 1000000) - KEEP_SECONDS
 for _, b in ipairs(read_seconds(KEYS[1])) do
   if b[1] < oldest_second then
     redis.call('HDEL', KEYS[1], int(b[1]))
@@ -328,7 +335,7 @@ for _, b in ipairs(read_seconds(KEYS[1])) do
   end
 end
 local holds = {}
-local oldest_minute = math.floor(now / MINUTE) - KEEP_MINUTES
+local oldest_minute = math.floor(clock / MINUTE) - KEEP_MINUTES
 for _, b in ipairs(read_holds(KEYS[2])) do
   if b[1] < oldest_minute then
     redis.call('HDEL', KEYS[2], int(b[1]))

@@ -536,14 +536,17 @@ def _reserve_in(
             return Reservation("", customer_id, False, limit, retry_after)
     reservation_id = uuid.uuid4().hex
     at = from_us(now_us)
+    # never prune past this host's clock: a caller's `now` far ahead would drop what still
+    # counts for everyone else
+    prune_us = min(now_us, to_us(datetime.now(timezone.utc)))
     for statement in _PRUNE:
         conn.execute(
             statement,
             {
                 "customer": customer_id,
-                "old_second": now_us // SECOND_US - KEEP_SECONDS,
-                "old_minute": now_us // MINUTE_US - KEEP_HOLD_MINUTES,
-                "old_pending": _ts(at - _PENDING_GC),
+                "old_second": prune_us // SECOND_US - KEEP_SECONDS,
+                "old_minute": prune_us // MINUTE_US - KEEP_HOLD_MINUTES,
+                "old_pending": _ts(from_us(prune_us) - _PENDING_GC),
             },
         )
     tokens, cost = int(demand.tokens), float(demand.cost_usd)
