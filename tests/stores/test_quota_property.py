@@ -177,6 +177,7 @@ def _check(
                         s.release(probe)
                     second = later // 1_000_000
                     model.seconds[second] = model.seconds.get(second, 0) + 1
+                now_us = later  # the caller waited: its clock does not go back
         elif name in ("commit", "commit_again") and (open_holds or settled):
             if name == "commit" and open_holds:
                 held = open_holds.pop(0)
