@@ -380,3 +380,21 @@ async def test_scope_cancelled_while_the_store_fails_still_spools(
                 await task
     assert spool.waiting()
     assert fake.model_requests == []
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/responses", {"model": MODEL, "input": {"role": "user", "content": BAD}}),
+        ("/chat/completions", {"model": MODEL, "messages": {"role": "user", "content": BAD}}),
+        ("/conversations", {"items": {"type": "message", "role": "user", "content": BAD}}),
+    ],
+    ids=["responses-input-object", "chat-messages-object", "conversation-items-object"],
+)
+def test_a_single_object_where_a_list_belongs_is_read_as_one_item(
+    fake: FakeOpenAI, path: str, body: dict[str, Any]
+) -> None:
+    """An API that accepts one item where it documents a list must not get it unread."""
+    with make_client(fake) as client, pytest.raises(ModerationBlocked):
+        client.for_customer("acme").post(path, body=body, cast_to=object)
+    assert fake.model_requests == []

@@ -159,8 +159,8 @@ def _strings(
 
 
 def _chat(body: Mapping[str, Any], out: Extraction) -> None:
-    messages = body.get("messages")
-    if not isinstance(messages, list):
+    messages = _as_list(body.get("messages"))
+    if messages is None:
         return
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
@@ -199,11 +199,20 @@ def _chat(body: Mapping[str, Any], out: Extraction) -> None:
         _text_or_parts(prediction.get("content"), "user", "prediction.content", out)
 
 
-def _responses_input(items: object, out: Extraction, where: str = "input") -> None:
-    if isinstance(items, str):
-        out.text(items, "user", where)
+def _as_list(value: object) -> list[Any] | None:
+    """A list of items, a single item (an object where a list belongs) as a list of one, else
+    ``None``: an API that takes the one object must not get it unread."""
+    if isinstance(value, list):
+        return value
+    return [value] if isinstance(value, dict) else None
+
+
+def _responses_input(value: object, out: Extraction, where: str = "input") -> None:
+    if isinstance(value, str):
+        out.text(value, "user", where)
         return
-    if not isinstance(items, list):
+    items = _as_list(value)
+    if items is None:
         return
     for i, item in enumerate(items):
         here = f"{where}[{i}]"
