@@ -1,5 +1,5 @@
 """Under load no store turns concurrency into errors: 64 threads on a sync store and 500 calls in
-flight on an async store all complete, waiting for a pooled connection when every one is busy
+flight on an async store all complete, on every backend and topology, waiting for a pooled connection when every one is busy
 (up to the pool's wait), and every call is counted once."""
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ from safe_openai.stores import async_store_from_url, store_from_url
 from safe_openai.stores._types import QuotaDemand
 from safe_openai.usage import TokenUsage, UsageRecord
 
-from .conftest import POSTGRES_URL, REDIS_URL
-from .test_redis_postgres_processes import _drop_postgres, _drop_redis, _reachable
+from ..topologies import drop_postgres_schema, drop_redis_prefix, require
+from ..topologies import params as topology_params
+from .conftest import REDIS_URL
+from .test_redis_postgres_processes import _reachable
 
 THREADS = 64
 IN_FLIGHT = 500
@@ -38,30 +40,26 @@ def _record(customer: str) -> UsageRecord:
     )
 
 
-@pytest.fixture(
-    params=[
-        "memory",
-        "sqlite",
-        pytest.param("redis", marks=pytest.mark.redis),
-        pytest.param("postgres", marks=pytest.mark.postgres),
-    ]
-)
+@pytest.fixture(params=["memory", "sqlite", *topology_params()])
 def opened(request: pytest.FixtureRequest, tmp_path: Any) -> Any:
-    """(url, options) of a fresh namespace of each backend, dropped afterwards."""
+    """(url, options) of a fresh namespace of each backend and topology (standalone Redis, Redis
+    Cluster, Redis Sentinel, PostgreSQL, PgBouncer), with small pools so most calls wait for a
+    connection; dropped afterwards."""
     name = f"safe_openai_load_{uuid.uuid4().hex[:10]}"
     if request.param == "memory":
         yield "memory://", {}
-    elif request.param == "sqlite":
+        return
+    if request.param == "sqlite":
         yield f"sqlite:///{tmp_path}/load.db", {}
-    elif request.param == "redis":
-        _reachable(REDIS_URL)
-        # a small pool, so most calls wait for a connection
-        yield f"{REDIS_URL}?max_connections=8", {"prefix": name}
-        _drop_redis(name)
+        return
+    url = require(request.param)
+    joiner = "&" if "?" in url else "?"
+    if url.startswith("redis"):
+        yield f"{url}{joiner}max_connections=8", {"prefix": name}
+        drop_redis_prefix(url, name)
     else:
-        _reachable(POSTGRES_URL)
-        yield f"{POSTGRES_URL}?max_size=4&pool_timeout=30", {"schema": name}
-        _drop_postgres(name)
+        yield f"{url}{joiner}max_size=4&pool_timeout=30", {"schema": name}
+        drop_postgres_schema(name)
 
 
 def test_64_threads_on_a_sync_store_complete_without_errors(opened: Any) -> None:
@@ -144,3 +142,25 @@ def test_pool_options_in_the_url_reach_the_pools() -> None:
     pg = store_from_url("postgresql://127.0.0.1:5432/test?max_size=3&min_size=0&pool_timeout=4")
     assert (pg._pool.max_size, pg._pool.min_size, pg._timeout) == (3, 0, 4.0)  # type: ignore[attr-defined]
     pg.close()
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("topology", ["redis-cluster", "redis-sentinel"])
+def test_cluster_and_sentinel_stores_wait_for_a_connection_then_fail_with_store_error(
+    topology: str,
+) -> None:
+    """redis-py's cluster and Sentinel pools fail at once when every connection is busy; the
+    store waits for one up to pool_timeout (from the URL), then raises StoreError."""
+    url = require(topology)
+    joiner = "&" if "?" in url else "?"
+    store = store_from_url(f"{url}{joiner}max_connections=1&pool_timeout=0.2")
+    gate = store._gate  # type: ignore[attr-defined]
+    assert gate is not None and store._gate_wait == 0.2  # type: ignore[attr-defined]
+    assert gate.acquire(timeout=1)  # every connection busy
+    try:
+        with pytest.raises(StoreError, match=r"busy for 0\.2 s"):
+            store.customer_for_identifier(f"never-{uuid.uuid4().hex}")
+    finally:
+        gate.release()
+    assert store.customer_for_identifier(f"never-{uuid.uuid4().hex}") is None
+    store.close()

@@ -58,9 +58,11 @@ the customer's next reservation and deleted.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import re
+import threading
 import uuid
 from collections.abc import Generator, Iterator
 from contextlib import contextmanager
@@ -891,6 +893,31 @@ def _pool_options(url: str, options: dict[str, Any]) -> tuple[str, dict[str, Any
     return url, {**options, "max_connections": size, "timeout": wait}
 
 
+def _gate_limits(connection: dict[str, Any]) -> tuple[int, float]:
+    """The pool size and wait of a cluster or Sentinel client opened from a URL, taken out of
+    its connection options.
+
+    redis-py's cluster and Sentinel pools raise ``MaxConnectionsError`` when every connection is
+    busy instead of waiting, so the store itself admits at most ``max_connections`` exchanges
+    at a time and makes the others wait up to ``pool_timeout`` (then :class:`StoreError`).
+    """
+    _, options = _pool_options("redis://gate", connection)
+    size, wait = int(options["max_connections"]), float(options.pop("timeout"))
+    # The client's own bound leaves room for what it does besides the store's exchanges
+    # (topology discovery, script loads on every primary), so only the gate ever waits.
+    options["max_connections"] = 2 * size + 8
+    connection.clear()
+    connection.update(options)
+    return size, wait
+
+
+def _gate_timeout(wait: float) -> StoreError:
+    return StoreError(
+        f"The Redis usage store failed: every pooled connection stayed busy for {wait:g} s "
+        "(raise max_connections or pool_timeout)."
+    )
+
+
 def _check_prefix(prefix: str) -> str:
     if not prefix or "{" in prefix or "}" in prefix:
         raise ConfigurationError(
@@ -1301,6 +1328,10 @@ class RedisStore:
         self._cluster = is_cluster(client)
         self._wait = _wait_for(client, self._cluster, wait_replicas, wait_timeout)
         self._also_close: list[Any] = []
+        #: At most this many exchanges at a time (cluster and Sentinel clients opened from a
+        #: URL, whose pools fail instead of waiting); ``None``: the client's pool waits itself.
+        self._gate: threading.BoundedSemaphore | None = None
+        self._gate_wait = DEFAULT_POOL_TIMEOUT
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RedisStore:
@@ -1330,12 +1361,24 @@ class RedisStore:
                 )
             client.auto_close_connection_pool = True
             return cls(client, owns_client=True, **parsed.store)
+        size, wait = _gate_limits(parsed.connection)
         opened = open_client(parsed)
         store = cls(opened.client, owns_client=True, **parsed.store)
         store._also_close = opened.also_close
+        store._gate, store._gate_wait = threading.BoundedSemaphore(size), wait
         return store
 
     def _send(self, batch: _Batch) -> list[Any]:
+        if self._gate is None:
+            return self._exchange(batch)
+        if not self._gate.acquire(timeout=self._gate_wait):
+            raise _gate_timeout(self._gate_wait)
+        try:
+            return self._exchange(batch)
+        finally:
+            self._gate.release()
+
+    def _exchange(self, batch: _Batch) -> list[Any]:
         if self._cluster:
             if len(batch) == 1 and isinstance(batch[0], _Eval):
                 # one script (a reservation, a release): EVALSHA, routed by its keys' slot,
@@ -1514,6 +1557,9 @@ class AsyncRedisStore:
         self._cluster = is_cluster(client)
         self._wait = _wait_for(client, self._cluster, wait_replicas, wait_timeout)
         self._also_close: list[Any] = []
+        #: As :attr:`RedisStore._gate`, for asyncio.
+        self._gate: asyncio.Semaphore | None = None
+        self._gate_wait = DEFAULT_POOL_TIMEOUT
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> AsyncRedisStore:
@@ -1531,12 +1577,26 @@ class AsyncRedisStore:
                 client = redis.asyncio.Redis(connection_pool=pool)
             client.auto_close_connection_pool = True
             return cls(client, owns_client=True, **parsed.store)
+        size, wait = _gate_limits(parsed.connection)
         opened = open_async_client(parsed)
         store = cls(opened.client, owns_client=True, **parsed.store)
         store._also_close = opened.also_close
+        store._gate, store._gate_wait = asyncio.Semaphore(size), wait
         return store
 
     async def _send(self, batch: _Batch) -> list[Any]:
+        if self._gate is None:
+            return await self._exchange(batch)
+        try:
+            await asyncio.wait_for(self._gate.acquire(), self._gate_wait)
+        except asyncio.TimeoutError:
+            raise _gate_timeout(self._gate_wait) from None
+        try:
+            return await self._exchange(batch)
+        finally:
+            self._gate.release()
+
+    async def _exchange(self, batch: _Batch) -> list[Any]:
         if self._cluster:
             # redis-py's asyncio cluster client breaks connections when commands race its
             # first topology discovery; initialising first (a flag check afterwards) avoids it
