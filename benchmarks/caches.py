@@ -24,21 +24,6 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).parent / "results" / "caches.json"
-CATEGORIES = (
-    "harassment",
-    "harassment/threatening",
-    "hate",
-    "hate/threatening",
-    "illicit",
-    "illicit/violent",
-    "self-harm",
-    "self-harm/instructions",
-    "self-harm/intent",
-    "sexual",
-    "sexual/minors",
-    "violence",
-    "violence/graphic",
-)
 
 
 def _rss() -> int:
@@ -51,6 +36,7 @@ def _fill(name: str) -> tuple[int, Any]:
     from safe_openai._guard import KnownIdentifiers, RecentBlocks
     from safe_openai._identity import safety_identifier
     from safe_openai._moderation import ModerationInput, VerdictCache
+    from safe_openai.policy import MODERATION_CATEGORIES as CATEGORIES
     from safe_openai.policy import ModerationResult
 
     if name == "verdict_cache":

@@ -19,23 +19,8 @@ import openai
 
 from safe_openai import AsyncSafeClient, DefaultPolicy, SafeClient
 from safe_openai._moderation import ModerationInput
+from safe_openai.policy import MODERATION_CATEGORIES as CATEGORIES
 from safe_openai.policy import ModerationResult
-
-CATEGORIES = (
-    "harassment",
-    "harassment/threatening",
-    "hate",
-    "hate/threatening",
-    "illicit",
-    "illicit/violent",
-    "self-harm",
-    "self-harm/instructions",
-    "self-harm/intent",
-    "sexual",
-    "sexual/minors",
-    "violence",
-    "violence/graphic",
-)
 
 
 class NeverFlags:
