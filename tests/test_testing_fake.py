@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import base64
-import importlib.util
 import json
+import subprocess
 import sys
 import threading
 import time
@@ -713,17 +713,44 @@ def test_pytest_plugin_provides_fake_openai_fixture(pytester: pytest.Pytester) -
     ).assert_outcomes(passed=2)
 
 
-def test_import_without_pytest(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The module loads without pytest (then it has no fixture)."""
-    monkeypatch.setitem(sys.modules, "pytest", None)
-    spec = importlib.util.spec_from_file_location("_testing_without_pytest", testing.__file__)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)
-    spec.loader.exec_module(module)
-    assert module.FakeOpenAI().requests == []
-    assert not hasattr(module, "fake_openai")
+def test_import_without_pytest() -> None:
+    """The package imports, and its fake works, where pytest cannot be imported; only the
+    fixture is missing. A fresh interpreter, so no module already imported here hides it."""
+    script = (
+        "import sys\n"
+        "sys.modules['pytest'] = None\n"
+        "import safe_openai.testing as t\n"
+        "assert t.FakeOpenAI().requests == []\n"
+        "assert not hasattr(t, 'fake_openai')\n"
+        "assert 'safe_openai.testing._plugin' not in sys.modules\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert (done.returncode, done.stdout.strip()) == (0, "ok"), done.stderr
+
+
+def test_the_testing_package_has_one_module_per_api_family() -> None:
+    """safe_openai.testing is a package: the fake's API families, the loopback server and the
+    pytest plugin each have their own module, and the public names come from the package."""
+    import safe_openai.testing._plugin as plugin
+
+    modules = {
+        name.rsplit(".", 1)[-1] for name in sys.modules if name.startswith("safe_openai.testing.")
+    }
+    assert {
+        "_moderation",
+        "_chat",
+        "_responses",
+        "_files",
+        "_websocket",
+        "_server",
+        "_plugin",
+    } <= modules
+    assert testing.fake_openai is plugin.fake_openai  # type: ignore[attr-defined]
+    for name in testing.__all__:
+        assert getattr(testing, name) is not None
 
 
 # -- tool calls --------------------------------------------------------------------------------
