@@ -14,8 +14,10 @@ from safe_openai.stores._types import (
     DayTotal,
     QuotaDemand,
     QuotaState,
+    assess,
     day_of,
     decide,
+    measure,
     to_us,
 )
 
@@ -169,6 +171,28 @@ def test_evaluate_quota(case: Case) -> None:
         assert retry_after is None
     else:
         assert retry_after == pytest.approx(case.expected[1], abs=1e-6)
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_measure_shows_the_sums_decide_compares(case: Case) -> None:
+    """For every case: a limit refuses exactly when ``used + demand`` exceeds it in measure's
+    numbers, so the usage reported and the decision cannot disagree; assess is both at once."""
+    ledger = _Ledger()
+    for entry in case.entries:
+        ledger.count(to_us(entry.at), entry.tokens, entry.cost_usd, in_minute=True)
+    now_us = to_us(case.now)
+    usage = measure(case.quota, ledger.state(), now_us)
+    demand = {
+        "requests_per_minute": 1,
+        "tokens_per_minute": case.demand.tokens,
+        "tokens_per_day": case.demand.tokens,
+        "usd_per_month": case.demand.cost_usd,
+    }
+    first_over = next(
+        (u.name for u in usage if round(u.used + demand[u.name] - u.limit, 9) > 0), None
+    )
+    assert first_over == case.expected[0]
+    assert assess(case.quota, case.demand, ledger.state(), now_us) == (*case.expected, usage)
 
 
 def test_minute_window_slides_across_the_month_boundary() -> None:

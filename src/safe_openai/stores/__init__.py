@@ -10,6 +10,11 @@ the async client); no base class is needed. Pick a built-in backend by URL::
     store_from_url("redis+sentinel://s1:26379/main")  # a Sentinel-managed primary
     store_from_url("postgresql://localhost/app")     # pip install safe-openai[postgres]
 
+Every built-in store also has ``quota_usage(customer_id, quota, *, now=None)``, which reads
+what a customer has used of each limit (a tuple of :class:`LimitUsage`) without holding
+anything. It is optional for a store of your own: ``client.standing()`` then reports the
+limits from the quota without usage (see docs/stores.md).
+
 Backends are imported lazily: ``import safe_openai`` never imports redis or psycopg. Every
 backend passes the same contract suite (``tests/stores/test_contract.py``); the quota
 arithmetic they share is documented in :mod:`safe_openai.stores._types`.
@@ -31,6 +36,7 @@ from ._spool import Spool
 from ._types import (
     CustomerReport,
     EventClaim,
+    LimitUsage,
     QuotaDemand,
     Reservation,
     Suspension,
@@ -41,6 +47,7 @@ __all__ = [
     "AsyncUsageStore",
     "CustomerReport",
     "EventClaim",
+    "LimitUsage",
     "QuotaDemand",
     "Reservation",
     "Spool",

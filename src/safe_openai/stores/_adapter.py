@@ -14,6 +14,7 @@ from ._types import (
     CallStart,
     CustomerReport,
     EventClaim,
+    LimitUsage,
     QuotaDemand,
     Reservation,
     Suspension,
@@ -77,6 +78,11 @@ class AsyncAdapter:
             task = asyncio.ensure_future(asyncio.to_thread(self.sync.release, reservation))
             _RELEASES.add(task)
             task.add_done_callback(_RELEASES.discard)
+
+    async def quota_usage(
+        self, customer_id: str, quota: Quota, *, now: datetime | None = None
+    ) -> tuple[LimitUsage, ...]:
+        return await self._call(self.sync.quota_usage, customer_id, quota, now=now)
 
     async def begin_call(
         self,

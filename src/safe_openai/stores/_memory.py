@@ -28,16 +28,18 @@ from ._types import (
     CustomerReport,
     DayTotal,
     EventClaim,
+    LimitUsage,
     QuotaDemand,
     QuotaState,
     Reservation,
     Suspension,
     Violation,
     add_to_report,
+    assess,
     day_of,
-    decide,
     finish_report,
     from_us,
+    measure,
     to_us,
 )
 
@@ -175,9 +177,9 @@ class MemoryStore:
             # what still counts for everyone else
             prune_us = min(now_us, to_us(datetime.now(timezone.utc)))
             ledger.prune(prune_us)
-            limit, retry_after = decide(quota, demand, ledger.state(), now_us)
+            limit, retry_after, usage = assess(quota, demand, ledger.state(), now_us)
             if limit is not None:
-                return Reservation("", customer_id, False, limit, retry_after)
+                return Reservation("", customer_id, False, limit, retry_after, usage=usage)
             while self._holds:
                 oldest = next(iter(self._holds.values()))
                 if oldest.at_us >= prune_us - _GC_US:
@@ -187,7 +189,18 @@ class MemoryStore:
             hold = _Hold(customer_id, now_us, int(demand.tokens), float(demand.cost_usd))
             self._holds[reservation_id] = hold
             ledger.hold(hold)
-            return Reservation(reservation_id, customer_id, True, at=from_us(now_us))
+            return Reservation(reservation_id, customer_id, True, at=from_us(now_us), usage=usage)
+
+    def quota_usage(
+        self, customer_id: str, quota: Quota, *, now: datetime | None = None
+    ) -> tuple[LimitUsage, ...]:
+        """What the customer has used of each limit ``quota`` sets at ``now`` (default: this
+        process's clock), pending holds included. Reads only: nothing is held."""
+        now_us = to_us(now if now is not None else datetime.now(timezone.utc))
+        with self._lock:
+            ledger = self._ledgers.get(customer_id)
+            state = ledger.state() if ledger is not None else QuotaState()
+        return measure(quota, state, now_us)
 
     def begin_call(
         self,

@@ -72,15 +72,17 @@ from ._types import (
     CustomerReport,
     DayTotal,
     EventClaim,
+    LimitUsage,
     QuotaDemand,
     QuotaState,
     Reservation,
     Suspension,
     Violation,
+    assess,
     day_of,
-    decide,
     finish_report,
     from_us,
+    measure,
     record_from_row,
     to_us,
 )
@@ -600,6 +602,36 @@ def _state_query(q: _Sql, customer_id: str, now: datetime | None) -> _Query:
     )
 
 
+def _parse_state(rows: _Rows, now: datetime | None) -> tuple[QuotaState, int]:
+    """The quota state in the rows of ``quota_state``, and the instant to decide at: ``now``,
+    or the server's clock read with them."""
+    seconds, holds, days = [], [], []
+    server_us = 0
+    for kind, index, requests, tokens, cost, last_us in rows:
+        if kind == "n":
+            server_us = int(index)
+        elif kind == "s":
+            seconds.append(Bucket(int(index), int(requests), int(tokens), 0.0, int(last_us)))
+        elif kind == "h":
+            holds.append(Bucket(int(index), int(requests), int(tokens), float(cost), int(last_us)))
+        else:
+            days.append(DayTotal(int(index), int(tokens), float(cost)))
+    now_us = to_us(_utc(now)) if now is not None else server_us
+    return QuotaState(seconds, holds, days), now_us
+
+
+def _quota_usage(
+    q: _Sql, customer_id: str, quota: Quota, now: datetime | None
+) -> _Op[tuple[LimitUsage, ...]]:
+    """A customer's usage of each limit, read in one statement without the quota lock (one
+    snapshot, nothing written)."""
+    if quota.is_unlimited:
+        return ()
+    rows = yield _state_query(q, customer_id, now)
+    state, now_us = _parse_state(rows, now)
+    return measure(quota, state, now_us)
+
+
 def _begin_call(
     q: _Sql, customer_id: str, quota: Quota | None, demand: QuotaDemand, identifier: str | None
 ) -> _Op[CallStart]:
@@ -648,22 +680,12 @@ def _reserve(
         # lock is granted.
         key = _lock_key("safe_openai.quota", q.schema, customer_id)
         _, rows = yield (_Query(q["lock"], {"key": key}), _state_query(q, customer_id, now))
-    seconds, holds, days = [], [], []
-    server_us = 0
-    for kind, index, requests, tokens, cost, last_us in rows:
-        if kind == "n":
-            server_us = int(index)
-        elif kind == "s":
-            seconds.append(Bucket(int(index), int(requests), int(tokens), 0.0, int(last_us)))
-        elif kind == "h":
-            holds.append(Bucket(int(index), int(requests), int(tokens), float(cost), int(last_us)))
-        else:
-            days.append(DayTotal(int(index), int(tokens), float(cost)))
-    now_us = to_us(_utc(now)) if now is not None else server_us
+    state, now_us = _parse_state(rows, now)
+    usage: tuple[LimitUsage, ...] = ()
     if not quota.is_unlimited:
-        limit, retry_after = decide(quota, demand, QuotaState(seconds, holds, days), now_us)
+        limit, retry_after, usage = assess(quota, demand, state, now_us)
         if limit is not None:
-            return Reservation("", customer_id, False, limit, retry_after)
+            return Reservation("", customer_id, False, limit, retry_after, usage=usage)
     reservation_id = uuid.uuid4().hex
     at = from_us(now_us)
     yield _Query(
@@ -686,7 +708,7 @@ def _reserve(
             "keep_minutes": KEEP_HOLD_MINUTES,
         },
     )
-    return Reservation(reservation_id, customer_id, True, at=at)
+    return Reservation(reservation_id, customer_id, True, at=at, usage=usage)
 
 
 def _record_params(record: UsageRecord) -> dict[str, Any]:
@@ -1086,6 +1108,13 @@ class PostgresStore:
         """
         return self._run(_reserve(self._sql, customer_id, quota, demand, now))
 
+    def quota_usage(
+        self, customer_id: str, quota: Quota, *, now: datetime | None = None
+    ) -> tuple[LimitUsage, ...]:
+        """What the customer has used of each limit ``quota`` sets at ``now`` (default: the
+        server's clock), pending holds included. One read: no lock, nothing held."""
+        return self._run(_quota_usage(self._sql, customer_id, quota, now))
+
     def begin_call(
         self,
         customer_id: str,
@@ -1283,6 +1312,13 @@ class AsyncPostgresStore:
         ``now`` defaults to the server's clock (``clock_timestamp()``), shared by every replica.
         """
         return await self._run(_reserve(self._sql, customer_id, quota, demand, now))
+
+    async def quota_usage(
+        self, customer_id: str, quota: Quota, *, now: datetime | None = None
+    ) -> tuple[LimitUsage, ...]:
+        """What the customer has used of each limit ``quota`` sets at ``now`` (default: the
+        server's clock), pending holds included. One read: no lock, nothing held."""
+        return await self._run(_quota_usage(self._sql, customer_id, quota, now))
 
     async def begin_call(
         self,

@@ -64,7 +64,7 @@ import json
 import re
 import threading
 import uuid
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -96,10 +96,12 @@ from ._types import (
     CallStart,
     CustomerReport,
     EventClaim,
+    LimitUsage,
     QuotaDemand,
     Reservation,
     Suspension,
     Violation,
+    WindowSums,
     add_to_report,
     day_of,
     day_start,
@@ -107,6 +109,7 @@ from ._types import (
     from_us,
     month_start,
     next_month,
+    usage_of,
 )
 
 __all__ = [
@@ -160,7 +163,8 @@ end
 # The quota state of one customer (see _types): seconds of the minute windows and minutes of
 # pending holds, as hash fields "<index>" -> "<requests>|<tokens>|<last us>" (holds:
 # "<requests>|<tokens>|<cost>|<last us>"), day and month counters, and one key per hold.
-_LUA_BUCKETS = (
+# _LUA_READ only reads (a script made of it alone needs no WAIT); _LUA_BUCKETS writes.
+_LUA_READ = (
     f"""
 local SKEW = {SKEW_US}
 local TTL = {TTL_US}
@@ -170,7 +174,13 @@ local SECONDS_TTL = {_SECONDS_TTL_S}
 local HOLDS_TTL = {_HOLDS_TTL_S}
 """
     + """
+local DAY = 86400000000
+local MINUTE = 60000000
 local function int(x) return string.format('%d', x) end
+local function server_now()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
 local function read_seconds(key)
   local out = {}
   local flat = redis.call('HGETALL', key)
@@ -189,6 +199,88 @@ local function read_holds(key)
   end
   return out
 end
+-- KEYS[1] seconds, KEYS[2] holds, KEYS[4..7] day[-1..+2], KEYS[8..11] month[-1..+2];
+-- ARGV[1] now ('' = this server's TIME), ARGV[2] first day (days since the epoch of day[-1]),
+-- ARGV[3..7] starts of month[-1..+2] and of the month after (us).
+-- The calendar around `now`: today, which day and month counters are its, the month starts.
+local function calendar(now)
+  local cal = {today = math.floor(now / DAY), starts = {}}
+  cal.di = cal.today - tonumber(ARGV[2])
+  for i = 0, 4 do cal.starts[i] = tonumber(ARGV[3 + i]) end
+  for i = 0, 2 do
+    if now >= cal.starts[i] and now < cal.starts[i + 1] then cal.mi = i end
+  end
+  if cal.di < 0 or cal.di > 2 or cal.mi == nil then
+    return nil, 'safe_openai: the Redis clock is more than a day from this host'
+  end
+  return cal
+end
+-- What counts in every window at `now`, before new demand (see _types._counted): the minute
+-- buckets that count, oldest first, and the sums. `drop(key, index)`, when given, is called
+-- for buckets no `now` from `clock` on can count, which are skipped.
+local function windows(now, cal, clock, drop)
+  local horizon = now + SKEW
+  local minute_from = now - MINUTE
+  local w = {minute = {}, requests = 0, tokens = 0, requests_since = -1, tokens_since = -1}
+  local oldest_second = math.floor(clock / 1000000) - KEEP_SECONDS
+  for _, b in ipairs(read_seconds(KEYS[1])) do
+    if drop and b[1] < oldest_second then
+      drop(KEYS[1], b[1])
+    elseif b[5] > minute_from and b[1] * 1000000 <= horizon and (b[2] > 0 or b[3] > 0) then
+      w.minute[#w.minute + 1] = b
+    end
+  end
+  table.sort(w.minute, function(a, b)
+    if a[5] ~= b[5] then return a[5] < b[5] end
+    return a[1] < b[1]
+  end)
+  for _, b in ipairs(w.minute) do
+    w.requests = w.requests + b[2]
+    w.tokens = w.tokens + b[3]
+    if w.requests_since < 0 and b[2] > 0 then w.requests_since = b[5] end
+    if w.tokens_since < 0 and b[3] > 0 then w.tokens_since = b[5] end
+  end
+  -- committed totals of today (and tomorrow, once now + skew reaches it) and of the month
+  local di, mi = cal.di, cal.mi
+  w.day_tokens = tonumber(redis.call('GET', KEYS[4 + di]) or '0')
+  if math.floor(horizon / DAY) > cal.today then
+    w.day_tokens = w.day_tokens + tonumber(redis.call('GET', KEYS[5 + di]) or '0')
+  end
+  w.month_cost = tonumber(redis.call('GET', KEYS[8 + mi]) or '0')
+  if horizon >= cal.starts[mi + 1] then
+    w.month_cost = w.month_cost + tonumber(redis.call('GET', KEYS[9 + mi]) or '0')
+  end
+  local holds = {}
+  local oldest_minute = math.floor(clock / MINUTE) - KEEP_MINUTES
+  for _, b in ipairs(read_holds(KEYS[2])) do
+    if drop and b[1] < oldest_minute then
+      drop(KEYS[2], b[1])
+    else
+      holds[#holds + 1] = b
+    end
+  end
+  table.sort(holds, function(a, b) return a[1] < b[1] end)
+  local stale = now - TTL
+  for _, b in ipairs(holds) do
+    local start = b[1] * MINUTE
+    if b[2] > 0 and b[5] > stale and start <= horizon then
+      if start >= cal.today * DAY then w.day_tokens = w.day_tokens + b[3] end
+      if start >= cal.starts[mi] then w.month_cost = w.month_cost + b[4] end
+    end
+  end
+  return w
+end
+-- The sums as a reply (see _sums_from_reply): integers, and the cost with every bit.
+local function sums_reply(w)
+  return {int(w.requests), int(w.tokens), int(w.requests_since), int(w.tokens_since),
+    int(w.day_tokens), string.format('%.17g', w.month_cost)}
+end
+"""
+)
+
+_LUA_BUCKETS = (
+    _LUA_READ
+    + """
 local function get_second(key, index)
   local raw = redis.call('HGET', key, int(index))
   if not raw then return nil end
@@ -259,37 +351,21 @@ end
 # ARGV: now ('' = this server's TIME), first day (days since the epoch of day[-1]), starts
 #       of month[-1..+2] and of the month after (us), rpm, tpm, tpd, usd ('' = unlimited),
 #       demand tokens, demand cost, hold TTL (s), decide ('1' = check the limits)
+# Reply: admitted (1/0), refusing limit, retry after (us, -1: never), now (us), then the sums
+#       found before this demand (sums_reply)
 _RESERVE_LUA = (
     _LUA_BUCKETS
     + """
 local now
-if ARGV[1] == '' then
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-else
-  now = tonumber(ARGV[1])
-end
-local DAY = 86400000000
-local MINUTE = 60000000
-local today = math.floor(now / DAY)
-local di = today - tonumber(ARGV[2])
-local starts = {}
-for i = 0, 4 do starts[i] = tonumber(ARGV[3 + i]) end
-local mi = nil
-for i = 0, 2 do
-  if now >= starts[i] and now < starts[i + 1] then mi = i end
-end
-if di < 0 or di > 2 or mi == nil then
-  return redis.error_reply('safe_openai: the Redis clock is more than a day from this host')
-end
+if ARGV[1] == '' then now = server_now() else now = tonumber(ARGV[1]) end
+local cal, err = calendar(now)
+if not cal then return redis.error_reply(err) end
 local rpm = tonumber(ARGV[8])
 local tpm = tonumber(ARGV[9])
 local tpd = tonumber(ARGV[10])
 local usd = tonumber(ARGV[11])
 local demand_tokens = tonumber(ARGV[12])
 local demand_cost = tonumber(ARGV[13])
-local horizon = now + SKEW
-local minute_from = now - MINUTE
 
 -- keys of the layout before buckets are read once into the buckets and dropped: committed
 -- calls of the minute window, and holds (counted until they age out: their commits by an
@@ -323,31 +399,15 @@ end
 -- never prune past this server's clock: a caller's `now` far ahead would drop what still
 -- counts for everyone else
 local clock = now
-if ARGV[1] ~= '' then
-  local t = redis.call('TIME')
-  clock = math.min(now, tonumber(t[1]) * 1000000 + tonumber(t[2]))
-end
-local minute = {}
-local oldest_second = math.floor(clock / 1000000) - KEEP_SECONDS
-for _, b in ipairs(read_seconds(KEYS[1])) do
-  if b[1] < oldest_second then
-    redis.call('HDEL', KEYS[1], int(b[1]))
-  elseif b[5] > minute_from and b[1] * 1000000 <= horizon and (b[2] > 0 or b[3] > 0) then
-    minute[#minute + 1] = b
-  end
-end
-local holds = {}
-local oldest_minute = math.floor(clock / MINUTE) - KEEP_MINUTES
-for _, b in ipairs(read_holds(KEYS[2])) do
-  if b[1] < oldest_minute then
-    redis.call('HDEL', KEYS[2], int(b[1]))
-  else
-    holds[#holds + 1] = b
-  end
-end
+if ARGV[1] ~= '' then clock = math.min(now, server_now()) end
+local function drop(key, index) redis.call('HDEL', key, int(index)) end
+local w = windows(now, cal, clock, drop)
+local minute = w.minute
 
 local function refuse(limit, wait)
-  return {0, limit, wait}
+  local reply = {0, limit, int(wait), int(now)}
+  for _, v in ipairs(sums_reply(w)) do reply[#reply + 1] = v end
+  return reply
 end
 local function frees(excess, field)
   local freed = 0
@@ -361,52 +421,22 @@ local function frees(excess, field)
 end
 
 if ARGV[15] == '1' then
-  table.sort(minute, function(a, b)
-    if a[5] ~= b[5] then return a[5] < b[5] end
-    return a[1] < b[1]
-  end)
-  if rpm then
-    local used = 0
-    for _, b in ipairs(minute) do used = used + b[2] end
-    if used + 1 > rpm then
-      if rpm < 1 then return refuse('requests_per_minute', -1) end
-      return refuse('requests_per_minute', frees(used + 1 - rpm, 2))
-    end
+  if rpm and w.requests + 1 > rpm then
+    if rpm < 1 then return refuse('requests_per_minute', -1) end
+    return refuse('requests_per_minute', frees(w.requests + 1 - rpm, 2))
   end
-  if tpm then
-    local used = 0
-    for _, b in ipairs(minute) do used = used + b[3] end
-    if used + demand_tokens > tpm then
-      if demand_tokens > tpm then return refuse('tokens_per_minute', -1) end
-      return refuse('tokens_per_minute', frees(used + demand_tokens - tpm, 3))
-    end
+  if tpm and w.tokens + demand_tokens > tpm then
+    if demand_tokens > tpm then return refuse('tokens_per_minute', -1) end
+    return refuse('tokens_per_minute', frees(w.tokens + demand_tokens - tpm, 3))
   end
-  -- committed totals of today (and tomorrow, once now + skew reaches it) and of the month
-  local day_tokens = tonumber(redis.call('GET', KEYS[4 + di]) or '0')
-  if math.floor(horizon / DAY) > today then
-    day_tokens = day_tokens + tonumber(redis.call('GET', KEYS[5 + di]) or '0')
-  end
-  local month_cost = tonumber(redis.call('GET', KEYS[8 + mi]) or '0')
-  if horizon >= starts[mi + 1] then
-    month_cost = month_cost + tonumber(redis.call('GET', KEYS[9 + mi]) or '0')
-  end
-  table.sort(holds, function(a, b) return a[1] < b[1] end)
-  local stale = now - TTL
-  for _, b in ipairs(holds) do
-    local start = b[1] * MINUTE
-    if b[2] > 0 and b[5] > stale and start <= horizon then
-      if start >= today * DAY then day_tokens = day_tokens + b[3] end
-      if start >= starts[mi] then month_cost = month_cost + b[4] end
-    end
-  end
-  if tpd and day_tokens + demand_tokens > tpd then
+  if tpd and w.day_tokens + demand_tokens > tpd then
     if demand_tokens > tpd then return refuse('tokens_per_day', -1) end
-    return refuse('tokens_per_day', (today + 1) * DAY - now)
+    return refuse('tokens_per_day', (cal.today + 1) * DAY - now)
   end
   -- compared at the report's precision, as the reference does
-  if usd and tonumber(string.format('%.9f', month_cost + demand_cost)) > usd then
+  if usd and tonumber(string.format('%.9f', w.month_cost + demand_cost)) > usd then
     if demand_cost > usd then return refuse('usd_per_month', -1) end
-    return refuse('usd_per_month', starts[mi + 1] - now)
+    return refuse('usd_per_month', cal.starts[cal.mi + 1] - now)
   end
 end
 
@@ -420,7 +450,24 @@ if now > h[4] then h[4] = now end
 put_hold(KEYS[2], m, h)
 redis.call('EXPIRE', KEYS[2], HOLDS_TTL)
 redis.call('SET', KEYS[3], int(now) .. '|' .. ARGV[12] .. '|' .. ARGV[13], 'EX', ARGV[14])
-return {1, int(now)}
+local reply = {1, '', 0, int(now)}
+for _, v in ipairs(sums_reply(w)) do reply[#reply + 1] = v end
+return reply
+"""
+)
+
+# KEYS and ARGV[1..7]: those of _RESERVE_LUA (the hold key is not read).
+# Reply: now (us), then the sums (sums_reply). Reads only: nothing is pruned or held.
+_USAGE_LUA = (
+    _LUA_READ
+    + """
+local now
+if ARGV[1] == '' then now = server_now() else now = tonumber(ARGV[1]) end
+local cal, err = calendar(now)
+if not cal then return redis.error_reply(err) end
+local reply = {int(now)}
+for _, v in ipairs(sums_reply(windows(now, cal, now, nil))) do reply[#reply + 1] = v end
+return reply
 """
 )
 
@@ -572,6 +619,7 @@ return 1
 """
 
 _RESERVE = _Script(_RESERVE_LUA)
+_USAGE = _Script(_USAGE_LUA)
 _RECORD = _Script(_RECORD_LUA)
 _RELEASE = _Script(_RELEASE_LUA)
 _REPORT = _Script(_REPORT_LUA)
@@ -940,10 +988,11 @@ def _quota_keys(keys: _Keys, customer_id: str, reservation_id: str) -> tuple[str
     )
 
 
-def _reserve_eval(
-    keys: _Keys, customer_id: str, quota: Quota, demand: QuotaDemand, now: datetime | None
-) -> tuple[_Eval, str]:
-    """The reservation script for one call, and the id its hold gets."""
+def _counter_keys_and_args(
+    keys: _Keys, customer_id: str, now: datetime | None
+) -> tuple[tuple[str, ...], tuple[str | int, ...]]:
+    """KEYS[4..11] and ARGV[1..7] of the quota scripts: the day and month counters around the
+    caller's clock (or the given ``now``), and where those days and months start."""
     # The caller's clock (or the given now) only picks the day and month counters around it;
     # with now=None the script decides on the Redis server's clock.
     local = _utc(now) if now is not None else datetime.now(timezone.utc)
@@ -953,20 +1002,35 @@ def _reserve_eval(
     months = [month_start(this_month - timedelta(days=1)), this_month]
     while len(months) < 5:
         months.append(next_month(months[-1]))
-    reservation_id = uuid.uuid4().hex
-    script = _Eval(
-        _RESERVE,
+    return (
         (
-            *_quota_keys(keys, customer_id, reservation_id),
             *(keys.of(customer_id, f"day:{_day_label(day)}") for day in days),
             *(keys.of(customer_id, f"month:{_month_label(month)}") for month in months[:4]),
-            keys.of(customer_id, "win"),
-            keys.of(customer_id, "pending"),
         ),
         (
             "" if now is None else _us(local),
             day_of(_us(days[0])),
             *(_us(month) for month in months),
+        ),
+    )
+
+
+def _reserve_eval(
+    keys: _Keys, customer_id: str, quota: Quota, demand: QuotaDemand, now: datetime | None
+) -> tuple[_Eval, str]:
+    """The reservation script for one call, and the id its hold gets."""
+    counter_keys, counter_args = _counter_keys_and_args(keys, customer_id, now)
+    reservation_id = uuid.uuid4().hex
+    script = _Eval(
+        _RESERVE,
+        (
+            *_quota_keys(keys, customer_id, reservation_id),
+            *counter_keys,
+            keys.of(customer_id, "win"),
+            keys.of(customer_id, "pending"),
+        ),
+        (
+            *counter_args,
             _limit(quota.requests_per_minute),
             _limit(quota.tokens_per_minute),
             _limit(quota.tokens_per_day),
@@ -980,13 +1044,28 @@ def _reserve_eval(
     return script, reservation_id
 
 
-def _reservation(reply: Any, reservation_id: str, customer_id: str) -> Reservation:
+def _sums_from_reply(reply: Sequence[Any]) -> WindowSums:
+    """The window sums a quota script returned (its ``sums_reply``)."""
+    requests, tokens, requests_since, tokens_since, day_tokens = (int(v) for v in reply[:5])
+    return WindowSums(
+        requests=requests,
+        tokens=tokens,
+        requests_since_us=None if requests_since < 0 else requests_since,
+        tokens_since_us=None if tokens_since < 0 else tokens_since,
+        day_tokens=day_tokens,
+        month_cost=float(reply[5]),
+    )
+
+
+def _reservation(reply: Any, reservation_id: str, customer_id: str, quota: Quota) -> Reservation:
+    now_us = int(reply[3])
+    usage = usage_of(quota, _sums_from_reply(reply[4:]), now_us)
     if int(reply[0]) == 1:
-        return Reservation(reservation_id, customer_id, True, at=from_us(int(reply[1])))
+        return Reservation(reservation_id, customer_id, True, at=from_us(now_us), usage=usage)
     retry_us = int(reply[2])
     # integer microseconds / 10**6 is exactly how the reference rounds
     retry_after = None if retry_us < 0 else retry_us / _US
-    return Reservation("", customer_id, False, _text(reply[1]), retry_after)
+    return Reservation("", customer_id, False, _text(reply[1]), retry_after, usage=usage)
 
 
 def _reserve(
@@ -994,7 +1073,20 @@ def _reserve(
 ) -> _Op[Reservation]:
     script, reservation_id = _reserve_eval(keys, customer_id, quota, demand, now)
     (reply,) = yield [script]
-    return _reservation(reply, reservation_id, customer_id)
+    return _reservation(reply, reservation_id, customer_id, quota)
+
+
+def _quota_usage(
+    keys: _Keys, customer_id: str, quota: Quota, now: datetime | None
+) -> _Op[tuple[LimitUsage, ...]]:
+    """A customer's usage of each limit, read by one read-only script."""
+    if quota.is_unlimited:
+        return ()
+    counter_keys, counter_args = _counter_keys_and_args(keys, customer_id, now)
+    (reply,) = yield [
+        _Eval(_USAGE, (*_quota_keys(keys, customer_id, ""), *counter_keys), counter_args)
+    ]
+    return usage_of(quota, _sums_from_reply(reply[1:]), int(reply[0]))
 
 
 def _begin_call(
@@ -1015,7 +1107,9 @@ def _begin_call(
     if identifier is not None:
         batch.append(_cmd("set", keys.identifier(identifier), customer_id))
     replies = yield batch
-    reservation = None if quota is None else _reservation(replies[1], reservation_id, customer_id)
+    reservation = (
+        None if quota is None else _reservation(replies[1], reservation_id, customer_id, quota)
+    )
     now = reservation.at if reservation is not None and reservation.at else None
     suspension = _suspension(customer_id, *replies[0])
     if suspension is not None and suspension.active_at(now or datetime.now(timezone.utc)):
@@ -1433,6 +1527,13 @@ class RedisStore:
         """
         return self._run(_reserve(self._keys, customer_id, quota, demand, now))
 
+    def quota_usage(
+        self, customer_id: str, quota: Quota, *, now: datetime | None = None
+    ) -> tuple[LimitUsage, ...]:
+        """What the customer has used of each limit ``quota`` sets at ``now`` (default: the
+        Redis server's clock), pending holds included. One read-only script: nothing held."""
+        return self._run(_quota_usage(self._keys, customer_id, quota, now))
+
     def begin_call(
         self,
         customer_id: str,
@@ -1650,6 +1751,13 @@ class AsyncRedisStore:
         ``now`` defaults to the Redis server's clock (``TIME``), shared by every replica.
         """
         return await self._run(_reserve(self._keys, customer_id, quota, demand, now))
+
+    async def quota_usage(
+        self, customer_id: str, quota: Quota, *, now: datetime | None = None
+    ) -> tuple[LimitUsage, ...]:
+        """What the customer has used of each limit ``quota`` sets at ``now`` (default: the
+        Redis server's clock), pending holds included. One read-only script: nothing held."""
+        return await self._run(_quota_usage(self._keys, customer_id, quota, now))
 
     async def begin_call(
         self,

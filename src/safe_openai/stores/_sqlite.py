@@ -53,16 +53,18 @@ from ._types import (
     CustomerReport,
     DayTotal,
     EventClaim,
+    LimitUsage,
     QuotaDemand,
     QuotaState,
     Reservation,
     Suspension,
     Violation,
+    assess,
     counted_days,
     day_of,
-    decide,
     finish_report,
     from_us,
+    measure,
     record_from_row,
     to_us,
 )
@@ -530,10 +532,13 @@ def _reserve_in(
     conn: sqlite3.Connection, customer_id: str, quota: Quota, demand: QuotaDemand, now_us: int
 ) -> Reservation:
     """Decide and hold a reservation inside the caller's write transaction."""
+    usage: tuple[LimitUsage, ...] = ()
     if not quota.is_unlimited:
-        limit, retry_after = decide(quota, demand, _quota_state(conn, customer_id, now_us), now_us)
+        limit, retry_after, usage = assess(
+            quota, demand, _quota_state(conn, customer_id, now_us), now_us
+        )
         if limit is not None:
-            return Reservation("", customer_id, False, limit, retry_after)
+            return Reservation("", customer_id, False, limit, retry_after, usage=usage)
     reservation_id = uuid.uuid4().hex
     at = from_us(now_us)
     # never prune past this host's clock: a caller's `now` far ahead would drop what still
@@ -557,7 +562,7 @@ def _reserve_in(
         "INSERT INTO pending (id, customer_id, at, tokens, cost_usd) VALUES (?, ?, ?, ?, ?)",
         (reservation_id, customer_id, _ts(at), tokens, cost),
     )
-    return Reservation(reservation_id, customer_id, True, at=at)
+    return Reservation(reservation_id, customer_id, True, at=at, usage=usage)
 
 
 _REMEMBER_IDENTIFIER = "INSERT OR REPLACE INTO identifiers (identifier, customer_id) VALUES (?, ?)"
@@ -823,6 +828,18 @@ class SQLiteStore:
         now_us = to_us(now if now is not None else datetime.now(timezone.utc))
         with self._transaction("reserve quota", "IMMEDIATE") as conn:
             return _reserve_in(conn, customer_id, quota, demand, now_us)
+
+    def quota_usage(
+        self, customer_id: str, quota: Quota, *, now: datetime | None = None
+    ) -> tuple[LimitUsage, ...]:
+        """What the customer has used of each limit ``quota`` sets at ``now`` (default: this
+        host's clock), pending holds included. One read (no write lock, nothing held)."""
+        now_us = to_us(now if now is not None else datetime.now(timezone.utc))
+        if quota.is_unlimited:
+            return ()
+        with self._transaction("read quota usage") as conn:
+            state = _quota_state(conn, customer_id, now_us)
+        return measure(quota, state, now_us)
 
     def begin_call(
         self,

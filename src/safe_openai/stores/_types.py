@@ -45,6 +45,7 @@ __all__ = [
     "HOLD_BUCKET",
     "KEEP_HOLD_MINUTES",
     "KEEP_SECONDS",
+    "LIMIT_NAMES",
     "OUTCOME_COLUMNS",
     "RESERVATION_TTL",
     "Bucket",
@@ -52,23 +53,29 @@ __all__ = [
     "CustomerReport",
     "DayTotal",
     "EventClaim",
+    "LimitUsage",
     "QuotaDemand",
     "QuotaState",
     "Reservation",
     "Suspension",
     "Violation",
+    "WindowSums",
     "add_to_report",
+    "assess",
     "counted_days",
     "day_of",
     "day_start",
     "decide",
     "finish_report",
     "from_us",
+    "measure",
     "month_of",
     "month_start",
     "next_month",
     "record_from_row",
     "to_us",
+    "usage_of",
+    "window_sums",
 ]
 
 #: A pending reservation older than this is treated as abandoned (its process died).
@@ -177,6 +184,39 @@ class QuotaDemand:
     cost_usd: float = 0.0
 
 
+#: The limits of a :class:`~safe_openai.Quota`, in the order they are checked and reported.
+LIMIT_NAMES = ("requests_per_minute", "tokens_per_minute", "tokens_per_day", "usd_per_month")
+
+
+@dataclass(frozen=True, slots=True)
+class LimitUsage:
+    """How much of one quota limit a customer has used.
+
+    Attributes:
+        name: The limit: ``"requests_per_minute"``, ``"tokens_per_minute"``,
+            ``"tokens_per_day"`` or ``"usd_per_month"``.
+        used: What counts in the limit's window now, pending holds included (before any new
+            demand): whole requests or tokens (ints), or US dollars.
+        limit: The limit's value.
+        resets_at: When ``used`` next drops: for the minute windows when the oldest entry
+            counting leaves the window, for the day the next 00:00 UTC, for the month 00:00
+            UTC on the first of the next month; ``None`` when nothing is used.
+    """
+
+    name: str
+    used: float
+    limit: float
+    resets_at: datetime | None
+
+    @property
+    def remaining(self) -> float:
+        """What is left of the limit (never below 0)."""
+        left = self.limit - self.used
+        if isinstance(left, float):
+            left = round(left, 9)  # summed costs: 0.3 - 0.1 - 0.2 is 0, not -5.5e-17
+        return max(left, 0)
+
+
 @dataclass(frozen=True, slots=True)
 class Reservation:
     """The answer to a quota reservation.
@@ -189,6 +229,8 @@ class Reservation:
         retry_after: Seconds until enough capacity frees, or ``None`` when waiting cannot help.
         at: When the store placed the hold (its own clock where it has one); the usage record
             that settles it counts at this time. ``None`` when unknown.
+        usage: What the store found used of each limit the quota sets when it decided, before
+            this demand (admitted or refused); empty when the store does not report it.
     """
 
     id: str
@@ -197,6 +239,7 @@ class Reservation:
     limit: str | None = None
     retry_after: float | None = None
     at: datetime | None = None
+    usage: tuple[LimitUsage, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,20 +358,31 @@ def counted_days(now_us: int) -> tuple[range, range]:
     return range(day_of(now_us), last + 1), range(first_of_month, last + 1)
 
 
-def decide(
-    quota: Quota, demand: QuotaDemand, state: QuotaState, now_us: int
-) -> tuple[str | None, float | None]:
-    """Decide a demand against a customer's quota state (see the module docstring).
+@dataclass(frozen=True, slots=True)
+class WindowSums:
+    """What counts in each window of a customer's quota at one instant (before new demand).
 
-    Args:
-        quota: The customer's limits.
-        demand: What the new call may consume.
-        state: The customer's buckets and day totals.
-        now_us: The current time, microseconds since the epoch.
-
-    Returns:
-        ``(None, None)`` when admitted, else the refusing limit's name and its ``retry_after``.
+    Attributes:
+        requests: Requests in the minute window.
+        tokens: Tokens in the minute window.
+        requests_since_us: ``last_us`` of the oldest minute bucket holding requests (``None``:
+            none does); it leaves the window a minute later.
+        tokens_since_us: The same for the oldest bucket holding tokens.
+        day_tokens: Tokens of the UTC day.
+        month_cost: Cost of the UTC month.
     """
+
+    requests: int = 0
+    tokens: int = 0
+    requests_since_us: int | None = None
+    tokens_since_us: int | None = None
+    day_tokens: int = 0
+    month_cost: float = 0.0
+
+
+def _counted(state: QuotaState, now_us: int) -> tuple[list[Bucket], WindowSums]:
+    """The minute buckets that count at ``now_us`` (oldest first) and every window's sums:
+    the one computation :func:`decide` and :func:`measure` share."""
     minute_from = now_us - MINUTE_US
     horizon = now_us + SKEW_US
     minute = sorted(
@@ -341,23 +395,6 @@ def decide(
         ),
         key=lambda b: (b.last_us, b.index),
     )
-
-    if quota.requests_per_minute is not None:
-        limit = quota.requests_per_minute
-        used = sum(b.requests for b in minute)
-        if used + 1 > limit:
-            if limit < 1:
-                return "requests_per_minute", None
-            return "requests_per_minute", _frees(minute, used + 1 - limit, now_us, "requests")
-    if quota.tokens_per_minute is not None:
-        limit = quota.tokens_per_minute
-        used = sum(b.tokens for b in minute)
-        if used + demand.tokens > limit:
-            if demand.tokens > limit:
-                return "tokens_per_minute", None
-            excess = used + demand.tokens - limit
-            return "tokens_per_minute", _frees(minute, excess, now_us, "tokens")
-
     token_days, cost_days = counted_days(now_us)
     today_us = token_days.start * DAY_US
     month_us = cost_days.start * DAY_US
@@ -377,11 +414,73 @@ def decide(
             day_tokens += hold.tokens
         if start >= month_us:
             month_cost += hold.cost_usd
+    sums = WindowSums(
+        requests=sum(b.requests for b in minute),
+        tokens=sum(b.tokens for b in minute),
+        requests_since_us=next((b.last_us for b in minute if b.requests > 0), None),
+        tokens_since_us=next((b.last_us for b in minute if b.tokens > 0), None),
+        day_tokens=day_tokens,
+        month_cost=month_cost,
+    )
+    return minute, sums
 
+
+def window_sums(state: QuotaState, now_us: int) -> WindowSums:
+    """What counts in each window of ``state`` at ``now_us`` (see the module docstring)."""
+    return _counted(state, now_us)[1]
+
+
+def decide(
+    quota: Quota, demand: QuotaDemand, state: QuotaState, now_us: int
+) -> tuple[str | None, float | None]:
+    """Decide a demand against a customer's quota state (see the module docstring).
+
+    Args:
+        quota: The customer's limits.
+        demand: What the new call may consume.
+        state: The customer's buckets and day totals.
+        now_us: The current time, microseconds since the epoch.
+
+    Returns:
+        ``(None, None)`` when admitted, else the refusing limit's name and its ``retry_after``.
+    """
+    minute, sums = _counted(state, now_us)
+    return _decide(quota, demand, minute, sums, now_us)
+
+
+def assess(
+    quota: Quota, demand: QuotaDemand, state: QuotaState, now_us: int
+) -> tuple[str | None, float | None, tuple[LimitUsage, ...]]:
+    """:func:`decide` and :func:`measure` in one pass over ``state``: the refusing limit (or
+    ``None``), its ``retry_after``, and the usage found before this demand."""
+    minute, sums = _counted(state, now_us)
+    limit, retry_after = _decide(quota, demand, minute, sums, now_us)
+    return limit, retry_after, usage_of(quota, sums, now_us)
+
+
+def _decide(
+    quota: Quota, demand: QuotaDemand, minute: Sequence[Bucket], sums: WindowSums, now_us: int
+) -> tuple[str | None, float | None]:
+    if quota.requests_per_minute is not None:
+        limit = quota.requests_per_minute
+        used = sums.requests
+        if used + 1 > limit:
+            if limit < 1:
+                return "requests_per_minute", None
+            return "requests_per_minute", _frees(minute, used + 1 - limit, now_us, "requests")
+    if quota.tokens_per_minute is not None:
+        limit = quota.tokens_per_minute
+        used = sums.tokens
+        if used + demand.tokens > limit:
+            if demand.tokens > limit:
+                return "tokens_per_minute", None
+            excess = used + demand.tokens - limit
+            return "tokens_per_minute", _frees(minute, excess, now_us, "tokens")
+    day_tokens, month_cost = sums.day_tokens, sums.month_cost
     if quota.tokens_per_day is not None and day_tokens + demand.tokens > quota.tokens_per_day:
         if demand.tokens > quota.tokens_per_day:
             return "tokens_per_day", None
-        return "tokens_per_day", (today_us + DAY_US - now_us) / SECOND_US
+        return "tokens_per_day", (day_of(now_us) * DAY_US + DAY_US - now_us) / SECOND_US
     # Costs are summed floats: compare at the report's precision so 0.1 + 0.2 fits in 0.3.
     if (
         quota.usd_per_month is not None
@@ -391,6 +490,58 @@ def decide(
             return "usd_per_month", None
         return "usd_per_month", (to_us(next_month(from_us(now_us))) - now_us) / SECOND_US
     return None, None
+
+
+def usage_of(quota: Quota, sums: WindowSums, now_us: int) -> tuple[LimitUsage, ...]:
+    """One :class:`LimitUsage` per limit ``quota`` sets (in :data:`LIMIT_NAMES` order), from
+    the window sums at ``now_us``."""
+    found: list[LimitUsage] = []
+    if quota.requests_per_minute is not None:
+        since = sums.requests_since_us if sums.requests > 0 else None
+        found.append(
+            LimitUsage(
+                "requests_per_minute",
+                sums.requests,
+                quota.requests_per_minute,
+                None if since is None else from_us(since + MINUTE_US),
+            )
+        )
+    if quota.tokens_per_minute is not None:
+        since = sums.tokens_since_us if sums.tokens > 0 else None
+        found.append(
+            LimitUsage(
+                "tokens_per_minute",
+                sums.tokens,
+                quota.tokens_per_minute,
+                None if since is None else from_us(since + MINUTE_US),
+            )
+        )
+    if quota.tokens_per_day is not None:
+        found.append(
+            LimitUsage(
+                "tokens_per_day",
+                sums.day_tokens,
+                quota.tokens_per_day,
+                from_us((day_of(now_us) + 1) * DAY_US) if sums.day_tokens > 0 else None,
+            )
+        )
+    if quota.usd_per_month is not None:
+        cost = round(sums.month_cost, 9)
+        found.append(
+            LimitUsage(
+                "usd_per_month",
+                cost,
+                quota.usd_per_month,
+                next_month(from_us(now_us)) if cost > 0 else None,
+            )
+        )
+    return tuple(found)
+
+
+def measure(quota: Quota, state: QuotaState, now_us: int) -> tuple[LimitUsage, ...]:
+    """What a customer has used of each limit ``quota`` sets at ``now_us``, before any new
+    demand: the sums :func:`decide` compares, with when each next drops."""
+    return usage_of(quota, window_sums(state, now_us), now_us)
 
 
 def _frees(minute: Sequence[Bucket], excess: int, now_us: int, field_name: str) -> float:
