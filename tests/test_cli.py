@@ -147,6 +147,40 @@ def test_violations_lists_sources(store_url: str, capsys: pytest.CaptureFixture[
     assert {v["source"] for v in json.loads(out)} == {"moderation", "safety_identifier.blocked"}
 
 
+def test_violations_and_report_say_which_violations_are_strikes(
+    store_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The violations table, JSON and CSV carry the strike flag (CSV true/false); the report
+    counts every violation and, apart, the strikes among them."""
+    store = store_from_url(store_url)
+    store.record_violation(
+        Violation("acme", NOW, "output", ("violence",), 0.8, "/responses", strike=False)
+    )
+    store.close()
+    _, table, _ = run(capsys, "violations", "--store", store_url, "--customer", "acme")
+    assert table.splitlines()[0].endswith("strike")
+    assert sorted(line.split()[-1] for line in table.splitlines()[2:]) == ["no", "yes", "yes"]
+    assert max(len(line) for line in table.splitlines()) <= 80
+    _, out, _ = run(capsys, "violations", "--store", store_url, "--format", "json")
+    assert sorted((v["source"], v["strike"]) for v in json.loads(out)) == [
+        ("moderation", True),
+        ("output", False),
+        ("safety_identifier.blocked", True),
+    ]
+    _, out, _ = run(capsys, "violations", "--store", store_url, "--format", "csv")
+    assert sorted(r["strike"] for r in csv.DictReader(io.StringIO(out))) == [
+        "false",
+        "true",
+        "true",
+    ]
+    _, out, _ = run(capsys, "report", "--store", store_url, "--format", "json")
+    acme = next(row for row in json.loads(out) if row["customer"] == "acme")
+    assert (acme["violations"], acme["strikes"]) == (3, 2)
+    _, out, _ = run(capsys, "report", "--store", store_url, "--format", "csv")
+    row = next(r for r in csv.DictReader(io.StringIO(out)) if r["customer"] == "acme")
+    assert (row["violations"], row["strikes"]) == ("3", "2")
+
+
 def test_errors_are_one_clear_line(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -4,6 +4,7 @@ written back, exactly once, on the first write that succeeds again."""
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 from datetime import datetime, timezone
 from pathlib import Path
@@ -181,6 +182,23 @@ def test_a_violation_replayed_twice_after_a_crash_counts_once(tmp_path: Path) ->
     spool.append_violation(violation)  # what a crash between write and keep amounts to
     assert spool.drain(store) == 2
     assert store.violations() == [violation]
+
+
+def test_a_spooled_violation_keeps_whether_it_is_a_strike(tmp_path: Path) -> None:
+    """The spool writes back the strike flag as it was; a line spooled before the flag
+    existed (no "strike" key) is a strike, as every violation then was."""
+    now = datetime.now(timezone.utc)
+    spared = Violation("acme", now, "output", violation_id="v1", strike=False)
+    spool = Spool(tmp_path)
+    spool.append_violation(spared)
+    old = {"customer_id": "acme", "created_at": now.isoformat(), "source": "moderation"}
+    old |= {"categories": [], "top_score": None, "endpoint": None, "detail": ""}
+    with open(next(tmp_path.glob("*.jsonl")), "a") as file:
+        file.write(json.dumps({"violation": {**old, "violation_id": "v0"}}) + "\n")
+    store = MemoryStore()
+    assert spool.drain(store) == 2
+    assert {v.violation_id: v.strike for v in store.violations()} == {"v1": False, "v0": True}
+    assert store.count_violations("acme", since=now) == 1
 
 
 def test_a_violation_without_an_id_gets_one_before_it_is_spooled(tmp_path: Path) -> None:

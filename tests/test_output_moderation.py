@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Sequence
+from datetime import datetime, timezone
 from typing import Any
 
 import httpx2
@@ -16,6 +17,7 @@ from pydantic import BaseModel
 
 from safe_openai import (
     ConfigurationError,
+    CustomerSuspended,
     DefaultPolicy,
     GuardedRequest,
     ModerationBlocked,
@@ -475,13 +477,60 @@ def test_the_policy_decides_per_customer() -> None:
             call(client.for_customer("free"), "chat")
 
 
-def test_output_strikes_false_records_no_violation() -> None:
+def test_output_strikes_false_stores_a_violation_that_is_not_a_strike() -> None:
     fake = FakeOpenAI(reply=FLAGGED)
     with make_client(fake, policy=policy("block", output_strikes=False)) as client:
         with pytest.raises(OutputBlocked):
             call(client.for_customer("acme"), "chat")
-        assert client.store.violations() == []
+        (violation,) = client.store.violations()
+        assert (violation.source, violation.strike) == ("output", False)
+        assert violation.categories == ("violence",)
+        assert client.store.count_violations("acme", since=violation.created_at) == 0
+        (row,) = client.store.usage_report()
+        assert (row.violations, row.strikes) == (1, 0)
         assert len(client.store.usage_records()) == 1
+
+
+@pytest.mark.parametrize("mode", ["record", "block"])
+def test_output_that_is_no_strike_never_suspends(mode: str) -> None:
+    """Under output_strikes=False every flagged answer is stored, none counts toward the
+    strike limit, so the customer is never suspended; a strike policy suspends the same run."""
+    for strikes, suspended in ((False, False), (True, True)):
+        fake = FakeOpenAI()
+        settings = {"strike_limit": 2, "output_strikes": strikes}
+        with make_client(fake, policy=policy(mode, **settings)) as client:
+            acme = client.for_customer("acme")
+            for reply in (FLAGGED, "They kill again.", "And kill once more."):
+                fake.reply = reply
+                try:
+                    call(acme, "chat")
+                except OutputBlocked:
+                    pass
+                except CustomerSuspended:
+                    assert suspended
+            stored = client.store.violations(customer_id="acme")
+            assert [v.strike for v in stored] == [strikes] * (2 if suspended else 3)
+            assert (client.store.suspension("acme", now=_now()) is not None) is suspended
+
+
+def test_async_output_strikes_false_stores_a_violation_that_is_not_a_strike() -> None:
+    async def main() -> None:
+        fake = FakeOpenAI()
+        policy_ = policy("record", output_strikes=False, strike_limit=1)
+        async with make_async_client(fake, policy=policy_) as client:
+            acme = client.for_customer("acme")
+            for reply in (FLAGGED, "They kill again."):
+                fake.reply = reply
+                await resource(acme, "chat").create(**arguments("chat"))
+            stored = await client.store.violations(customer_id="acme")
+            assert [(v.source, v.strike) for v in stored] == [("output", False)] * 2
+            assert await client.store.suspension("acme", now=_now()) is None
+
+    asyncio.run(main())
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
 
 
 def test_output_strikes_suspend_at_the_strike_limit() -> None:

@@ -71,8 +71,41 @@ def test_a_blocked_tool_output_is_not_the_customers_strike(fake: FakeOpenAI) -> 
     with make_client(fake) as client:
         with pytest.raises(ModerationBlocked):
             ask(client.for_customer("acme"), TOOL_TURN)
-        assert client.store.violations(customer_id="acme") == []
+        (violation,) = client.store.violations(customer_id="acme")
+        assert (violation.source, violation.strike) == ("moderation", False)
+        assert client.store.count_violations("acme", since=violation.created_at) == 0
         assert fake.model_requests == []  # blocked all the same
+
+
+def test_blocked_tool_outputs_are_stored_but_never_suspend(fake: FakeOpenAI) -> None:
+    """Blocks of content the customer did not write are kept as violations that are not
+    strikes: past the strike limit, the customer is not suspended."""
+    with make_client(fake, policy=DefaultPolicy(strike_limit=1)) as client:
+        acme = client.for_customer("acme")
+        for news in ("a man tried to kill a courier", "they kill the driver", "kill them all"):
+            turn = [*TOOL_TURN[:2], {**TOOL_TURN[2], "content": f"News: {news}."}]
+            with pytest.raises(ModerationBlocked):
+                ask(acme, turn)
+        stored = client.store.violations(customer_id="acme")
+        assert [v.strike for v in stored] == [False] * 3
+        ask(acme, [{"role": "user", "content": "hello"}])  # not suspended
+        [row] = client.store.usage_report(customer_id="acme")
+        assert (row.violations, row.strikes) == (3, 0)
+
+
+def test_content_first_blocked_as_a_tool_output_strikes_when_the_customer_sends_it(
+    fake: FakeOpenAI,
+) -> None:
+    """A repeat is judged among blocks of its kind: the customer writing what a tool returned a
+    moment ago is a strike, not a repeat of the earlier block."""
+    text = TOOL_TURN[2]["content"]
+    with make_client(fake) as client:
+        acme = client.for_customer("acme")
+        with pytest.raises(ModerationBlocked):
+            ask(acme, TOOL_TURN)
+        with pytest.raises(ModerationBlocked):
+            ask(acme, [{"role": "user", "content": text}])
+        assert [v.strike for v in client.store.violations(customer_id="acme")] == [True, False]
 
 
 def test_a_policy_may_count_tool_content_as_strikes(fake: FakeOpenAI) -> None:

@@ -338,7 +338,7 @@ def _judge(
         top_score=round(max(scores.values(), default=0.0), 4),
         lines=list(error.lines)[:10],
     )
-    if upload.customer_id is not None and counts:
+    if upload.customer_id is not None:
         violation = Violation(
             customer_id=upload.customer_id,
             created_at=upload.created_at,
@@ -346,6 +346,7 @@ def _judge(
             categories=error.categories,
             top_score=max(scores.values(), default=0.0),
             endpoint=UPLOAD_PATH,
+            strike=counts,
         )
         yield from strike(state, violation, flagged)
     raise error

@@ -112,13 +112,13 @@ def format_report_table(rows: Sequence[CustomerReport]) -> str:
 
 def format_violations_table(rows: Sequence[Violation]) -> str:
     """Violations as a table that fits an 80-column terminal."""
-    header = f"{'when (UTC)':<16} {'customer':<16} {'source':<26} {'categories':<19}"
+    header = f"{'when (UTC)':<16} {'customer':<16} {'source':<26} {'categories':<12} strike"
     lines = [header, "-" * len(header)]
     for v in rows:
         when = v.created_at.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M")
         lines.append(
             f"{when:<16} {_fit(v.customer_id, 16):<16} {_fit(v.source, 26):<26} "
-            f"{_fit(', '.join(v.categories) or '-', 19):<19}"
+            f"{_fit(', '.join(v.categories) or '-', 12):<12} {'yes' if v.strike else 'no':<6}"
         )
     if not rows:
         lines.append("(no violations)")
@@ -134,6 +134,7 @@ VIOLATION_FIELDS = (
     "top_score",
     "endpoint",
     "detail",
+    "strike",
 )
 
 

@@ -488,10 +488,11 @@ def moderate_output(
 ) -> Flow[None]:
     """Moderate text the model returned for ``call`` (a whole answer, or a stream's window).
 
-    Flagged output is recorded as a violation with ``source="output"`` (once per call, a strike
-    unless :attr:`Policy.output_strikes` is false). Under ``"block"`` it raises; under
-    ``"record"`` the caller gets the output all the same. An outage follows ``fail_open``:
-    ``"block"`` failing closed withholds the output, anything else lets it through, logged.
+    Flagged output is recorded as a violation with ``source="output"`` (once per call; a strike
+    unless :attr:`Policy.output_strikes` is false, then a violation that is not one). Under
+    ``"block"`` it raises; under ``"record"`` the caller gets the output all the same. An
+    outage follows ``fail_open``: ``"block"`` failing closed withholds the output, anything
+    else lets it through, logged.
 
     Raises:
         OutputBlocked: ``"block"`` and the policy judged the text blocked.
@@ -549,24 +550,25 @@ def moderate_output(
     )
     if call.customer_id is not None and not call.output_flagged:
         call.output_flagged = True
-        if policy.output_strikes:
-            violation = Violation(
-                customer_id=call.customer_id,
-                created_at=_now(),
-                source="output",
-                categories=verdict.categories,
-                top_score=verdict.top_score,
-                endpoint=call.endpoint,
-                detail=request_id or "",
-            )
-            alone = [
-                key
-                for key, result in zip(keys, judged, strict=True)
-                if policy.judge_output(request, [result]).blocked
-            ]
-            yield from strike(state, violation, alone or keys)
-        else:
+        struck = bool(policy.output_strikes)
+        if not struck:
             log.info("safe_openai.output_flagged_without_strike", customer_id=call.customer_id)
+        violation = Violation(
+            customer_id=call.customer_id,
+            created_at=_now(),
+            source="output",
+            categories=verdict.categories,
+            top_score=verdict.top_score,
+            endpoint=call.endpoint,
+            detail=request_id or "",
+            strike=struck,
+        )
+        alone = [
+            key
+            for key, result in zip(keys, judged, strict=True)
+            if policy.judge_output(request, [result]).blocked
+        ]
+        yield from strike(state, violation, alone or keys)
     if mode == "block":
         raise OutputBlocked(
             call.customer_id,
@@ -807,7 +809,7 @@ def _moderate(
     )
     flagged = blocking_alone(policy, request, keys, judged)
     flagged_inputs = [item for key, item in zip(keys, inputs, strict=True) if key in flagged]
-    if call.customer_id is not None and is_strike(policy, request, flagged_inputs, pieces):
+    if call.customer_id is not None:
         violation = Violation(
             customer_id=call.customer_id,
             created_at=call.created_at,
@@ -815,6 +817,7 @@ def _moderate(
             categories=verdict.categories,
             top_score=verdict.top_score,
             endpoint=call.endpoint,
+            strike=is_strike(policy, request, flagged_inputs, pieces),
         )
         yield from strike(state, violation, flagged)
     raise ModerationBlocked(
@@ -860,13 +863,18 @@ def is_strike(
 
 
 def strike(state: GuardState, violation: Violation, keys: Iterable[bytes]) -> Flow[None]:
-    """Record a moderation block's violation, unless the same content was just blocked for the
-    same customer (a retry). The block stands whatever happens here.
+    """Record a moderation block's violation (a strike or not, see :attr:`Violation.strike`),
+    unless the same content was just blocked for the same customer (a retry). The block stands
+    whatever happens here.
 
     A violation the store cannot take goes to the spool like a usage record: the drain writes
     it once (by its ``violation_id``) and applies the strike rule then.
     """
     keys = list(keys)
+    if not violation.strike:
+        # a repeat is judged among violations of its own kind: content first seen where it was
+        # no strike (a tool result) still strikes when the customer writes it
+        keys.append(b"\x00not a strike")
     window = state.policy.repeat_strike_window
     if state.recent_blocks.repeat(violation.customer_id, keys, violation.created_at, window):
         log.info("safe_openai.repeat_block", customer_id=violation.customer_id)
@@ -907,7 +915,7 @@ def record_violation(
     """
     yield StoreCall("record_violation", (violation,), settles=settles)
     log.info(
-        "safe_openai.strike_recorded",
+        "safe_openai.strike_recorded" if violation.strike else "safe_openai.violation_recorded",
         customer_id=violation.customer_id,
         source=violation.source,
         categories=list(violation.categories),
@@ -931,7 +939,7 @@ def enforce_strikes(
     """
     policy = state.policy
     limit = policy.strike_limit
-    if limit is None:
+    if limit is None or not violation.strike:
         return False
     window = policy.strike_window
     at = violation.created_at
@@ -949,7 +957,7 @@ def enforce_strikes(
         )
         filled_at = at if count >= limit else None
     else:
-        times = sorted(v.created_at for v in stored if v.created_at <= at + window)
+        times = sorted(v.created_at for v in stored if v.strike and v.created_at <= at + window)
         filled_at = window_filled(times, at, window, limit)
     if filled_at is None:
         return False

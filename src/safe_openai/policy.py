@@ -230,8 +230,8 @@ class Policy:
     #: How long a strike suspension lasts; ``None`` until lifted.
     suspension: timedelta | None = None
     #: Roles whose blocked content is a strike against the customer. Content of other
-    #: moderated roles (a tool's output, a fetched page) is blocked all the same, without a
-    #: strike: the customer did not write it.
+    #: moderated roles (a tool's output, a fetched page) is blocked all the same and recorded
+    #: as a violation that is not a strike: the customer did not write it.
     strike_roles: tuple[str, ...] = ("user",)
     #: The same blocked content from the same customer within this span is one strike, not
     #: several: retries by a client or a framework (langchain's ``with_retry``) are not repeat
@@ -243,8 +243,9 @@ class Policy:
     #: ``None`` (not moderated), ``"record"`` (returned; a flag is recorded as a violation) or
     #: ``"block"`` (flagged output never reaches the caller: ``OutputBlocked``).
     output_moderation: Literal["record", "block"] | None = None
-    #: Whether flagged output is a strike against the customer (a recorded violation, counted
-    #: towards :attr:`strike_limit`). ``False``: it is logged, not recorded.
+    #: Whether flagged output is a strike against the customer (counted towards
+    #: :attr:`strike_limit`). Either way it is recorded as a violation (``source="output"``),
+    #: with :attr:`Violation.strike <safe_openai.stores.Violation.strike>` saying which.
     output_strikes: bool = True
     #: A streamed answer under ``"block"`` is held back in windows moderated before they are
     #: released: a window closes at this many characters of one output...
@@ -333,7 +334,8 @@ class DefaultPolicy(Policy):
             keep the model inside the customer's domain.
         output_moderation: ``None`` (the default: output is not moderated), ``"record"`` or
             ``"block"`` (see :attr:`Policy.output_moderation`).
-        output_strikes: Whether flagged output is a strike (a recorded violation).
+        output_strikes: Whether flagged output is a strike; it is recorded as a violation
+            either way.
         output_window_chars: Characters of streamed output held back per window (``"block"``).
         output_window_sentences: Sentence ends that close a window sooner (``None``: never).
 

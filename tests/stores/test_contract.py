@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 import uuid
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -225,7 +226,7 @@ def test_report_since_filters_records_and_violations(store: StoreDriver) -> None
     store.record_violation(violation(when=at(0)))
     store.record_violation(violation("beta", when=at(-60)))
     assert store.usage_report(since=T0) == [
-        CustomerReport(customer="acme", requests=1, input_tokens=7, violations=1)
+        CustomerReport(customer="acme", requests=1, input_tokens=7, violations=1, strikes=1)
     ]
     assert store.usage_report(since=at(1)) == []
 
@@ -236,7 +237,7 @@ def test_report_filters_by_customer(store: StoreDriver) -> None:
     store.record_usage(record("beta", input_tokens=2))
     store.record_violation(violation("beta"))
     assert store.usage_report(customer_id="beta") == [
-        CustomerReport(customer="beta", requests=1, input_tokens=2, violations=1)
+        CustomerReport(customer="beta", requests=1, input_tokens=2, violations=1, strikes=1)
     ]
     assert store.usage_report(customer_id="nobody") == []
 
@@ -254,8 +255,22 @@ def test_report_shows_violations_and_suspensions_in_force(store: StoreDriver) ->
         CustomerReport(customer="expired", requests=1, suspended=False),
         CustomerReport(customer="held", suspended=True),
         CustomerReport(customer="later", suspended=True),
-        CustomerReport(customer="viol", violations=2),
+        CustomerReport(customer="viol", violations=2, strikes=2),
     ]
+
+
+def test_report_counts_violations_and_the_strikes_among_them(store: StoreDriver) -> None:
+    """``violations`` counts every violation since ``since``, ``strikes`` only the strikes."""
+    store.record_violation(violation("acme", when=at(0)))
+    store.record_violation(replace(violation("acme", when=at(10)), strike=False))
+    store.record_violation(replace(violation("acme", when=at(20)), strike=False))
+    store.record_violation(replace(violation("beta", when=at(20)), strike=False))
+    assert [(r.customer, r.violations, r.strikes) for r in store.usage_report()] == [
+        ("acme", 3, 1),
+        ("beta", 1, 0),
+    ]
+    [row] = store.usage_report(since=at(5), customer_id="acme")
+    assert (row.violations, row.strikes) == (2, 0)
 
 
 def test_report_of_an_empty_store_is_empty(store: StoreDriver) -> None:
@@ -275,6 +290,37 @@ def test_violations_round_trip_newest_first(store: StoreDriver) -> None:
     store.record_violation(bare)
     store.record_violation(full)
     assert store.violations() == [full, bare]
+
+
+def test_a_violation_that_is_not_a_strike_round_trips_with_its_flag(store: StoreDriver) -> None:
+    """Every violation is stored with whether it is a strike; the flag comes back as written,
+    and a violation written without it is a strike."""
+    assert violation().strike is True
+    struck = violation("acme", when=at(0), detail="struck")
+    spared = replace(violation("acme", when=at(5), detail="spared"), strike=False)
+    store.record_violation(struck)
+    store.record_violation(spared)
+    assert store.violations() == [spared, struck]
+    assert [v.strike for v in store.violations(customer_id="acme", since=at(1))] == [False]
+
+
+def test_count_violations_counts_strikes_only(store: StoreDriver) -> None:
+    """count_violations drives suspension: violations that are not strikes are not counted."""
+    for offset in (0, 10, 20):
+        store.record_violation(violation("acme", when=at(offset)))
+        store.record_violation(replace(violation("acme", when=at(offset + 1)), strike=False))
+    assert store.count_violations("acme", since=at(0)) == 3
+    assert store.count_violations("acme", since=at(10)) == 2
+    assert len(store.violations(customer_id="acme")) == 6
+
+
+def test_a_violation_id_is_stored_once_whatever_its_flag(store: StoreDriver) -> None:
+    """Writing one violation id again, even flagged otherwise, stores nothing new."""
+    first = replace(violation("acme", when=at(0)), violation_id="v-1", strike=False)
+    assert store.record_violation(first) is True
+    assert store.record_violation(replace(first, strike=True)) is False
+    assert store.violations() == [first]
+    assert store.count_violations("acme", since=at(-1)) == 0
 
 
 def test_violations_filter_by_customer_since_and_limit(store: StoreDriver) -> None:

@@ -1,4 +1,4 @@
-"""Stores written by the release before the bucketed quota state open with their data intact.
+"""Stores written by earlier releases open with their data intact.
 
 Each test builds a store in the version 1 layout (the frozen first migration step, with rows
 written as version 1 wrote them), opens it with this release, and checks that the quota windows,
@@ -7,6 +7,7 @@ pending holds, reports and record listings carry forward.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -17,7 +18,7 @@ import pytest
 
 from safe_openai.policy import Quota
 from safe_openai.stores import store_from_url
-from safe_openai.stores._types import QuotaDemand, Reservation
+from safe_openai.stores._types import QuotaDemand, Reservation, Violation
 from safe_openai.usage import TokenUsage, UsageRecord
 
 from .conftest import POSTGRES_URL
@@ -221,6 +222,151 @@ def test_redis_keys_of_the_layout_before_buckets_are_read_once_and_dropped() -> 
                 assert store.reserve(
                     "acme", Quota(tokens_per_day=751), QuotaDemand(1), now=now
                 ).admitted
+        finally:
+            store.close()
+    finally:
+        client.close()
+        _drop_redis(prefix)
+
+
+# --- version 3 -> 4: every violation stored, with whether it is a strike ------------------------
+
+
+def _check_v3_violations_are_strikes(store: Any, now: datetime) -> None:
+    """Violations a version 3 store held are strikes (every one was); new ones keep their flag."""
+    assert [(v.violation_id, v.strike) for v in store.violations(customer_id="acme")] == [
+        ("v3-b", True),
+        ("v3-a", True),
+    ]
+    assert store.count_violations("acme", since=now - timedelta(hours=1)) == 2
+    spared = Violation("acme", now, "output", ("violence",), violation_id="v4-c", strike=False)
+    assert store.record_violation(spared)
+    assert store.violations(customer_id="acme")[0] == spared
+    assert store.count_violations("acme", since=now - timedelta(hours=1)) == 2
+    [row] = store.usage_report(customer_id="acme")
+    assert (row.violations, row.strikes) == (3, 2)
+
+
+def test_sqlite_file_of_schema_version_3_keeps_its_violations_as_strikes(tmp_path: Path) -> None:
+    """A version 3 SQLite file gains the strike flag; its violations count as strikes."""
+    from safe_openai.stores import _sqlite
+
+    path = tmp_path / "v3.db"
+    now = datetime.now(UTC)
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("BEGIN IMMEDIATE")
+    for step in _sqlite._MIGRATIONS[:3]:  # the frozen steps: exactly version 3's schema
+        step(conn)
+    conn.execute("PRAGMA user_version = 3")
+    for vid, minutes in (("v3-a", 20), ("v3-b", 10)):
+        conn.execute(
+            "INSERT INTO violations (customer_id, created_at, source, categories, top_score, "
+            "endpoint, detail, violation_id) VALUES ('acme', ?, 'moderation', '[\"violence\"]', "
+            "0.9, '/chat/completions', '', ?)",
+            ((now - timedelta(minutes=minutes)).timestamp(), vid),
+        )
+    conn.execute("COMMIT")
+    conn.close()
+
+    store = store_from_url(f"sqlite:///{path}")
+    try:
+        _check_v3_violations_are_strikes(store, now)
+    finally:
+        store.close()
+    raw = sqlite3.connect(path)
+    try:
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == _sqlite.SCHEMA_VERSION >= 4
+    finally:
+        raw.close()
+
+
+@pytest.mark.postgres
+def test_postgres_schema_version_3_keeps_its_violations_as_strikes() -> None:
+    """A version 3 PostgreSQL schema gains the strike flag; its violations count as strikes."""
+    psycopg = pytest.importorskip("psycopg")
+    from psycopg import sql
+
+    from safe_openai.stores import _postgres
+
+    from .test_redis_postgres_processes import _drop_postgres, _reachable
+
+    _reachable(POSTGRES_URL)
+    schema = f"safe_openai_v3_{uuid.uuid4().hex[:10]}"
+    now = datetime.now(UTC)
+    ident = sql.Identifier(schema)
+    try:
+        with psycopg.connect(POSTGRES_URL) as conn:
+            conn.execute(sql.SQL("CREATE SCHEMA {}").format(ident))
+            conn.execute(
+                sql.SQL(
+                    "CREATE TABLE {}.schema_version (version integer PRIMARY KEY, "
+                    "applied_at timestamptz NOT NULL DEFAULT now())"
+                ).format(ident)
+            )
+            for number, step in enumerate(_postgres._MIGRATIONS[:3], start=1):
+                for statement in step:  # the frozen steps
+                    conn.execute(sql.SQL(statement).format(schema=ident))  # type: ignore[arg-type]
+                conn.execute(
+                    sql.SQL("INSERT INTO {}.schema_version VALUES (%s)").format(ident), (number,)
+                )
+            for vid, minutes in (("v3-a", 20), ("v3-b", 10)):
+                conn.execute(
+                    sql.SQL(
+                        "INSERT INTO {}.violations (customer_id, created_at, source, categories, "
+                        "top_score, endpoint, detail, violation_id) VALUES ('acme', %s, "
+                        "'moderation', ARRAY['violence'], 0.9, '/chat/completions', '', %s)"
+                    ).format(ident),
+                    (now - timedelta(minutes=minutes), vid),
+                )
+        store = store_from_url(POSTGRES_URL, schema=schema)
+        try:
+            _check_v3_violations_are_strikes(store, now)
+        finally:
+            store.close()
+        with psycopg.connect(POSTGRES_URL) as conn:
+            versions = conn.execute(
+                sql.SQL("SELECT version FROM {}.schema_version ORDER BY version").format(ident)
+            ).fetchall()
+        assert versions == [(v,) for v in range(1, _postgres.SCHEMA_VERSION + 1)]
+    finally:
+        _drop_postgres(schema)
+
+
+@pytest.mark.redis
+def test_redis_violations_written_before_the_flag_are_strikes() -> None:
+    """Violation members written without the strike flag read and count as strikes."""
+    redis = pytest.importorskip("redis")
+
+    from .conftest import REDIS_URL
+    from .test_redis_postgres_processes import _drop_redis, _reachable
+
+    _reachable(REDIS_URL)
+    prefix = f"safe-openai-v3-{uuid.uuid4().hex[:10]}"
+    now = datetime.now(UTC)
+    client = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    key = f"{prefix}:{{acme}}"
+    try:
+        client.sadd(f"{prefix}:customers", "acme")
+        for vid, minutes in (("v3-a", 20), ("v3-b", 10)):
+            when = now - timedelta(minutes=minutes)
+            member = json.dumps(
+                {
+                    "id": vid,
+                    "violation_id": vid,
+                    "customer_id": "acme",
+                    "created_at": when.isoformat(),
+                    "source": "moderation",
+                    "categories": ["violence"],
+                    "top_score": 0.9,
+                    "endpoint": "/chat/completions",
+                    "detail": "",
+                }
+            )
+            client.zadd(f"{key}:viol", {member: int(when.timestamp() * 1_000_000)})
+            client.sadd(f"{key}:violids", vid)
+        store = store_from_url(REDIS_URL, prefix=prefix)
+        try:
+            _check_v3_violations_are_strikes(store, now)
         finally:
             store.close()
     finally:

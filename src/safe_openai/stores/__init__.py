@@ -104,7 +104,8 @@ class UsageStore(Protocol):
         ...
 
     def count_violations(self, customer_id: str, *, since: datetime) -> int:
-        """How many violations the customer has had since ``since``."""
+        """How many strikes the customer has had since ``since`` (violations whose
+        :attr:`~Violation.strike` is true; they drive the strike limit)."""
         ...
 
     def violations(

@@ -287,6 +287,7 @@ class MemoryStore:
     ) -> list[CustomerReport]:
         sums: dict[str, dict[str, float | int]] = {}
         violations: dict[str, int] = {}
+        strikes: dict[str, int] = {}
         with self._lock:
             pool = (
                 self._records.values()
@@ -300,14 +301,16 @@ class MemoryStore:
                 if (customer_id is None or violation.customer_id == customer_id) and (
                     since is None or violation.created_at >= since
                 ):
-                    violations[violation.customer_id] = violations.get(violation.customer_id, 0) + 1
+                    who = violation.customer_id
+                    violations[who] = violations.get(who, 0) + 1
+                    strikes[who] = strikes.get(who, 0) + int(violation.strike)
             now = datetime.now(timezone.utc)
             suspended = {
                 c
                 for c, s in self._suspensions.items()
                 if s.active_at(now) and (customer_id is None or c == customer_id)
             }
-        return finish_report(sums, violations, suspended)
+        return finish_report(sums, violations, suspended, strikes)
 
     def record_violation(self, violation: Violation) -> bool:
         with self._lock:
@@ -323,7 +326,7 @@ class MemoryStore:
             return sum(
                 1
                 for v in self._violations
-                if v.customer_id == customer_id and v.created_at >= since
+                if v.customer_id == customer_id and v.created_at >= since and v.strike
             )
 
     def violations(

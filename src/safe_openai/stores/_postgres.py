@@ -238,6 +238,8 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "ALTER TABLE {schema}.events ADD COLUMN token text, ADD COLUMN lease_until timestamptz",
         "ALTER TABLE {schema}.violations ADD COLUMN violation_id text UNIQUE",
     ),
+    # Version 4: every violation is stored, with whether it is a strike (every earlier row was).
+    ("ALTER TABLE {schema}.violations ADD COLUMN strike boolean NOT NULL DEFAULT true",),
 )
 #: The schema version this release writes.
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -251,7 +253,7 @@ _RECORD_COLUMNS = (
     "output_tokens, reasoning_tokens, cost_usd, latency_s, created_at, request_id"
 )
 _VIOLATION_COLUMNS = (
-    "customer_id, created_at, source, categories, top_score, endpoint, detail, violation_id"
+    "customer_id, created_at, source, categories, top_score, endpoint, detail, violation_id, strike"
 )
 _SUSPENSION_COLUMNS = "customer_id, since, until, reason"
 _REPORT_KEYS = (
@@ -435,18 +437,19 @@ _STATEMENTS: dict[str, str] = {
         SELECT customer_id, {_REPORT_SUMS} FROM {{schema}}.usage_records {{where}}
         GROUP BY customer_id""",
     "report_violations": """
-        SELECT customer_id, count(*) FROM {schema}.violations {where} GROUP BY customer_id""",
+        SELECT customer_id, count(*), count(*) FILTER (WHERE strike)
+        FROM {schema}.violations {where} GROUP BY customer_id""",
     "report_suspended": """
         SELECT customer_id FROM {schema}.suspensions
         WHERE (until IS NULL OR until > %(now)s) {and_customer}""",
     "insert_violation": f"""
         INSERT INTO {{schema}}.violations ({_VIOLATION_COLUMNS})
         VALUES (%(customer_id)s, %(created_at)s, %(source)s, %(categories)s::text[],
-                %(top_score)s, %(endpoint)s, %(detail)s, %(violation_id)s)
+                %(top_score)s, %(endpoint)s, %(detail)s, %(violation_id)s, %(strike)s)
         ON CONFLICT DO NOTHING RETURNING 1""",
     "count_violations": """
         SELECT count(*) FROM {schema}.violations
-        WHERE customer_id = %(customer)s AND created_at >= %(since)s""",
+        WHERE customer_id = %(customer)s AND created_at >= %(since)s AND strike""",
     "violations": f"""
         SELECT {_VIOLATION_COLUMNS} FROM {{schema}}.violations {{where}}
         ORDER BY created_at DESC, id LIMIT %(limit)s""",
@@ -741,6 +744,7 @@ def _violation_from_row(row: Sequence[Any]) -> Violation:
         endpoint=row[5],
         detail=row[6],
         violation_id=row[7] or "",
+        strike=bool(row[8]),
     )
 
 
@@ -835,13 +839,14 @@ def _usage_report(
         row[0]: dict(zip(_REPORT_KEYS, row[1:], strict=True)) for row in rows
     }
     rows = yield _Query(q[f"report_violations:{key}"], params)
-    violations = {str(customer): int(count) for customer, count in rows}
+    violations = {str(customer): int(count) for customer, count, _ in rows}
+    strikes = {str(customer): int(struck) for customer, _, struck in rows}
     rows = yield _Query(
         q[f"report_suspended:{customer_id is not None}"],
         {"customer": customer_id, "now": datetime.now(timezone.utc)},
     )
     suspended = {str(row[0]) for row in rows}
-    return finish_report(sums, violations, suspended)
+    return finish_report(sums, violations, suspended, strikes)
 
 
 def _record_violation(q: _Sql, violation: Violation) -> _Op[bool]:
@@ -856,6 +861,7 @@ def _record_violation(q: _Sql, violation: Violation) -> _Op[bool]:
             "endpoint": violation.endpoint,
             "detail": violation.detail,
             "violation_id": violation.violation_id or None,
+            "strike": bool(violation.strike),
         },
     )
     return bool(rows)

@@ -31,7 +31,8 @@ anonymous customer ``""`` is written ``%``, since an empty tag would not pin a s
     P:{C}:rec            hash   record key -> usage record JSON             durable
     P:{C}:recs           zset   record key, scored by created_at (us)       durable
     P:{C}:sums           hash   "<YYYYMMDD>:<column>" -> daily report sums  durable
-    P:{C}:viol           zset   violation JSON, scored by created_at (us)   durable
+    P:{C}:viol           zset   strike JSON, scored by created_at (us)      durable
+    P:{C}:viol:other     zset   violation that is no strike, same form      durable
     P:{C}:violids        set    violation ids stored (a replay adds none)   durable
     P:{C}:susp           hash   since / until / reason                      durable
     P:{C}:q:seconds      hash   "<second>" -> "<requests>|<tokens>|<us>"   TTL 5 min
@@ -520,7 +521,7 @@ return 1
 """
 )
 
-# KEYS: sums, recs, rec, viol, susp
+# KEYS: sums, recs, rec, viol, susp, viol:other
 # ARGV: since day label ('' = everything), since (us), end of since's day (us), violations from
 _REPORT_LUA = (
     _LUA_HMGET_ALL
@@ -552,7 +553,8 @@ if since_day ~= nil then
 end
 local violations = redis.call('ZCOUNT', KEYS[4], ARGV[4], '+inf')
 local susp = redis.call('HMGET', KEYS[5], 'since', 'until')
-return {sums, partial, violations, susp}
+local others = redis.call('ZCOUNT', KEYS[6], ARGV[4], '+inf')
+return {sums, partial, violations, susp, others}
 """
 )
 
@@ -835,6 +837,7 @@ def _violation_json(violation: Violation) -> str:
             "top_score": violation.top_score,
             "endpoint": violation.endpoint,
             "detail": violation.detail,
+            "strike": violation.strike,
         },
         separators=(",", ":"),
     )
@@ -851,6 +854,7 @@ def _violation_from_json(raw: Any) -> Violation:
         endpoint=data["endpoint"],
         detail=data["detail"],
         violation_id=data.get("violation_id") or "",
+        strike=bool(data.get("strike", True)),
     )
 
 
@@ -1229,18 +1233,24 @@ def _usage_report(
         args = (_day_label(since), _us(since), _us(since_day + timedelta(days=1)), _us(since))
     sums: dict[str, dict[str, float | int]] = {}
     violations: dict[str, int] = {}
+    strikes: dict[str, int] = {}
     suspended: set[str] = set()
     now = datetime.now(timezone.utc)
     for batch in (yield from _customers(keys, customer_id)):
         replies = yield [
             _Eval(
                 _REPORT,
-                tuple(keys.of(c, name) for name in ("sums", "recs", "rec", "viol", "susp")),
+                tuple(
+                    keys.of(c, name)
+                    for name in ("sums", "recs", "rec", "viol", "susp", "viol:other")
+                ),
                 args,
             )
             for c in batch
         ]
-        for customer, (flat, partial, violation_count, susp) in zip(batch, replies, strict=True):
+        for customer, (flat, partial, strike_count, susp, others) in zip(
+            batch, replies, strict=True
+        ):
             columns = {_text(flat[i]): float(_text(flat[i + 1])) for i in range(0, len(flat), 2)}
             if columns.pop("records", 0) or partial:
                 row = sums.setdefault(customer, {})
@@ -1254,12 +1264,13 @@ def _usage_report(
                             add_to_report(scratch, UsageRecord.from_dict(json.loads(_text(raw))))
                     for name, value in scratch.get(customer, {}).items():
                         row[name] = row.get(name, 0) + value
-            if int(violation_count):
-                violations[customer] = int(violation_count)
+            if int(strike_count) or int(others):
+                violations[customer] = int(strike_count) + int(others)
+                strikes[customer] = int(strike_count)
             suspension = _suspension(customer, susp[0], susp[1], "")
             if suspension is not None and suspension.active_at(now):
                 suspended.add(customer)
-    return finish_report(sums, violations, suspended)
+    return finish_report(sums, violations, suspended, strikes)
 
 
 def _record_violation(keys: _Keys, violation: Violation) -> _Op[bool]:
@@ -1268,7 +1279,10 @@ def _record_violation(keys: _Keys, violation: Violation) -> _Op[bool]:
         _cmd("sadd", keys.customers, customer_id),
         _Eval(
             _VIOLATION,
-            (keys.of(customer_id, "viol"), keys.of(customer_id, "violids")),
+            (
+                keys.of(customer_id, "viol" if violation.strike else "viol:other"),
+                keys.of(customer_id, "violids"),
+            ),
             (violation.violation_id, _violation_json(violation), _us(violation.created_at)),
         ),
     ]
@@ -1289,8 +1303,9 @@ def _violations(
     found: list[Violation] = []
     for batch in (yield from _customers(keys, customer_id)):
         replies = yield [
-            _cmd("zrevrangebyscore", keys.of(c, "viol"), "+inf", low, start=0, num=limit)
+            _cmd("zrevrangebyscore", keys.of(c, name), "+inf", low, start=0, num=limit)
             for c in batch
+            for name in ("viol", "viol:other")
         ]
         for reply in replies:
             found += (_violation_from_json(raw) for raw in reply)

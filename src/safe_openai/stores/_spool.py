@@ -137,6 +137,7 @@ def _violation_dict(violation: Violation) -> dict[str, Any]:
         "endpoint": violation.endpoint,
         "detail": violation.detail,
         "violation_id": violation.violation_id,
+        "strike": violation.strike,
     }
 
 
@@ -150,6 +151,8 @@ def _violation_from_dict(data: dict[str, Any]) -> Violation:
         endpoint=None if data["endpoint"] is None else str(data["endpoint"]),
         detail=str(data["detail"]),
         violation_id=str(data["violation_id"]),
+        # lines spooled before the flag existed were all strikes
+        strike=bool(data.get("strike", True)),
     )
 
 

@@ -267,11 +267,17 @@ def _migrate_to_3(conn: sqlite3.Connection) -> None:
     )
 
 
+def _migrate_to_4(conn: sqlite3.Connection) -> None:
+    # Every violation is stored, with whether it is a strike; every earlier row was one.
+    conn.execute("ALTER TABLE violations ADD COLUMN strike INTEGER NOT NULL DEFAULT 1")
+
+
 #: ``_MIGRATIONS[n]`` brings a file from schema version ``n`` to ``n + 1``. Append, never edit.
 _MIGRATIONS: Final[tuple[Callable[[sqlite3.Connection], None], ...]] = (
     _migrate_to_1,
     _migrate_to_2,
     _migrate_to_3,
+    _migrate_to_4,
 )
 #: The schema version this release writes.
 SCHEMA_VERSION: Final = len(_MIGRATIONS)
@@ -425,6 +431,7 @@ def _violation_from_row(row: Sequence[Any]) -> Violation:
         endpoint=row[5],
         detail=row[6],
         violation_id=row[7] or "",
+        strike=bool(row[8]),
     )
 
 
@@ -950,13 +957,14 @@ class SQLiteStore:
                     records_params,
                 )
             }
-            violations = dict(
-                conn.execute(
-                    f"SELECT customer_id, COUNT(*) FROM violations{records_where} "
-                    "GROUP BY customer_id",
-                    records_params,
-                ).fetchall()
-            )
+            violations: dict[str, int] = {}
+            strikes: dict[str, int] = {}
+            for customer, count, struck in conn.execute(
+                f"SELECT customer_id, COUNT(*), TOTAL(strike) FROM violations{records_where} "
+                "GROUP BY customer_id",
+                records_params,
+            ):
+                violations[customer], strikes[customer] = int(count), int(struck)
             suspended = {
                 row[0]
                 for row in conn.execute(
@@ -965,7 +973,7 @@ class SQLiteStore:
                     [*suspended_params, _ts(now)],
                 )
             }
-        return finish_report(sums, violations, suspended)
+        return finish_report(sums, violations, suspended, strikes)
 
     # --- violations and suspensions ---------------------------------------------------------
 
@@ -974,7 +982,8 @@ class SQLiteStore:
         with self._transaction("record a violation", "IMMEDIATE") as conn:
             cursor = conn.execute(
                 "INSERT OR IGNORE INTO violations (customer_id, created_at, source, categories, "
-                "top_score, endpoint, detail, violation_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "top_score, endpoint, detail, violation_id, strike) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     violation.customer_id,
                     _ts(violation.created_at),
@@ -984,15 +993,17 @@ class SQLiteStore:
                     violation.endpoint,
                     violation.detail,
                     violation.violation_id or None,
+                    int(violation.strike),
                 ),
             )
             return cursor.rowcount == 1
 
     def count_violations(self, customer_id: str, *, since: datetime) -> int:
-        """How many violations the customer has had since ``since``."""
+        """How many strikes the customer has had since ``since``."""
         with self._transaction("count violations") as conn:
             row = conn.execute(
-                "SELECT COUNT(*) FROM violations WHERE customer_id = ? AND created_at >= ?",
+                "SELECT COUNT(*) FROM violations "
+                "WHERE customer_id = ? AND created_at >= ? AND strike",
                 (customer_id, _ts(since)),
             ).fetchone()
         return int(row[0])
@@ -1010,7 +1021,8 @@ class SQLiteStore:
         with self._transaction("read violations") as conn:
             rows = conn.execute(
                 "SELECT customer_id, created_at, source, categories, top_score, endpoint, detail, "
-                f"violation_id FROM violations{where} ORDER BY created_at DESC, id LIMIT ?",
+                f"violation_id, strike FROM violations{where} "
+                "ORDER BY created_at DESC, id LIMIT ?",
                 [*params, max(limit, 0)],
             ).fetchall()
         return [_violation_from_row(row) for row in rows]

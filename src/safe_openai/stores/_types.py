@@ -116,6 +116,12 @@ class Violation:
         detail: A reference such as the webhook event id or safety case id.
         violation_id: Identifies the violation: a store keeps one violation per non-empty id,
             so a violation written again (a spool replay, a webhook redelivery) counts once.
+        strike: Whether it counts against the customer: only strikes count toward the strike
+            limit (:meth:`UsageStore.count_violations
+            <safe_openai.stores.UsageStore.count_violations>`). A block of content the
+            customer did not write (a role outside :attr:`Policy.strike_roles
+            <safe_openai.Policy.strike_roles>`), or flagged output under
+            ``output_strikes=False``, is kept as a violation that is not a strike.
     """
 
     customer_id: str
@@ -126,6 +132,7 @@ class Violation:
     endpoint: str | None = None
     detail: str = ""
     violation_id: str = ""
+    strike: bool = True
 
 
 #: What :meth:`UsageStore.claim_event <safe_openai.stores.UsageStore.claim_event>` found:
@@ -158,7 +165,8 @@ class CustomerReport:
     """One customer's row in the usage report.
 
     ``requests`` counts calls that reached the model; ``blocked`` calls moderation stopped;
-    ``denied`` calls refused by the policy, a quota or a suspension.
+    ``denied`` calls refused by the policy, a quota or a suspension; ``violations`` counts
+    every violation recorded, ``strikes`` those of them that count toward suspension.
     """
 
     customer: str
@@ -174,6 +182,7 @@ class CustomerReport:
     estimated: int = 0
     violations: int = 0
     suspended: bool = False
+    strikes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -574,8 +583,12 @@ def finish_report(
     sums: dict[str, dict[str, float | int]],
     violations: dict[str, int],
     suspended: set[str],
+    strikes: dict[str, int] | None = None,
 ) -> list[CustomerReport]:
-    """Turn summed rows, violation counts and suspended ids into sorted report rows."""
+    """Turn summed rows, violation and strike counts and suspended ids into sorted report
+    rows (``strikes`` ``None``: every violation is a strike)."""
+    if strikes is None:
+        strikes = violations
     customers = sorted(set(sums) | set(violations) | suspended)
     rows = []
     for customer in customers:
@@ -595,6 +608,7 @@ def finish_report(
                 estimated=int(row.get("estimated", 0)),
                 violations=violations.get(customer, 0),
                 suspended=customer in suspended,
+                strikes=strikes.get(customer, 0),
             )
         )
     return rows
