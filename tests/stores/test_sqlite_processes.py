@@ -276,7 +276,7 @@ def test_a_version_1_file_keeps_its_handled_events_and_violations(db: Path) -> N
     finally:
         store.close()
     with sqlite3.connect(db) as raw:
-        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
 
 
 def test_file_from_a_newer_release_is_refused(db: Path) -> None:
