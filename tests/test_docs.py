@@ -14,6 +14,8 @@ import asyncio
 import inspect
 import itertools
 import re
+import sys
+import types
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +96,9 @@ def doc_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeOpe
     monkeypatch.setenv("SAFE_OPENAI_IDENTIFIER_SECRET", "docs-test-identifier-secret")
     monkeypatch.setenv("SAFE_OPENAI_SPOOL_DIR", str(tmp_path / "spool"))
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
+    monkeypatch.setenv(
+        "OPENAI_WEBHOOK_SECRET", "whsec_ZG9jcy10ZXN0LXdlYmhvb2stc2VjcmV0LTMyYnl0ZXM="
+    )
     structlog.reset_defaults()  # the blocks run as in an application that configured nothing
     with fake.serve() as base_url:
         monkeypatch.setenv("OPENAI_BASE_URL", base_url)
@@ -101,12 +106,20 @@ def doc_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeOpe
             yield fake
         finally:
             structlog.reset_defaults()  # a snippet may configure logging for the process
+            if "django.urls" in sys.modules:  # docs/web.md's Django app resolves anew next run
+                sys.modules["django.urls"].clear_url_caches()
             telemetry.configure()  # ... or give the library providers of its own
 
 
 def run_blocks(path: Path) -> dict[str, Any]:
-    """Run the python blocks of ``path`` in order in one namespace; fail naming the block."""
-    namespace: dict[str, Any] = {"__name__": f"docs_{path.stem}"}
+    """Run the python blocks of ``path`` in order in one namespace; fail naming the block.
+
+    The namespace is a module's, importable by its name, as a one-file application's would be
+    (Django's ``ROOT_URLCONF=__name__``).
+    """
+    module = types.ModuleType(f"docs_{path.stem.replace('-', '_')}")
+    sys.modules[module.__name__] = module
+    namespace: dict[str, Any] = module.__dict__
     for block in python_blocks(path):
         # Leading newlines make tracebacks point at the markdown file's own line numbers.
         source = "\n" * block.line + block.source
@@ -205,11 +218,30 @@ def test_the_testing_guide_defines_tests_and_they_run(
     assert ran.count("test_threatening_harassment_blocks_at_its_threshold") == 2
 
 
+def test_the_web_guide_tests_its_apps(
+    doc_env: FakeOpenAI, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """docs/web.md's tests of its FastAPI app (refusals, a stream cut mid-way, a signed
+    webhook) are defined and pass."""
+    ran = run_documented_tests(run_blocks(ROOT / "docs" / "web.md"), tmp_path, caplog)
+    assert {
+        "test_a_refused_stream_is_an_http_error",
+        "test_a_flag_mid_stream_ends_it_with_an_error_event",
+        "test_a_signed_blocked_identifier_strikes_the_customer",
+    } <= set(ran)
+
+
 def test_the_user_docs_exist_and_have_runnable_blocks() -> None:
     """Guards the collection: a moved file or a renamed fence would skip blocks silently."""
     names = {p.relative_to(ROOT).as_posix() for p in FILES}
-    assert {"README.md", "docs/guide.md", "docs/stores.md", "docs/testing.md"} <= names
-    for name in ("README.md", "docs/guide.md", "docs/stores.md", "docs/testing.md"):
+    assert {
+        "README.md",
+        "docs/guide.md",
+        "docs/stores.md",
+        "docs/testing.md",
+        "docs/web.md",
+    } <= names
+    for name in ("README.md", "docs/guide.md", "docs/stores.md", "docs/testing.md", "docs/web.md"):
         assert python_blocks(ROOT / name), name
 
 
