@@ -43,6 +43,8 @@ from .policy import (
     Quota,
     Verdict,
 )
+from .standing import Standing, rate_limit_headers
+from .stores import LimitUsage
 from .usage import Price, PriceTable, TokenUsage, UsageRecord
 
 try:
@@ -62,6 +64,7 @@ __all__ = [
     "DefaultPolicy",
     "GuardedRequest",
     "InvalidCustomerId",
+    "LimitUsage",
     "ModerationBlocked",
     "ModerationInput",
     "ModerationResult",
@@ -76,6 +79,7 @@ __all__ = [
     "QuotaExceeded",
     "SafeClient",
     "SafeOpenAIError",
+    "Standing",
     "StoreError",
     "TokenUsage",
     "UnguardedPathError",
@@ -87,4 +91,5 @@ __all__ = [
     "__version__",
     "customer",
     "identifier_for",
+    "rate_limit_headers",
 ]

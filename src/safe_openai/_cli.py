@@ -22,6 +22,8 @@ import structlog
 from ._guard import drive, on_store, suspend, unsuspend
 from ._identity import identifier_for, validate_customer_id
 from .errors import ConfigurationError, SafeOpenAIError
+from .policy import DefaultPolicy, Policy, Quota
+from .standing import Standing, read_standing, standing_of
 from .stores import CustomerReport, UsageStore, Violation, default_store_url, store_from_url
 
 __all__ = ["main"]
@@ -266,6 +268,171 @@ def _cmd_whois(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_policy(spec: str) -> Policy:
+    """The policy named by ``pkg.module:attr``: a :class:`Policy` instance, or a zero-argument
+    factory (a class or function) returning one. The current directory is importable, as it
+    is for ``python -m``."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigurationError(f"--policy takes pkg.module:attr, not {spec!r}.")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigurationError(f"--policy: cannot import {module_name!r}: {exc}") from exc
+    found: Any = module
+    for part in attr.split("."):
+        if not hasattr(found, part):
+            raise ConfigurationError(f"--policy: {module_name!r} has no {attr!r}.")
+        found = getattr(found, part)
+    if not isinstance(found, Policy) and callable(found):
+        try:
+            found = found()
+        except Exception as exc:  # the application's factory: name it, not a traceback
+            raise ConfigurationError(
+                f"--policy: {spec} raised {type(exc).__name__}: {exc}"
+            ) from exc
+    if not isinstance(found, Policy):
+        raise ConfigurationError(
+            f"--policy: {spec} is a {type(found).__name__}, not a safe_openai.Policy "
+            "(or a factory of one)."
+        )
+    return found
+
+
+#: Without ``--policy`` the limits are unknown: usage is read against every limit, unbounded.
+_EVERY_LIMIT = Quota(
+    requests_per_minute=sys.maxsize,
+    tokens_per_minute=sys.maxsize,
+    tokens_per_day=sys.maxsize,
+    usd_per_month=1e300,
+)
+
+
+def _read_standing(store: UsageStore, customer_id: str, policy: Policy | None) -> Standing:
+    now = datetime.now(timezone.utc)
+    if policy is not None:
+        return drive(standing_of(policy, store, customer_id, now), on_store(store))
+    flow = read_standing(
+        customer_id,
+        quota=_EVERY_LIMIT,
+        strike_limit=None,
+        strike_window=DefaultPolicy().strike_window,
+        now=now,
+        store_reports_usage=callable(getattr(store, "quota_usage", None)),
+    )
+    return drive(flow, on_store(store))
+
+
+def standing_dict(standing: Standing, *, limits_known: bool = True) -> dict[str, Any]:
+    """``status --format json``: the standing, ``customer`` keyed as in the other commands;
+    ``limit`` and ``remaining`` are ``null`` when the limits are unknown (no ``--policy``)."""
+    suspension = standing.suspension
+    return {
+        "customer": standing.customer_id,
+        "at": standing.at.isoformat(),
+        "suspended": suspension is not None,
+        "suspension": None
+        if suspension is None
+        else {
+            "since": suspension.since.isoformat(),
+            "until": suspension.until.isoformat() if suspension.until else None,
+            "reason": suspension.reason,
+        },
+        "strikes": standing.strikes,
+        "strike_limit": standing.strike_limit,
+        "strike_window_seconds": standing.strike_window.total_seconds(),
+        "limits_known": limits_known,
+        "usage_known": standing.usage_known,
+        "limits": [
+            {
+                "name": usage.name,
+                "used": usage.used,
+                "limit": usage.limit if limits_known else None,
+                "remaining": usage.remaining if limits_known else None,
+                "resets_at": usage.resets_at.isoformat() if usage.resets_at else None,
+            }
+            for usage in standing.limits
+        ],
+    }
+
+
+def _amount(name: str, value: float) -> str:
+    return _cost(value) if name == "usd_per_month" else _count(int(value))
+
+
+def _when(moment: datetime | None) -> str:
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S") if moment else "-"
+
+
+def format_standing(standing: Standing, *, limits_known: bool = True) -> str:
+    """The standing as a few lines and a table of limits, within 80 columns."""
+    suspension = standing.suspension
+    if suspension is None:
+        suspended = ["no"]
+    else:
+        until = _when(suspension.until) if suspension.until else "lifted"
+        suspended = [
+            f"yes, until {until} (since {_when(suspension.since)})",
+            f"reason:     {_fit(suspension.reason, 68)}",
+        ]
+    window = _span(standing.strike_window)
+    if standing.strike_limit is not None:
+        strikes = f"{standing.strikes} of {standing.strike_limit} within {window}"
+    elif limits_known:
+        strikes = f"{standing.strikes} within {window} (strikes never suspend)"
+    else:
+        strikes = f"{standing.strikes} within {window} (the default window; no --policy)"
+    lines = [
+        f"customer:   {standing.customer_id}",
+        f"at (UTC):   {_when(standing.at)}",
+        f"suspended:  {suspended[0]}",
+        *suspended[1:],
+        f"strikes:    {strikes}",
+        "",
+    ]
+    header = f"{'limit':<20} {'used':>9} {'limit':>9} {'remaining':>9}  resets at (UTC)"
+    lines += [header, "-" * len(header)]
+    for usage in standing.limits:
+        limit = _amount(usage.name, usage.limit) if limits_known else "-"
+        left = _amount(usage.name, usage.remaining) if limits_known else "-"
+        lines.append(
+            f"{usage.name:<20} {_amount(usage.name, usage.used):>9} {limit:>9} {left:>9}  "
+            f"{_when(usage.resets_at)}"
+        )
+    if not standing.limits:
+        lines.append("(no quota applies to this customer)")
+    if not limits_known:
+        lines.append("(no --policy: the limits are unknown; showing what is used)")
+    if not standing.usage_known:
+        lines.append("(this store cannot report usage: quota_usage is missing)")
+    return "\n".join(lines)
+
+
+def _span(span: timedelta) -> str:
+    seconds = int(span.total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= 2 * size and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    policy = load_policy(args.policy) if args.policy else None
+    store = _open_store(args.store, read_only=True)
+    try:
+        standing = _read_standing(store, args.customer, policy)
+    finally:
+        store.close()
+    known = policy is not None
+    if args.format == "json":
+        print(json.dumps(standing_dict(standing, limits_known=known), indent=2))
+    else:
+        print(format_standing(standing, limits_known=known))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ._demo import run_demo
 
@@ -337,6 +504,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_store(unsuspend)
     unsuspend.add_argument("customer", type=_customer_id)
     unsuspend.set_defaults(handler=_cmd_unsuspend)
+
+    status = sub.add_parser(
+        "status", help="a customer's standing: quota usage, suspension, strikes (reads only)"
+    )
+    add_store(status)
+    status.add_argument("customer", type=_customer_id)
+    status.add_argument(
+        "--policy",
+        metavar="MODULE:ATTR",
+        help="the application's Policy (or a factory of one), e.g. myapp.policy:POLICY; "
+        "without it the limits are unknown and only usage is shown",
+    )
+    status.add_argument("--format", choices=("table", "json"), default="table")
+    status.set_defaults(handler=_cmd_status)
 
     identify = sub.add_parser(
         "identify",

@@ -83,6 +83,7 @@ from .errors import (
     UnguardedPathError,
 )
 from .policy import DefaultPolicy, ModerationResult, Policy
+from .standing import Standing, standing_of
 from .stores import (
     AsyncUsageStore,
     UsageStore,
@@ -361,6 +362,19 @@ class _Guarded:
             raise CustomerRequired("identifier_for")
         return safety_identifier(self._safe.secret, validate_customer_id(customer_id))
 
+    def _standing_flow(self, customer_id: str | None) -> Flow[Standing]:
+        """The standing read of ``customer_id`` (default: the bound customer, else the one of
+        the ``customer()`` context) under this client's policy and store."""
+        customer_id = customer_id if customer_id is not None else self._safe_customer
+        if customer_id is None:
+            customer_id = current_customer()
+        if customer_id is None:
+            raise CustomerRequired("client.standing()")
+        state = self._safe
+        return standing_of(
+            state.policy, state.store, validate_customer_id(customer_id), datetime.now(timezone.utc)
+        )
+
     def for_customer(self, customer_id: str) -> Self:
         """A client bound to one end customer, sharing this client's connections and state."""
         bound: Self = self._safe_copy(
@@ -597,6 +611,22 @@ class SafeClient(_Guarded, openai.OpenAI):
         """Lift a customer's suspension. Returns whether one was in force."""
         lifted: bool = drive(unsuspend(validate_customer_id(customer_id), by="api"), self._execute)
         return lifted
+
+    def standing(self, customer_id: str | None = None) -> Standing:
+        """A customer's standing now: each quota limit's usage (``used``, ``limit``,
+        ``remaining``, ``resets_at``), the suspension in force and the strikes in the current
+        window. Only reads: nothing is reserved.
+
+        Args:
+            customer_id: The customer; default the bound customer (``for_customer``), else the
+                one of the ``customer()`` context.
+
+        Raises:
+            CustomerRequired: No customer given, bound or in context.
+            StoreError: The store could not be read.
+        """
+        found: Standing = drive(self._standing_flow(customer_id), self._execute)
+        return found
 
     @override
     def request(
@@ -874,6 +904,11 @@ class AsyncSafeClient(_Guarded, openai.AsyncOpenAI):
             unsuspend(validate_customer_id(customer_id), by="api"), self._execute
         )
         return lifted
+
+    async def standing(self, customer_id: str | None = None) -> Standing:
+        """A customer's standing now (see :meth:`SafeClient.standing`)."""
+        found: Standing = await adrive(self._standing_flow(customer_id), self._execute)
+        return found
 
     @override
     async def request(

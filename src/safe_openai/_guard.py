@@ -59,7 +59,14 @@ from .policy import (
     check_output_settings,
 )
 from .stores._types import QuotaDemand, Reservation, Violation
-from .usage import Outcome, PriceTable, TokenUsage, UsageRecord, estimate_tokens
+from .usage import (
+    Outcome,
+    PriceTable,
+    TokenUsage,
+    UsageRecord,
+    estimate_tokens,
+    model_output_limit,
+)
 
 __all__ = [
     "Call",
@@ -78,6 +85,7 @@ __all__ = [
     "finish",
     "moderate_output",
     "on_store",
+    "quota_exceeded",
     "reserve",
     "suspend",
     "tag",
@@ -423,7 +431,9 @@ def begin(
     if one_trip:
         prefetched = yield from start(state, call, lookup)
     else:
-        call.reservation = yield from reserve(state, call, lambda: _worst_case(state, call))
+        call.reservation = yield from reserve(
+            state, call, lambda: _worst_case(state, call), refit=True
+        )
     try:
         yield from _moderate(state, call, request, extraction.pieces, lookup, prefetched)
         if customer_id is not None:
@@ -655,11 +665,11 @@ def start(state: GuardState, call: Call, lookup: _Lookup) -> Flow[tuple[bool, An
         )
     reservation = begun.reservation
     if reservation is not None and not reservation.admitted:
+        reservation = yield from _refit_or_fail_open(state, call, reservation)
+    if reservation is not None and not reservation.admitted:
         yield from _refuse(state, call, "denied")
         log.info("safe_openai.quota_exceeded", customer_id=customer_id, limit=reservation.limit)
-        raise QuotaExceeded(
-            customer_id, limit=reservation.limit or "quota", retry_after=reservation.retry_after
-        )
+        raise quota_exceeded(customer_id, reservation)
     call.reservation = reservation
     return prefetched
 
@@ -675,10 +685,11 @@ def identifier_of(
 
 
 def reserve(
-    state: GuardState, call: Call, demand: Callable[[], QuotaDemand]
+    state: GuardState, call: Call, demand: Callable[[], QuotaDemand], *, refit: bool = False
 ) -> Flow[Reservation | None]:
     """Reserve ``demand()`` against the customer's quota; ``None`` when there is no quota (or
     the store is unreachable and the policy fails open). A refusal is recorded as ``denied``.
+    ``refit``: a refused call without an output cap is tried again on what remains (:func:`_refit`).
 
     Raises:
         QuotaExceeded: the quota has no room for the demand.
@@ -702,13 +713,45 @@ def reserve(
             raise
         log.warning("safe_openai.store_unavailable", customer_id=customer_id, check="quota")
         return None
+    if not reservation.admitted and refit:
+        refitted = yield from _refit_or_fail_open(state, call, reservation)
+        if refitted is None:
+            return None
+        reservation = refitted
     if not reservation.admitted:
         yield from _refuse(state, call, "denied")
         log.info("safe_openai.quota_exceeded", customer_id=customer_id, limit=reservation.limit)
-        raise QuotaExceeded(
-            customer_id, limit=reservation.limit or "quota", retry_after=reservation.retry_after
-        )
+        raise quota_exceeded(customer_id, reservation)
     return reservation
+
+
+def _refit_or_fail_open(
+    state: GuardState, call: Call, refused: Reservation
+) -> Flow[Reservation | None]:
+    """:func:`_refit`, with an unreachable store the policy's to decide (``None``: proceed
+    without a reservation, failing open)."""
+    try:
+        refitted: Reservation = yield from _refit(state, call, refused)
+    except StoreError:
+        if not state.policy.fail_open:
+            raise
+        log.warning("safe_openai.store_unavailable", customer_id=call.customer_id, check="quota")
+        return None
+    return refitted
+
+
+def quota_exceeded(customer_id: str, reservation: Reservation) -> QuotaExceeded:
+    """The error for a refused reservation: the limit, how much of it was used and its value
+    (from the usage the store saw, when it reported it), and ``retry_after``."""
+    limit = reservation.limit or "quota"
+    found = next((u for u in reservation.usage if u.name == limit), None)
+    return QuotaExceeded(
+        customer_id,
+        limit=limit,
+        retry_after=reservation.retry_after,
+        used=None if found is None else found.used,
+        allowed=None if found is None else found.limit,
+    )
 
 
 def tag(
@@ -1169,20 +1212,40 @@ def finish(
     return record
 
 
-def _worst_case(state: GuardState, call: Call) -> QuotaDemand:
-    """The most a call may consume: its input estimate plus its output cap (or a default)."""
-    body = call.body
-    output = 0
+#: Output tokens a call without a cap must have room for to be admitted on what remains of a
+#: token or cost budget (see :func:`_refit` and docs/guide.md, "How reservation works").
+MIN_OUTPUT_TOKENS = 16
+
+
+def _output_cap(call: Call) -> int | None:
+    """The output cap the request sets itself (the policy's ``max_output_tokens`` is applied
+    to the body before this is read), or ``None`` when it sets none."""
     for name in call.spec.output_limit_fields:
-        value = body.get(name)
+        value = call.body.get(name)
         if isinstance(value, int) and not isinstance(value, bool):
-            output = max(value, 0)  # a negative cap (the API refuses it) reserves nothing
-            break
-    else:
-        output = call.spec.default_output_tokens
-    n = body.get("n")
-    if isinstance(n, int) and n > 1:
-        output *= n
+            return max(value, 0)  # a negative cap (the API refuses it) reserves nothing
+    return None
+
+
+def _choices(call: Call) -> int:
+    n = call.body.get("n")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1
+
+
+def _uncapped_output(call: Call) -> int:
+    """What a call without a cap reserves for its output: the model's own output limit when
+    known, at most the endpoint's documented default (4,096 for chat and Responses)."""
+    default = call.spec.default_output_tokens
+    known = model_output_limit(call.model)
+    return default if known is None else min(known, default)
+
+
+def _demand(state: GuardState, call: Call, output: int) -> QuotaDemand:
+    """The input estimate plus ``output`` tokens, and their cost.
+
+    Raises:
+        UnpricedModel: the model has no price and a cost quota applies.
+    """
     tokens = TokenUsage(estimate_tokens(call.input_chars), 0, output)
     cost = state.prices.cost(call.model, tokens)
     if cost is None and call.customer_id is not None:
@@ -1191,6 +1254,76 @@ def _worst_case(state: GuardState, call: Call) -> QuotaDemand:
             # An unpriced call would spend without limit under a cost quota.
             raise UnpricedModel(call.customer_id, model=call.model)
     return QuotaDemand(tokens=tokens.total_tokens, cost_usd=cost or 0.0)
+
+
+def _worst_case(state: GuardState, call: Call) -> QuotaDemand:
+    """The most a call may consume: its input estimate plus its output cap, or for a call
+    without one what :func:`_uncapped_output` justifies, times ``n`` choices."""
+    cap = _output_cap(call)
+    output = cap if cap is not None else _uncapped_output(call)
+    return _demand(state, call, output * _choices(call))
+
+
+#: The limits an output reservation is held against (requests_per_minute is not).
+_SIZED_LIMITS = frozenset({"tokens_per_minute", "tokens_per_day", "usd_per_month"})
+
+
+def _refit(state: GuardState, call: Call, refused: Reservation) -> Flow[Reservation]:
+    """A call without an output cap whose worst case a token or cost limit refused, tried
+    again holding what remains of the budget, when that leaves room for the input estimate and
+    :data:`MIN_OUTPUT_TOKENS`; else (or for any other refusal) ``refused`` itself. Such a call
+    may overshoot a token budget by at most its actual output; the next call is then refused.
+
+    The second reservation is decided by the store like the first (atomically, on what is used
+    then), so concurrent calls still cannot hold more than the budget between them. A store
+    that reports no usage gets no second try.
+    """
+    if (
+        refused.limit not in _SIZED_LIMITS
+        or not refused.usage
+        or call.customer_id is None
+        or _output_cap(call) is not None
+    ):
+        return refused
+    quota = state.policy.quota_for(call.customer_id)
+    worst = _uncapped_output(call) * _choices(call)
+    if quota is None or worst <= MIN_OUTPUT_TOKENS:
+        return refused
+    output = max(min(_fitting_output(state, call, refused, worst), worst - 1), MIN_OUTPUT_TOKENS)
+    demand = _demand(state, call, output)
+    second: Reservation = yield StoreCall(
+        "reserve", (call.customer_key, quota, demand), {"now": call.created_at}, undo="release"
+    )
+    if second.admitted:
+        log.info(
+            "safe_openai.reservation_fitted",
+            customer_id=call.customer_id,
+            limit=refused.limit,
+            output_tokens=output,
+        )
+    return second
+
+
+def _fitting_output(state: GuardState, call: Call, refused: Reservation, worst: int) -> int:
+    """The most output tokens that fit what ``refused.usage`` shows remains of every token
+    and cost limit with the call's input estimate (below 0 when not even the input fits)."""
+    input_tokens = estimate_tokens(call.input_chars)
+    fits = worst
+    for usage in refused.usage:
+        if usage.name in ("tokens_per_minute", "tokens_per_day"):
+            fits = min(fits, int(usage.remaining) - input_tokens)
+    budget = next((u for u in refused.usage if u.name == "usd_per_month"), None)
+    if budget is None or fits < 0:
+        return fits
+    low, high = -1, fits  # the largest output whose cost fits: cost grows with output
+    while low < high:
+        middle = (low + high + 1) // 2
+        cost = state.prices.cost(call.model, TokenUsage(input_tokens, 0, middle)) or 0.0
+        if round(cost - budget.remaining, 9) <= 0:
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
 def apply_decision(spec: EndpointSpec, body: dict[str, Any], decision: Decision) -> None:

@@ -28,6 +28,7 @@ Messages are one plain sentence. They never contain prompt text or the API key; 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -141,15 +142,64 @@ class QuotaExceeded(SafeOpenAIError):
             ``"tokens_per_day"`` or ``"usd_per_month"``).
         retry_after: Seconds until the window frees enough capacity, or ``None`` when
             waiting cannot help (the request alone is larger than the limit).
+        used: What the customer had used of that limit when the store decided (before this
+            request), or ``None`` when the store did not say.
+        allowed: The limit's value, or ``None`` when unknown.
     """
 
     user_message = "You have reached your usage limit. Please try again later."
+    #: The ``user_message`` when waiting cannot help: the request alone exceeds the limit.
+    too_large_message = "This request is larger than your plan allows."
 
-    def __init__(self, customer_id: str, *, limit: str, retry_after: float | None) -> None:
-        hint = f"; retry after {retry_after:.1f}s" if retry_after is not None else ""
-        super().__init__(f"Quota {limit} exceeded{hint}.", customer_id=customer_id)
+    def __init__(
+        self,
+        customer_id: str,
+        *,
+        limit: str,
+        retry_after: float | None,
+        used: float | None = None,
+        allowed: float | None = None,
+    ) -> None:
+        amount = ""
+        if used is not None and allowed is not None:
+            amount = f": {_header_number(used)} of {_header_number(allowed)} used"
+        hint = (
+            f"; retry after {retry_after:.1f}s"
+            if retry_after is not None
+            else "; the request alone is larger than the limit"
+        )
+        super().__init__(f"Quota {limit} exceeded{amount}{hint}.", customer_id=customer_id)
         self.limit = limit
         self.retry_after = retry_after
+        self.used = used
+        self.allowed = allowed
+        if retry_after is None:
+            self.user_message = self.too_large_message
+
+    def headers(self) -> dict[str, str]:
+        """HTTP response headers for this refusal (for a 429 from the application's own API):
+        ``Retry-After`` in whole seconds, rounded up, when waiting helps, and
+        ``X-RateLimit-Limit`` / ``X-RateLimit-Remaining`` / ``X-RateLimit-Reset`` (seconds)
+        for the limit that refused, when known. See docs/guide.md, "Quota status"."""
+        found: dict[str, str] = {}
+        if self.allowed is not None:
+            found["X-RateLimit-Limit"] = _header_number(self.allowed)
+            if self.used is not None:
+                left = max(round(self.allowed - self.used, 9), 0)
+                found["X-RateLimit-Remaining"] = _header_number(left)
+        if self.retry_after is not None:
+            seconds = str(max(math.ceil(self.retry_after), 0))
+            if self.allowed is not None:
+                found["X-RateLimit-Reset"] = seconds
+            found["Retry-After"] = seconds
+        return found
+
+
+def _header_number(value: float) -> str:
+    """A limit or amount as a header value: whole numbers without a fraction."""
+    if float(value).is_integer():
+        return str(int(value))
+    return f"{value:.9f}".rstrip("0")
 
 
 class PolicyDenied(SafeOpenAIError):
