@@ -175,6 +175,8 @@ def test_quota_exceeded_headers_carry_retry_after() -> None:
     assert "Retry-After" not in too_big.headers()
     assert too_big.user_message == "This request is larger than your plan allows."
     assert "try again" not in too_big.user_message
+    soon = QuotaExceeded("acme", limit="requests_per_minute", retry_after=0.2)
+    assert soon.headers() == {"Retry-After": "1"}  # never "0": that invites a busy loop
     legacy = QuotaExceeded("acme", limit="requests_per_minute", retry_after=3.0)
     assert (legacy.used, legacy.allowed) == (None, None)
     assert legacy.headers() == {"Retry-After": "3"}

@@ -178,7 +178,7 @@ class QuotaExceeded(SafeOpenAIError):
 
     def headers(self) -> dict[str, str]:
         """HTTP response headers for this refusal (for a 429 from the application's own API):
-        ``Retry-After`` in whole seconds, rounded up, when waiting helps, and
+        ``Retry-After`` in whole seconds, rounded up (at least 1), when waiting helps, and
         ``X-RateLimit-Limit`` / ``X-RateLimit-Remaining`` / ``X-RateLimit-Reset`` (seconds)
         for the limit that refused, when known. See docs/guide.md, "Quota status"."""
         found: dict[str, str] = {}
@@ -188,7 +188,8 @@ class QuotaExceeded(SafeOpenAIError):
                 left = max(round(self.allowed - self.used, 9), 0)
                 found["X-RateLimit-Remaining"] = _header_number(left)
         if self.retry_after is not None:
-            seconds = str(max(math.ceil(self.retry_after), 0))
+            # at least 1, as safe_openai.web sends it: "0" reads as "retry at once, in a loop"
+            seconds = str(max(math.ceil(self.retry_after), 1))
             if self.allowed is not None:
                 found["X-RateLimit-Reset"] = seconds
             found["Retry-After"] = seconds

@@ -458,7 +458,8 @@ return reply
 )
 
 # KEYS and ARGV[1..7]: those of _RESERVE_LUA (the hold key is not read).
-# Reply: now (us), then the sums (sums_reply). Reads only: nothing is pruned or held.
+# Reply: now (us), then the sums (sums_reply). Reads only: nothing is pruned or held, and keys
+# of the layout before buckets are not read (a customer's next reservation moves them in).
 _USAGE_LUA = (
     _LUA_READ
     + """
