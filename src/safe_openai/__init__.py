@@ -10,47 +10,114 @@ recorded per customer::
     reply = client.for_customer("acme-corp").chat.completions.create(...)
 """
 
-from importlib.metadata import PackageNotFoundError, version
+from __future__ import annotations
 
-from ._client import AsyncSafeClient, SafeClient
-from ._identity import customer, identifier_for
-from ._moderation import AsyncModerator, ModerationInput, Moderator
-from .errors import (
-    BatchBlocked,
-    BatchFileError,
-    ConfigurationError,
-    CustomerRequired,
-    CustomerSuspended,
-    InvalidCustomerId,
-    ModerationBlocked,
-    ModerationUnavailable,
-    OutputBlocked,
-    PolicyDenied,
-    QuotaExceeded,
-    SafeOpenAIError,
-    StoreError,
-    UnguardedPathError,
-    UnpricedModel,
-    WebhookInProgress,
-    WebhookVerificationError,
-)
-from .policy import (
-    Decision,
-    DefaultPolicy,
-    GuardedRequest,
-    ModerationResult,
-    Policy,
-    Quota,
-    Verdict,
-)
-from .standing import Standing, rate_limit_headers
-from .stores import LimitUsage
-from .usage import Price, PriceTable, TokenUsage, UsageRecord
+import importlib
+from typing import TYPE_CHECKING, Any
 
-try:
-    __version__ = version("safe-openai")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree
-    __version__ = "0.0.0"
+if TYPE_CHECKING:
+    from ._client import AsyncSafeClient, SafeClient
+    from ._identity import customer, identifier_for
+    from ._moderation import AsyncModerator, ModerationInput, Moderator
+    from .errors import (
+        BatchBlocked,
+        BatchFileError,
+        ConfigurationError,
+        CustomerRequired,
+        CustomerSuspended,
+        InvalidCustomerId,
+        ModerationBlocked,
+        ModerationUnavailable,
+        OutputBlocked,
+        PolicyDenied,
+        QuotaExceeded,
+        SafeOpenAIError,
+        StoreError,
+        UnguardedPathError,
+        UnpricedModel,
+        WebhookInProgress,
+        WebhookVerificationError,
+    )
+    from .policy import (
+        Decision,
+        DefaultPolicy,
+        GuardedRequest,
+        ModerationResult,
+        Policy,
+        Quota,
+        Verdict,
+    )
+    from .standing import Standing, rate_limit_headers
+    from .stores import LimitUsage
+    from .usage import Price, PriceTable, TokenUsage, UsageRecord
+
+    __version__: str
+
+# The module each public name lives in, imported when the name is first used: ``import
+# safe_openai`` alone imports neither the SDK nor the guard, so the command line (a submodule)
+# starts without them, and ``from safe_openai import SafeClient`` imports what a guarded call
+# needs and no more (webhooks, batches, WebSockets, testing load on first use).
+_SOURCES = {
+    "AsyncModerator": "._moderation",
+    "AsyncSafeClient": "._client",
+    "BatchBlocked": ".errors",
+    "BatchFileError": ".errors",
+    "ConfigurationError": ".errors",
+    "CustomerRequired": ".errors",
+    "CustomerSuspended": ".errors",
+    "Decision": ".policy",
+    "DefaultPolicy": ".policy",
+    "GuardedRequest": ".policy",
+    "InvalidCustomerId": ".errors",
+    "LimitUsage": ".stores",
+    "ModerationBlocked": ".errors",
+    "ModerationInput": "._moderation",
+    "ModerationResult": ".policy",
+    "ModerationUnavailable": ".errors",
+    "Moderator": "._moderation",
+    "OutputBlocked": ".errors",
+    "Policy": ".policy",
+    "PolicyDenied": ".errors",
+    "Price": ".usage",
+    "PriceTable": ".usage",
+    "Quota": ".policy",
+    "QuotaExceeded": ".errors",
+    "SafeClient": "._client",
+    "SafeOpenAIError": ".errors",
+    "Standing": ".standing",
+    "StoreError": ".errors",
+    "TokenUsage": ".usage",
+    "UnguardedPathError": ".errors",
+    "UnpricedModel": ".errors",
+    "UsageRecord": ".usage",
+    "Verdict": ".policy",
+    "WebhookInProgress": ".errors",
+    "WebhookVerificationError": ".errors",
+    "customer": "._identity",
+    "identifier_for": "._identity",
+    "rate_limit_headers": ".standing",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "__version__":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            value: Any = version("safe-openai")
+        except PackageNotFoundError:  # pragma: no cover - running from a source tree
+            value = "0.0.0"
+    elif name in _SOURCES:
+        value = getattr(importlib.import_module(_SOURCES[name], __name__), name)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value  # the next use is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
 
 __all__ = [
     "AsyncModerator",

@@ -15,16 +15,15 @@ import textwrap
 from collections.abc import Sequence
 from dataclasses import asdict, fields
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import structlog
+if TYPE_CHECKING:
+    from .policy import Policy, Quota
+    from .standing import Standing
+    from .stores import CustomerReport, UsageStore, Violation
 
-from ._guard import drive, on_store, suspend, unsuspend
-from ._identity import identifier_for, validate_customer_id
-from .errors import ConfigurationError, SafeOpenAIError
-from .policy import DefaultPolicy, Policy, Quota
-from .standing import Standing, read_standing, standing_of
-from .stores import CustomerReport, UsageStore, Violation, default_store_url, store_from_url
+# The guard, the stores and the SDK are imported by the commands that use them, not here:
+# ``safe-openai --help`` (and a mistyped command) answers without loading them.
 
 __all__ = ["main"]
 
@@ -56,8 +55,11 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(**{_UNITS[match.group(2)]: float(match.group(1))})
 
 
-#: Columns of ``report --format csv|json``: every field of a report row, in order.
-REPORT_FIELDS = tuple(field.name for field in fields(CustomerReport))
+def report_fields() -> tuple[str, ...]:
+    """Columns of ``report --format csv|json``: every field of a report row, in order."""
+    from .stores import CustomerReport
+
+    return tuple(field.name for field in fields(CustomerReport))
 
 
 def _fit(text: str, width: int) -> str:
@@ -182,6 +184,9 @@ def _open_store(url: str | None, *, read_only: bool = False) -> UsageStore:
 
     Read-only commands never create a store: a SQLite file that does not exist is an error.
     """
+    from .errors import ConfigurationError
+    from .stores import default_store_url, store_from_url
+
     url = url or default_store_url()
     scheme = url.partition("://")[0].lower()
     if scheme == "memory":
@@ -205,7 +210,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if args.format == "table":
         print(format_report_table(rows))
     else:
-        print(_render([asdict(r) for r in rows], REPORT_FIELDS, args.format))
+        print(_render([asdict(r) for r in rows], report_fields(), args.format))
     return 0
 
 
@@ -223,6 +228,8 @@ def _cmd_violations(args: argparse.Namespace) -> int:
 
 
 def _cmd_suspend(args: argparse.Namespace) -> int:
+    from ._guard import drive, on_store, suspend
+
     store = _open_store(args.store)
     try:
         until = drive(
@@ -236,6 +243,8 @@ def _cmd_suspend(args: argparse.Namespace) -> int:
 
 
 def _cmd_unsuspend(args: argparse.Namespace) -> int:
+    from ._guard import drive, on_store, unsuspend
+
     store = _open_store(args.store)
     try:
         lifted = drive(
@@ -249,6 +258,8 @@ def _cmd_unsuspend(args: argparse.Namespace) -> int:
 
 
 def _cmd_identify(args: argparse.Namespace) -> int:
+    from ._identity import identifier_for
+
     print(identifier_for(args.customer))
     return 0
 
@@ -272,6 +283,9 @@ def load_policy(spec: str) -> Policy:
     """The policy named by ``pkg.module:attr``: a :class:`Policy` instance, or a zero-argument
     factory (a class or function) returning one. The current directory is importable, as it
     is for ``python -m``."""
+    from .errors import ConfigurationError
+    from .policy import Policy
+
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ConfigurationError(f"--policy takes pkg.module:attr, not {spec!r}.")
@@ -301,22 +315,30 @@ def load_policy(spec: str) -> Policy:
     return found
 
 
-#: Without ``--policy`` the limits are unknown: usage is read against every limit, unbounded.
-_EVERY_LIMIT = Quota(
-    requests_per_minute=sys.maxsize,
-    tokens_per_minute=sys.maxsize,
-    tokens_per_day=sys.maxsize,
-    usd_per_month=1e300,
-)
+def _every_limit() -> Quota:
+    """Without ``--policy`` the limits are unknown: usage is read against every limit,
+    unbounded."""
+    from .policy import Quota
+
+    return Quota(
+        requests_per_minute=sys.maxsize,
+        tokens_per_minute=sys.maxsize,
+        tokens_per_day=sys.maxsize,
+        usd_per_month=1e300,
+    )
 
 
 def _read_standing(store: UsageStore, customer_id: str, policy: Policy | None) -> Standing:
+    from ._guard import drive, on_store
+    from .policy import DefaultPolicy
+    from .standing import read_standing, standing_of
+
     now = datetime.now(timezone.utc)
     if policy is not None:
         return drive(standing_of(policy, store, customer_id, now), on_store(store))
     flow = read_standing(
         customer_id,
-        quota=_EVERY_LIMIT,
+        quota=_every_limit(),
         strike_limit=None,
         strike_window=DefaultPolicy().strike_window,
         now=now,
@@ -451,6 +473,8 @@ def _positive_int(text: str) -> int:
 
 def _customer_id(text: str) -> str:
     """A customer id the library accepts (the same check as ``for_customer``)."""
+    from ._identity import validate_customer_id
+
     try:
         return validate_customer_id(text)
     except ValueError as exc:
@@ -546,8 +570,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
     # The command line is an application, so it may choose how logs look: warnings and
     # errors only, on stderr, so tables and JSON on stdout stay clean for scripts.
+    import structlog
+
+    from .errors import SafeOpenAIError
+
     structlog.configure(
         wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),
@@ -555,11 +588,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Drivers log their own connection retries (psycopg's pool, with tracebacks); the one-line
     # error below says the same.
     logging.getLogger("psycopg").setLevel(logging.CRITICAL)
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 2
     try:
         status: int = args.handler(args)
         sys.stdout.flush()

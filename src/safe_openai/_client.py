@@ -33,15 +33,6 @@ from openai._utils._json import openapi_dumps
 from typing_extensions import Self, override
 
 from . import telemetry
-from ._batches import (
-    BATCH_KEY,
-    batch_records,
-    check_batch,
-    check_upload,
-    record_batch,
-    remember,
-    remember_file,
-)
 from ._bodies import meter_body
 from ._copies import GUARD_PARAMETERS, signed_copy
 from ._extract import body_from_content, is_guarded, normalize_path, resolve_endpoint, route_of
@@ -104,6 +95,37 @@ if TYPE_CHECKING:
 __all__ = ["AsyncSafeClient", "SafeClient"]
 
 log = get_logger()
+
+#: The oldest openai release the test suite passes on (pyproject.toml pins it too).
+SDK_FLOOR = "3.42.1"
+
+#: Hooks of the SDK without which a path would pass the guard silently (older releases lack
+#: some: a socket opened without ``_websocket_query_params`` would never be asked about).
+#: tests/test_sdk_hooks.py pins the shape of every hook; these are checked at import too, so an
+#: SDK installed past the pin (``--no-deps``, a lock file) fails loudly instead.
+_REQUIRED_HOOKS = (
+    (openai.OpenAI, "request", "every HTTP call"),
+    (openai.AsyncOpenAI, "request", "every HTTP call"),
+    (openai.OpenAI, "_build_request", "streamed usage"),
+    (openai.AsyncOpenAI, "_build_request", "streamed usage"),
+    (openai.OpenAI, "_websocket_query_params", "WebSockets"),
+    (openai.AsyncOpenAI, "_websocket_query_params", "WebSockets"),
+    (openai.OpenAI, "_prepare_url", "the path of a call"),
+    (openai.AsyncOpenAI, "_prepare_url", "the path of a call"),
+)
+
+
+def _check_sdk() -> None:
+    """Refuse an SDK that lacks a hook the guard needs, rather than guard it partly."""
+    for owner, name, guards in _REQUIRED_HOOKS:
+        if not callable(getattr(owner, name, None)):
+            raise ImportError(
+                f"safe-openai needs openai>={SDK_FLOOR},<4: openai {openai.__version__} has no "
+                f"{owner.__name__}.{name}, through which the guard sees {guards}."
+            )
+
+
+_check_sdk()
 
 
 class _Sending:
@@ -701,6 +723,8 @@ class SafeClient(_Guarded, openai.OpenAI):
 
     def _batch_request(self, step: str, cast_to: Any, options: FinalRequestOptions) -> Any:
         """Upload a checked batch file, or create a batch from one; remember whose it is."""
+        from ._batches import BATCH_KEY, check_batch, check_upload, remember, remember_file
+
         if step == "create":
             options, body = _fold_body(options)
             customer = drive(check_batch(self._safe, body), self._execute)
@@ -731,6 +755,8 @@ class SafeClient(_Guarded, openai.OpenAI):
         Raises:
             BatchFileError: The batch is not finished, or was not created through safe_openai.
         """
+        from ._batches import BATCH_KEY, batch_records, record_batch
+
         found = self.batches.retrieve(batch) if isinstance(batch, str) else batch
         customer = self._safe.store.customer_for_request(BATCH_KEY + found.id)
         records = batch_records(
@@ -986,6 +1012,8 @@ class AsyncSafeClient(_Guarded, openai.AsyncOpenAI):
 
     async def _batch_request(self, step: str, cast_to: Any, options: FinalRequestOptions) -> Any:
         """Upload a checked batch file, or create a batch from one (see :class:`SafeClient`)."""
+        from ._batches import BATCH_KEY, check_batch, check_upload, remember, remember_file
+
         if step == "create":
             options, body = _fold_body(options)
             customer = await adrive(check_batch(self._safe, body), self._execute)
@@ -1001,6 +1029,8 @@ class AsyncSafeClient(_Guarded, openai.AsyncOpenAI):
 
     async def record_batch_usage(self, batch: str | openai.types.Batch) -> list[UsageRecord]:
         """Record the usage of a finished batch (see :meth:`SafeClient.record_batch_usage`)."""
+        from ._batches import BATCH_KEY, batch_records, record_batch
+
         found = await self.batches.retrieve(batch) if isinstance(batch, str) else batch
         customer = await self._safe.store.customer_for_request(BATCH_KEY + found.id)
         records = batch_records(

@@ -21,9 +21,8 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Mapping
+from types import ModuleType
 from typing import Any
-
-import structlog
 
 __all__ = ["ENV_VAR", "Logger", "get_logger", "render"]
 
@@ -101,8 +100,11 @@ class Logger:
             hook = event_hook
             if hook is not None:
                 hook(level, event, fields)
-            if structlog.is_configured():
-                self._to_structlog(level, event, fields, exc_info)
+            # An application that configured structlog has imported it: the library does not
+            # import it itself (import time), and looks for it in sys.modules on each event.
+            structlog = sys.modules.get("structlog")
+            if structlog is not None and structlog.is_configured():
+                self._to_structlog(structlog, level, event, fields, exc_info)
                 if level >= _env_level and _env_handler is not None:
                     _env_handler.handle(self._record(level, event, fields, exc_info))
             elif self._logger.isEnabledFor(level):
@@ -111,7 +113,14 @@ class Logger:
             # A handler, filter, processor or exporter that raises must not break the call.
             _contained()
 
-    def _to_structlog(self, level: int, event: str, fields: dict[str, Any], exc_info: bool) -> None:
+    def _to_structlog(
+        self,
+        structlog: ModuleType,
+        level: int,
+        event: str,
+        fields: dict[str, Any],
+        exc_info: bool,
+    ) -> None:
         logger = structlog.get_logger(self.name)
         if exc_info:
             logger.exception(event, **fields)
