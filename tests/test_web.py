@@ -3,6 +3,7 @@ the customer bound per request in ASGI and WSGI applications."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -211,6 +212,48 @@ def test_closing_a_primed_stream_early_closes_the_guarded_stream() -> None:
     events.close()  # type: ignore[attr-defined]
     [record] = ai.store.usage_records()
     assert record.outcome == "estimated"
+
+
+def test_a_body_closed_before_its_first_message_still_closes_the_guarded_stream() -> None:
+    """A framework that drops a body it never began to send (the client left first) closes it
+    unstarted: a generator closed so skips its own finally, which left the response open and
+    the usage unrecorded until garbage collection."""
+    fake = FakeOpenAI(reply="word " * 40, delta_chars=5)
+    ai = client(fake).for_customer("acme")
+    streams = [
+        ai.chat.completions.create(model="gpt-4o-mini", messages=HI, stream=True) for _ in "ab"
+    ]
+    primed(streams[0]).close()  # type: ignore[attr-defined]
+    sse(primed(streams[1])).close()  # type: ignore[attr-defined]
+    assert [stream.response.is_closed for stream in streams] == [True, True]
+    assert [r.outcome for r in ai.store.usage_records()] == ["estimated", "estimated"]
+
+
+async def test_an_async_body_closed_before_its_first_message_closes_the_stream() -> None:
+    fake = FakeOpenAI(reply="word " * 40, delta_chars=5)
+    ai = AsyncSafeClient(
+        **fake.async_openai_kwargs(), identifier_secret=SECRET, spool=False
+    ).for_customer("acme")
+    streams = [
+        await ai.chat.completions.create(model="gpt-4o-mini", messages=HI, stream=True)
+        for _ in "ab"
+    ]
+    await (await aprimed(streams[0])).aclose()  # type: ignore[attr-defined]
+    await asse(await aprimed(streams[1])).aclose()  # type: ignore[attr-defined]
+    assert [stream.response.is_closed for stream in streams] == [True, True]
+    assert [r.outcome for r in await ai.store.usage_records()] == ["estimated", "estimated"]
+
+
+def test_sse_breaks_lines_only_where_an_event_stream_does() -> None:
+    """U+2028 and U+0085 are left raw in JSON and are line ends to str.splitlines(), not to
+    EventSource: a model told to write them must not cut its JSON event in two."""
+    text = "a\u2028b\x85c\x1cd"
+    [message] = sse([{"text": text}], encode=lambda event: json.dumps(event, ensure_ascii=False))
+    assert message.count(b"data: ") == 1
+    assert json.loads(message.decode().removeprefix("data: ")) == {"text": text}
+    assert list(sse(["x"], encode=lambda _: "one\r\ntwo\rthree")) == [
+        b"data: one\ndata: two\ndata: three\n\n"
+    ]
 
 
 def test_carries_output_knows_the_opening_events() -> None:

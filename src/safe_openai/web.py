@@ -34,11 +34,14 @@ import contextvars
 import inspect
 import json
 import math
+import re
 from collections.abc import (
+    AsyncGenerator,
     AsyncIterable,
     AsyncIterator,
     Awaitable,
     Callable,
+    Generator,
     Iterable,
     Iterator,
     MutableMapping,
@@ -206,6 +209,42 @@ async def _aclose(stream: object) -> None:
             await result
 
 
+class _Closing(Iterator[T]):
+    """A generator whose ``close()`` also closes what it reads, even before its first step: a
+    generator closed unstarted (a framework dropping a body it never began to send) skips its
+    own ``finally``."""
+
+    def __init__(self, events: Generator[T, None, None], owned: object) -> None:
+        self._events = events
+        self._owned = owned
+
+    def __next__(self) -> T:
+        return next(self._events)
+
+    def close(self) -> None:
+        try:
+            self._events.close()
+        finally:
+            _close(self._owned)
+
+
+class _AClosing(AsyncIterator[T]):
+    """The async twin of :class:`_Closing` (``aclose()``)."""
+
+    def __init__(self, events: AsyncGenerator[T, None], owned: object) -> None:
+        self._events = events
+        self._owned = owned
+
+    def __anext__(self) -> Awaitable[T]:
+        return self._events.__anext__()
+
+    async def aclose(self) -> None:
+        try:
+            await self._events.aclose()
+        finally:
+            await _aclose(self._owned)
+
+
 _END_EVENTS = frozenset({"response.completed", "response.incomplete", "response.failed", "error"})
 
 
@@ -233,7 +272,7 @@ def carries_output(event: object) -> bool:
     return True
 
 
-def _rest(held: list[T], iterator: Iterator[T], stream: object) -> Iterator[T]:
+def _rest(held: list[T], iterator: Iterator[T], stream: object) -> Generator[T, None, None]:
     try:
         yield from held
         held.clear()
@@ -274,10 +313,12 @@ def primed(stream: Iterable[T], *, until: Callable[[T], bool] | None = None) -> 
     except BaseException:
         _close(stream)
         raise
-    return _rest(held, iterator, stream)
+    return _Closing(_rest(held, iterator, stream), stream)
 
 
-async def _arest(held: list[T], iterator: AsyncIterator[T], stream: object) -> AsyncIterator[T]:
+async def _arest(
+    held: list[T], iterator: AsyncIterator[T], stream: object
+) -> AsyncGenerator[T, None]:
     try:
         for event in held:
             yield event
@@ -303,7 +344,7 @@ async def aprimed(
     except BaseException:
         await _aclose(stream)
         raise
-    return _arest(held, iterator, stream)
+    return _AClosing(_arest(held, iterator, stream), stream)
 
 
 def _encode(event: object) -> str:
@@ -313,8 +354,13 @@ def _encode(event: object) -> str:
     return json.dumps(event)
 
 
+# What ends a line in an event stream; str.splitlines() also splits at U+2028, U+0085 and other
+# characters that JSON leaves unescaped, which would cut a string of the model's text in two.
+_SSE_LINE_END = re.compile("\r\n|\r|\n")
+
+
 def _frame(data: str) -> bytes:
-    lines = data.splitlines() or [""]
+    lines = _SSE_LINE_END.split(data)
     return b"".join(b"data: " + line.encode() + b"\n" for line in lines) + b"\n"
 
 
@@ -339,9 +385,16 @@ def sse(
             ``json.dumps`` for anything else).
         done: Send ``data: [DONE]`` after the last event, as OpenAI's own streams do.
 
-    Yields:
-        The body, one message at a time.
+    Returns:
+        The body, one message at a time; closing it closes ``events``, even before its first
+        message.
     """
+    return _Closing(_sse(events, encode, done), events)
+
+
+def _sse(
+    events: Iterable[T], encode: Callable[[T], str], done: bool
+) -> Generator[bytes, None, None]:
     try:
         for event in events:
             yield _frame(encode(event))
@@ -354,13 +407,19 @@ def sse(
         yield b"data: [DONE]\n\n"
 
 
-async def asse(
+def asse(
     events: AsyncIterable[T],
     *,
     encode: Callable[[T], str] = _encode,
     done: bool = False,
 ) -> AsyncIterator[bytes]:
     """The async twin of :func:`sse`."""
+    return _AClosing(_asse(events, encode, done), events)
+
+
+async def _asse(
+    events: AsyncIterable[T], encode: Callable[[T], str], done: bool
+) -> AsyncGenerator[bytes, None]:
     try:
         async for event in events:
             yield _frame(encode(event))
