@@ -8,6 +8,7 @@ served over ``httpx2.MockTransport`` through a real SafeClient.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -35,6 +36,7 @@ from safe_openai import (
     WebhookVerificationError,
 )
 from safe_openai._identity import safety_identifier
+from safe_openai.alerts import Alert
 from safe_openai.policy import SafetyAction
 from safe_openai.stores._memory import MemoryStore
 from safe_openai.stores._types import EVENT_LEASE
@@ -685,7 +687,8 @@ def test_logs_carry_ids_but_no_payload_text(
 
 
 class FlakyStore(MemoryStore):
-    """A memory store whose named method fails once."""
+    """A memory store whose named method fails once (for the webhook's own event: claims of
+    alert ids go through)."""
 
     def __init__(self, fail_on: str) -> None:
         super().__init__()
@@ -693,9 +696,12 @@ class FlakyStore(MemoryStore):
 
     def __getattribute__(self, name: str) -> Any:
         if name != "fail_on" and name == self.fail_on:
-            self.fail_on = None
+            method = super().__getattribute__(name)
 
             def broken(*args: Any, **kwargs: Any) -> Any:
+                if args and str(args[0]).startswith("alert:"):
+                    return method(*args, **kwargs)
+                self.fail_on = None
                 raise OSError("disk gone")
 
             return broken
@@ -1023,3 +1029,73 @@ def test_a_strike_stored_before_the_limit_could_be_applied_suspends_on_redeliver
         assert retried.action == "suspended"
         count, suspension = standing(safe)
         assert (count, suspension is not None) == (1, True)
+
+
+# --- alerts --------------------------------------------------------------------------------------
+
+
+def _alerting(api: Api, **settings: Any) -> tuple[SafeClient, list[Alert]]:
+    received: list[Alert] = []
+    client = make_client(api, policy=DefaultPolicy(alerts=received.append, **settings))
+    know(client, "acme")
+    return client, received
+
+
+def test_a_blocked_identifier_alerts_its_strike_and_the_event_once(api: Api) -> None:
+    """The event traced to its customer raises an openai_event alert (after its strike's); a
+    redelivery of the same event raises none."""
+    client, received = _alerting(api)
+    with client:
+        handler = SafetyWebhookHandler(client)
+        assert deliver(handler, blocked()).action == "strike"
+        assert deliver(handler, blocked()).action == "duplicate"
+    strike, event = received
+    assert (strike.kind, strike.id) == ("strike", "alert:strike:webhook:evt_1")
+    assert (event.kind, event.id, event.customer_id) == (
+        "openai_event",
+        "alert:openai_event:evt_1",
+        "acme",
+    )
+    assert (event.event_type, event.categories) == ("safety_identifier.blocked", ("cyber",))
+    assert event.reason == "safety_identifier.blocked recorded as a violation"
+
+
+def test_a_deactivation_alerts_the_suspension_and_the_event(api: Api) -> None:
+    client, received = _alerting(api)
+    api.add_case("C-9", "acme", "deactivation")
+    with client:
+        deliver(SafetyWebhookHandler(client), case_event("deactivation", "C-9"))
+    assert [a.kind for a in received] == ["suspension", "openai_event"]
+    suspension, event = received
+    assert suspension.event_type == "safety.deactivation_issued"
+    assert "case C-9" in suspension.reason
+    assert event.event_type == "safety.deactivation_issued"
+
+
+def test_a_warning_the_policy_ignores_still_alerts_and_unmatched_events_do_not(api: Api) -> None:
+    class IgnoreWarnings(DefaultPolicy):
+        def action_for_safety_event(self, event_type: str) -> SafetyAction:
+            return "ignore"
+
+    received: list[Alert] = []
+    api.add_case("C-1", "acme", "warning")
+    with make_client(api, policy=IgnoreWarnings(alerts=received.append)) as client:
+        know(client, "acme")
+        handler = SafetyWebhookHandler(client)
+        assert deliver(handler, case_event("warning", "C-1")).action == "ignored"
+        assert deliver(handler, blocked("stranger", event_id="evt_2")).action == "unmatched"
+    assert [(a.kind, a.event_type) for a in received] == [("openai_event", "safety.warning_issued")]
+
+
+def test_the_async_handler_alerts_the_same(api: Api) -> None:
+    received: list[Alert] = []
+
+    async def main() -> None:
+        async with make_async_client(api, policy=DefaultPolicy(alerts=received.append)) as client:
+            await client.store.remember_identifier(ident("acme"), "acme")
+            handler = AsyncSafetyWebhookHandler(client)
+            body = blocked()
+            await handler.handle(body.encode(), signed(body))
+
+    asyncio.run(main())
+    assert [a.kind for a in received] == ["strike", "openai_event"]

@@ -36,6 +36,7 @@ from ._identity import current_customer, safety_identifier
 from ._log import get_logger
 from ._moderation import ModerationInput, VerdictCache, checked_results, inputs_for, roles_of
 from ._output import OutputMode
+from .alerts import Alert
 from .errors import (
     ConfigurationError,
     CustomerRequired,
@@ -56,9 +57,11 @@ from .policy import (
     GuardedRequest,
     ModerationResult,
     Policy,
+    Quota,
     check_output_settings,
+    soft_thresholds,
 )
-from .stores._types import QuotaDemand, Reservation, Violation
+from .stores._types import EVENT_LEASE, QuotaDemand, Reservation, Violation
 from .usage import (
     Outcome,
     PriceTable,
@@ -78,6 +81,7 @@ __all__ = [
     "StoreCall",
     "Together",
     "adrive",
+    "alert",
     "begin",
     "check_standing",
     "drive",
@@ -85,9 +89,14 @@ __all__ = [
     "finish",
     "moderate_output",
     "on_store",
+    "openai_event_alert",
+    "quota_alert",
     "quota_exceeded",
     "reserve",
+    "soft_limit_alerts",
+    "strike_alert",
     "suspend",
+    "suspension_alert",
     "tag",
     "unsent",
     "unsuspend",
@@ -208,6 +217,8 @@ class GuardState:
     batch_demands: dict[str, QuotaDemand] = field(default_factory=dict)
     #: The client can run a store call and a moderation call at once (:class:`Together`).
     concurrent: bool = False
+    #: Alert ids this process found claimed or fired, so a repeat costs no store round trip.
+    alerts_seen: RecentIds = field(default_factory=lambda: RecentIds())
 
     @property
     def one_trip(self) -> bool:
@@ -275,6 +286,26 @@ class KnownIdentifiers:
         with self._lock:
             self._seen[pair] = None
             self._seen.move_to_end(pair)
+            while len(self._seen) > self._maxsize:
+                self._seen.popitem(last=False)
+
+
+class RecentIds:
+    """Recently seen ids, bounded (least recently added first out), thread-safe."""
+
+    def __init__(self, maxsize: int = 10_000) -> None:
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._maxsize = maxsize
+        self._lock = threading.Lock()
+
+    def __contains__(self, key: object) -> bool:
+        with self._lock:
+            return key in self._seen
+
+    def add(self, key: str) -> None:
+        """Note ``key``."""
+        with self._lock:
+            self._seen[key] = None
             while len(self._seen) > self._maxsize:
                 self._seen.popitem(last=False)
 
@@ -669,6 +700,7 @@ def start(state: GuardState, call: Call, lookup: _Lookup) -> Flow[tuple[bool, An
     if reservation is not None and not reservation.admitted:
         yield from _refuse(state, call, "denied")
         log.info("safe_openai.quota_exceeded", customer_id=customer_id, limit=reservation.limit)
+        yield from alert(state, quota_alert(call, quota, reservation))
         raise quota_exceeded(customer_id, reservation)
     call.reservation = reservation
     return prefetched
@@ -721,6 +753,7 @@ def reserve(
     if not reservation.admitted:
         yield from _refuse(state, call, "denied")
         log.info("safe_openai.quota_exceeded", customer_id=customer_id, limit=reservation.limit)
+        yield from alert(state, quota_alert(call, quota, reservation))
         raise quota_exceeded(customer_id, reservation)
     return reservation
 
@@ -981,6 +1014,8 @@ def enforce_strikes(
     suspends at most once (a spool replay, a webhook redelivery).
     """
     policy = state.policy
+    if violation.strike:
+        yield from alert(state, strike_alert(violation))
     limit = policy.strike_limit
     if limit is None or not violation.strike:
         return False
@@ -1025,6 +1060,7 @@ def enforce_strikes(
         reason=reason,
         until=until.isoformat() if until else None,
     )
+    yield from alert(state, suspension_alert(customer_id, filled_at, reason))
     return True
 
 
@@ -1191,9 +1227,13 @@ def finish(
         outcome = "estimated"
         usage = TokenUsage(estimate_tokens(call.input_chars), 0, estimate_tokens(output_chars))
     record = _record(state, call, outcome, usage or TokenUsage(), request_id)
+    reservation = call.reservation
     mapped = yield from _write(
         state, call, record, request_id=request_id if call.customer_id is not None else None
     )
+    if reservation is not None and state.policy.soft_limits is not None:
+        for crossed in soft_limit_alerts(state.policy, reservation, record):
+            yield from alert(state, crossed)
     if request_id and call.customer_id is not None and not mapped:
         try:
             yield StoreCall("remember_request", (request_id, call.customer_id), settles=True)
@@ -1445,3 +1485,196 @@ async def _to_its_end(
         return None, cancelled or asyncio.CancelledError(), None
     failure = task.exception()
     return (None if failure is not None else task.result()), failure, cancelled
+
+
+# --- alerts ----------------------------------------------------------------------------------
+
+
+def alert(state: GuardState, event: Alert | None) -> Flow[None]:
+    """Hand ``event`` to :meth:`Policy.on_alert` once across every process sharing the store:
+    its id is claimed in the store first (the webhook events' claims), so a second process, a
+    retry or a redelivery finds it claimed and stays quiet. Nothing here reaches the call: a
+    raising hook is logged, and a store that cannot take the claim is logged and the alert
+    delivered all the same (at least once rather than never)."""
+    if event is None or event.id in state.alerts_seen or not _listens(state.policy):
+        return
+    token = os.urandom(16).hex()
+    claimed = True
+    try:
+        found = yield StoreCall(
+            "claim_event",
+            (event.id,),
+            {"token": token, "now": _now(), "lease": EVENT_LEASE},
+            settles=True,
+        )
+    except StoreError:
+        log.warning("safe_openai.alert_unclaimed", alert_id=event.id, kind=event.kind)
+        found, claimed = "claimed", False
+    state.alerts_seen.add(event.id)
+    if found != "claimed":
+        return  # fired (or firing) elsewhere
+    log.info("safe_openai.alert", alert_id=event.id, kind=event.kind, customer_id=event.customer_id)
+    try:
+        state.policy.on_alert(event)
+    except Exception:
+        log.exception("safe_openai.alert_hook_failed", alert_id=event.id, kind=event.kind)
+    if claimed:
+        try:
+            yield StoreCall("finish_event", (event.id,), {"token": token}, settles=True)
+        except StoreError:
+            # the claim lapses after EVENT_LEASE; the event is unlikely to come again by then
+            log.warning("safe_openai.alert_not_finished", alert_id=event.id)
+
+
+def _listens(policy: Policy) -> bool:
+    """Whether anyone hears alerts: sinks, or an ``on_alert`` of the policy's own. Nobody
+    listening, alerts cost nothing (no claim is written)."""
+    return bool(policy.alert_sinks) or type(policy).on_alert is not Policy.on_alert
+
+
+def _id_part(value: str) -> str:
+    """A customer id inside an alert id: ``%`` and ``:`` escaped, so parts cannot run into
+    each other."""
+    return value.replace("%", "%25").replace(":", "%3A")
+
+
+def _window(limit: str, at: datetime) -> str:
+    """The window of ``limit`` that ``at`` falls in: the UTC minute, day or month."""
+    at = at.astimezone(timezone.utc)
+    if limit.endswith("_per_minute"):
+        return at.strftime("%Y-%m-%dT%H:%MZ")
+    if limit.endswith("_per_day"):
+        return at.strftime("%Y-%m-%d")
+    return at.strftime("%Y-%m")
+
+
+#: What a settled call adds to each limit: requests 1, tokens input + output, its cost.
+def _added(limit: str, record: UsageRecord) -> float:
+    if limit == "requests_per_minute":
+        return 1
+    if limit == "usd_per_month":
+        return record.cost_usd or 0.0
+    return record.tokens.total_tokens
+
+
+def soft_limit_alerts(policy: Policy, reservation: Reservation, record: UsageRecord) -> list[Alert]:
+    """The soft limits the settled ``record`` crossed: each limit of ``reservation.usage``
+    (what the store counted before the call) that the call's actual usage takes from below
+    its threshold to or above it. One alert per limit, threshold and window: the id names the
+    window the usage counted in, so the store fires it once."""
+    if not record.counts_as_request or not reservation.usage or not reservation.admitted:
+        return []
+    try:
+        thresholds = soft_thresholds(policy.soft_limits)
+    except ConfigurationError:
+        log.exception("safe_openai.alert_hook_failed", kind="soft_limit")
+        return []
+    at = reservation.at or record.created_at
+    found = []
+    for usage in reservation.usage:
+        fraction = thresholds.get(usage.name)
+        if fraction is None or usage.limit <= 0:
+            continue
+        mark = fraction * usage.limit
+        after = usage.used + _added(usage.name, record)
+        # costs are summed floats: compare at the report's precision, as the quota does
+        if not (round(usage.used - mark, 9) < 0 <= round(after - mark, 9)):
+            continue
+        if usage.name == "usd_per_month":
+            after = round(after, 9)
+        found.append(
+            Alert(
+                id=(
+                    f"alert:soft_limit:{_id_part(record.customer_id)}:{usage.name}:"
+                    f"{fraction:g}:{_window(usage.name, at)}"
+                ),
+                kind="soft_limit",
+                customer_id=record.customer_id,
+                at=at,
+                limit=usage.name,
+                used=after,
+                allowed=usage.limit,
+                threshold=fraction,
+                reason=f"{usage.name} reached {fraction:.0%} of its limit ({after:g} of "
+                f"{usage.limit:g})",
+            )
+        )
+    return found
+
+
+def quota_alert(call: Call, quota: Quota | None, reservation: Reservation) -> Alert | None:
+    """The alert of a quota refusal: once per customer, limit and window."""
+    if call.customer_id is None or reservation.limit is None:
+        return None
+    name = reservation.limit
+    usage = next((u for u in reservation.usage if u.name == name), None)
+    allowed = usage.limit if usage is not None else getattr(quota, name, None)
+    at = reservation.at or call.created_at
+    return Alert(
+        id=f"alert:quota_exceeded:{_id_part(call.customer_id)}:{name}:{_window(name, at)}",
+        kind="quota_exceeded",
+        customer_id=call.customer_id,
+        at=at,
+        limit=name,
+        used=usage.used if usage is not None else None,
+        allowed=float(allowed) if isinstance(allowed, (int, float)) else None,
+        reason=f"a call was refused by {name}",
+    )
+
+
+def strike_alert(violation: Violation) -> Alert:
+    """The alert of a strike, once per violation."""
+    key = (
+        violation.violation_id
+        or hashlib.sha256(
+            f"{violation.customer_id}\0{violation.created_at.isoformat()}\0{violation.source}"
+            f"\0{violation.detail}".encode()
+        ).hexdigest()[:32]
+    )
+    return Alert(
+        id=f"alert:strike:{key}",
+        kind="strike",
+        customer_id=violation.customer_id,
+        at=violation.created_at,
+        categories=violation.categories,
+        event_type=violation.source,
+        reason=f"a strike ({violation.source}"
+        + (f": {', '.join(violation.categories)}" if violation.categories else "")
+        + ")",
+    )
+
+
+def suspension_alert(
+    customer_id: str, since: datetime, reason: str, *, event_type: str | None = None
+) -> Alert:
+    """The alert of a suspension, once per customer and start."""
+    stamp = since.astimezone(timezone.utc).isoformat()
+    return Alert(
+        id=f"alert:suspension:{_id_part(customer_id)}:{stamp}",
+        kind="suspension",
+        customer_id=customer_id,
+        at=since,
+        event_type=event_type,
+        reason=f"suspended: {reason}",
+    )
+
+
+def openai_event_alert(
+    event_id: str,
+    event_type: str,
+    customer_id: str,
+    at: datetime,
+    *,
+    category: str | None,
+    reason: str,
+) -> Alert:
+    """The alert of an OpenAI safety event traced to a customer, once per event id."""
+    return Alert(
+        id=f"alert:openai_event:{event_id}",
+        kind="openai_event",
+        customer_id=customer_id,
+        at=at,
+        categories=(category,) if category else (),
+        event_type=event_type,
+        reason=reason,
+    )

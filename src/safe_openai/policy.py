@@ -11,9 +11,14 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+from ._log import get_logger
+from .alerts import as_sinks
 from .errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from .alerts import Alert, AlertSink
 
 __all__ = [
     "OUTPUT_MODES",
@@ -25,7 +30,10 @@ __all__ = [
     "Quota",
     "SafetyAction",
     "Verdict",
+    "soft_thresholds",
 ]
+
+log = get_logger()
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,6 +261,40 @@ class Policy:
     #: ...or at this many sentence ends in it (``None``: characters only), or when the output
     #: or the stream ends.
     output_window_sentences: int | None = 2
+    #: Warning thresholds below the quota: a fraction of every limit (``0.8``: at 80 %), or
+    #: fractions by limit name (``{"tokens_per_day": 0.8, "usd_per_month": 0.5}``; limits not
+    #: named have none). Each within (0, 1]. A call whose usage takes a limit from below its
+    #: threshold to or above it raises a ``"soft_limit"`` :class:`~safe_openai.alerts.Alert`,
+    #: once per window.
+    soft_limits: float | Mapping[str, float] | None = None
+    #: Where :meth:`on_alert` hands alerts by default (callables taking an ``Alert``, such as
+    #: :class:`~safe_openai.alerts.WebhookAlertSink`).
+    alert_sinks: tuple[AlertSink, ...] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "soft_limits" in vars(cls):
+            soft_thresholds(cls.soft_limits)  # a bad class setting fails at import, not later
+
+    def on_alert(self, alert: Alert) -> None:
+        """Receive an alert: a soft limit crossed, a quota refusal, a strike, a suspension or
+        an OpenAI safety event traced to a customer (see :mod:`safe_openai.alerts`).
+
+        Called once per event across every process sharing the store, inside the guarded call
+        (or webhook delivery) that caused it, so it must not block: hand the alert to a queue.
+        Whatever it raises is logged and never reaches the call. The default hands the alert
+        to each of :attr:`alert_sinks`; one that raises does not keep it from the others.
+        """
+        for sink in self.alert_sinks:
+            try:
+                sink(alert)
+            except Exception:
+                log.exception(
+                    "safe_openai.alert_sink_failed",
+                    alert_id=alert.id,
+                    kind=alert.kind,
+                    customer_id=alert.customer_id,
+                )
 
     def quota_for(self, customer_id: str) -> Quota | None:
         """Return the customer's quota (override for tiers). ``None`` means unlimited."""
@@ -338,6 +380,11 @@ class DefaultPolicy(Policy):
             either way.
         output_window_chars: Characters of streamed output held back per window (``"block"``).
         output_window_sentences: Sentence ends that close a window sooner (``None``: never).
+        soft_limits: Warning thresholds: a fraction of each quota limit, or fractions by limit
+            name (see :attr:`Policy.soft_limits`).
+        alerts: A sink (a callable taking an :class:`~safe_openai.alerts.Alert`, such as
+            :class:`~safe_openai.alerts.WebhookAlertSink`) or a sequence of sinks that
+            :meth:`Policy.on_alert` hands every alert to.
 
     Raises:
         ConfigurationError: A setting is out of range, or a threshold names a category that is
@@ -366,8 +413,13 @@ class DefaultPolicy(Policy):
         output_strikes: bool = True,
         output_window_chars: int = 200,
         output_window_sentences: int | None = 2,
+        soft_limits: float | Mapping[str, float] | None = None,
+        alerts: AlertSink | Sequence[AlertSink] | None = None,
     ) -> None:
         check_output_settings(output_moderation, output_window_chars, output_window_sentences)
+        soft_thresholds(soft_limits)
+        self.alert_sinks = as_sinks(alerts)
+        self.soft_limits = dict(soft_limits) if isinstance(soft_limits, Mapping) else soft_limits
         for category, limit in (thresholds or {}).items():
             if (
                 isinstance(limit, bool)
@@ -439,6 +491,40 @@ class DefaultPolicy(Policy):
 
     def judge(self, request: GuardedRequest, results: Sequence[ModerationResult]) -> Verdict:
         return judge_by_thresholds(results, self.thresholds)
+
+
+#: The limits a :class:`Quota` sets, as :attr:`Policy.soft_limits` names them.
+LIMIT_NAMES = ("requests_per_minute", "tokens_per_minute", "tokens_per_day", "usd_per_month")
+
+
+def soft_thresholds(soft_limits: object) -> dict[str, float]:
+    """The soft limit fraction of each limit name that has one.
+
+    Raises:
+        ConfigurationError: A fraction outside (0, 1], or a name that is no quota limit.
+    """
+    if soft_limits is None:
+        return {}
+    if isinstance(soft_limits, Mapping):
+        found = dict(soft_limits)
+        unknown = sorted(str(name) for name in found if name not in LIMIT_NAMES)
+        if unknown:
+            raise ConfigurationError(
+                f"soft_limits names unknown limits {unknown}; the limits are "
+                f"{', '.join(LIMIT_NAMES)}"
+            )
+    else:
+        found = dict.fromkeys(LIMIT_NAMES, soft_limits)
+    for name, fraction in found.items():
+        if (
+            isinstance(fraction, bool)
+            or not isinstance(fraction, (int, float))
+            or not 0 < fraction <= 1
+        ):
+            raise ConfigurationError(
+                f"soft limit for {name} must be a fraction within (0, 1], got {fraction!r}"
+            )
+    return {name: float(fraction) for name, fraction in found.items()}
 
 
 #: The category a block names when the endpoint flagged a result without naming a category.

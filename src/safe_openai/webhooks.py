@@ -15,7 +15,10 @@ safety.org_alert.created   alert ``request_id`` (``alerts.retrieve``)      ignor
 anything else              not looked up                                   ignore
 ========================== =============================================== ==================
 
-The action comes from :meth:`Policy.action_for_safety_event <safe_openai.Policy>`. A strike
+The action comes from :meth:`Policy.action_for_safety_event <safe_openai.Policy>`. A
+warning, deactivation or blocked identifier traced to a customer also raises an
+``"openai_event"`` :class:`~safe_openai.alerts.Alert` (and its strike or suspension theirs),
+once per event, through :meth:`Policy.on_alert <safe_openai.Policy.on_alert>`. A strike
 goes through the same strike rule as a moderation block, so strikes from both add up. Every
 strike or suspension is stored as a violation whose ``source`` is the event type, so it is
 listed beside moderation violations.
@@ -85,9 +88,12 @@ from ._guard import (
     GuardState,
     StoreCall,
     adrive,
+    alert,
     drive,
     enforce_strikes,
+    openai_event_alert,
     record_violation,
+    suspension_alert,
 )
 from ._log import get_logger
 from .errors import ConfigurationError, StoreError, WebhookInProgress, WebhookVerificationError
@@ -419,6 +425,18 @@ def _settle(state: GuardState, delivery: _Delivery, found: _Found) -> Flow[Safet
             action, reason = "ignored", f"the policy ignores {event.type}"
         else:
             action, reason = yield from _act(state, event, customer_id, policy_action)
+        if customer_id is not None and delivery.kind != "alert" and event.created_at is not None:
+            yield from alert(
+                state,
+                openai_event_alert(
+                    event.event_id,
+                    event.type,
+                    customer_id,
+                    event.created_at,
+                    category=event.category,
+                    reason=reason,
+                ),
+            )
     except GeneratorExit:
         raise  # abandoned by its driver: nothing can be sent now; the lease runs out
     except BaseException:
@@ -485,6 +503,9 @@ def _act(
         )
         yield StoreCall("record_violation", (violation,))
         log.warning("safe_openai.customer_suspended", customer_id=customer_id, reason=reason)
+        yield from alert(
+            state, suspension_alert(customer_id, event.created_at, reason, event_type=event.type)
+        )
         return "suspended", f"{reason}: suspended until lifted"
     if done:
         # An earlier delivery stored the strike and may have failed before the strike limit
