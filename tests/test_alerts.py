@@ -122,6 +122,16 @@ def test_alerts_take_one_sink_or_several_and_refuse_what_is_not_callable() -> No
         DefaultPolicy(alerts=[sink, "http://example.com"])  # type: ignore[list-item]
 
 
+def test_a_policy_loads_no_alert_machinery_until_used() -> None:
+    """``from safe_openai import DefaultPolicy`` leaves the sink (and tenacity) unloaded."""
+    code = (
+        "import sys\nfrom safe_openai import DefaultPolicy\nDefaultPolicy(soft_limits=0.8)\n"
+        "print(sorted(m for m in sys.modules if m in ('safe_openai.alerts', 'tenacity')))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
 # --- the soft limit crossing, as plain code ----------------------------------------------------
 
 

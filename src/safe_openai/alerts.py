@@ -452,20 +452,3 @@ class WebhookAlertSink:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-def as_sinks(alerts: AlertSink | Iterable[AlertSink] | None) -> tuple[AlertSink, ...]:
-    """``DefaultPolicy(alerts=...)``: one sink, several, or none, as a tuple.
-
-    Raises:
-        ConfigurationError: Something that is not a sink.
-    """
-    if alerts is None:
-        return ()
-    if callable(alerts):
-        return (alerts,)
-    sinks = tuple(alerts)
-    for sink in sinks:
-        if not callable(sink):
-            raise ConfigurationError(f"an alert sink must be callable, got {sink!r}")
-    return sinks

@@ -8,13 +8,12 @@ them while deciding a request, so they must be fast and must not block.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Literal
 
 from ._log import get_logger
-from .alerts import as_sinks
 from .errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -418,7 +417,7 @@ class DefaultPolicy(Policy):
     ) -> None:
         check_output_settings(output_moderation, output_window_chars, output_window_sentences)
         soft_thresholds(soft_limits)
-        self.alert_sinks = as_sinks(alerts)
+        self.alert_sinks = _as_sinks(alerts)
         self.soft_limits = dict(soft_limits) if isinstance(soft_limits, Mapping) else soft_limits
         for category, limit in (thresholds or {}).items():
             if (
@@ -495,6 +494,25 @@ class DefaultPolicy(Policy):
 
 #: The limits a :class:`Quota` sets, as :attr:`Policy.soft_limits` names them.
 LIMIT_NAMES = ("requests_per_minute", "tokens_per_minute", "tokens_per_day", "usd_per_month")
+
+
+def _as_sinks(alerts: object) -> tuple[AlertSink, ...]:
+    """``DefaultPolicy(alerts=...)``: one sink, several, or none, as a tuple.
+
+    Raises:
+        ConfigurationError: Something that is not a sink.
+    """
+    if alerts is None:
+        return ()
+    if callable(alerts):
+        return (alerts,)
+    if isinstance(alerts, (str, bytes)) or not isinstance(alerts, Iterable):
+        raise ConfigurationError(f"alerts must be a sink or a sequence of sinks, got {alerts!r}")
+    sinks = tuple(alerts)
+    for sink in sinks:
+        if not callable(sink):
+            raise ConfigurationError(f"an alert sink must be callable, got {sink!r}")
+    return sinks
 
 
 def soft_thresholds(soft_limits: object) -> dict[str, float]:
