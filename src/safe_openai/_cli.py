@@ -62,7 +62,17 @@ def report_fields() -> tuple[str, ...]:
     return tuple(field.name for field in fields(CustomerReport))
 
 
+def _printable(text: str) -> str:
+    """``text`` with every character a terminal would act on (a newline, an ESC starting a
+    control sequence, ...) written as its escape: customer ids and reasons come from end
+    customers, and a table must not let them move the cursor or retitle the terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _fit(text: str, width: int) -> str:
+    text = _printable(text)
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
@@ -295,6 +305,10 @@ def load_policy(spec: str) -> Policy:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ConfigurationError(f"--policy: cannot import {module_name!r}: {exc}") from exc
+    except Exception as exc:  # the application's module failed to load: name it, no traceback
+        raise ConfigurationError(
+            f"--policy: importing {module_name!r} raised {type(exc).__name__}: {exc}"
+        ) from exc
     found: Any = module
     for part in attr.split("."):
         if not hasattr(found, part):
@@ -330,12 +344,19 @@ def _every_limit() -> Quota:
 
 def _read_standing(store: UsageStore, customer_id: str, policy: Policy | None) -> Standing:
     from ._guard import drive, on_store
+    from .errors import ConfigurationError
     from .policy import DefaultPolicy
     from .standing import read_standing, standing_of
 
     now = datetime.now(timezone.utc)
     if policy is not None:
-        return drive(standing_of(policy, store, customer_id, now), on_store(store))
+        try:
+            flow = standing_of(policy, store, customer_id, now)  # asks the policy its rules
+        except Exception as exc:  # the application's code: name it, not a traceback
+            raise ConfigurationError(
+                f"--policy: the policy raised {type(exc).__name__} for this customer: {exc}"
+            ) from exc
+        return drive(flow, on_store(store))
     flow = read_standing(
         customer_id,
         quota=_every_limit(),
@@ -407,7 +428,7 @@ def format_standing(standing: Standing, *, limits_known: bool = True) -> str:
     else:
         strikes = f"{standing.strikes} within {window} (the default window; no --policy)"
     lines = [
-        f"customer:   {standing.customer_id}",
+        f"customer:   {_printable(standing.customer_id)}",
         f"at (UTC):   {_when(standing.at)}",
         f"suspended:  {suspended[0]}",
         *suspended[1:],
@@ -570,6 +591,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
+    for stream in (sys.stdout, sys.stderr):
+        # a customer id the terminal's encoding cannot show (a Windows console or pipe in
+        # cp1252, PYTHONIOENCODING=ascii) is written escaped instead of a UnicodeEncodeError
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -31,7 +31,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from datetime import datetime
-from typing import TYPE_CHECKING
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
 
 import openai
 
@@ -73,6 +74,20 @@ class SafeOpenAIError(openai.OpenAIError):
         super().__init__(message)
         self.message = message
         self.customer_id = customer_id
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The constructors take keyword-only arguments that ``args`` (the message) does not
+        # hold, so the default (``cls(*args)``) cannot rebuild an error: pickling one (a worker
+        # process, a task queue) or ``copy.copy`` raised TypeError. Rebuild it from its state.
+        return (_rebuilt, (type(self), self.args, self.__dict__))
+
+
+def _rebuilt(cls: type[SafeOpenAIError], args: tuple[Any, ...], state: dict[str, Any]) -> Any:
+    """An error of ``cls`` with ``args`` and attributes ``state``, without its ``__init__``."""
+    error = cls.__new__(cls, *args)
+    error.args = args
+    error.__dict__.update(state)
+    return error
 
 
 class ConfigurationError(SafeOpenAIError, ValueError):
@@ -197,10 +212,14 @@ class QuotaExceeded(SafeOpenAIError):
 
 
 def _header_number(value: float) -> str:
-    """A limit or amount as a header value: whole numbers without a fraction."""
-    if float(value).is_integer():
-        return str(int(value))
-    return f"{value:.9f}".rstrip("0")
+    """A limit or amount as a header value: a plain decimal at the reports' precision (nine
+    places), whole numbers without a fraction, never an exponent or a trailing point."""
+    rounded = round(float(value), 9)
+    if rounded.is_integer():
+        return str(int(rounded))
+    # repr is the shortest text that reads back as the same float (no binary noise such as
+    # 123456789.122999996); Decimal writes it out without an exponent (1e-05 -> 0.00001)
+    return f"{Decimal(repr(rounded)):f}"
 
 
 class PolicyDenied(SafeOpenAIError):

@@ -1,0 +1,162 @@
+"""Hostile review of quota status and honest refusals: errors that survive a process boundary,
+header values a client can parse, and a ``safe-openai status`` that a confused operator or a
+hostile customer id cannot turn into a traceback or a terminal escape."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import pickle
+import subprocess
+import sys
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from safe_openai import (
+    BatchBlocked,
+    CustomerRequired,
+    CustomerSuspended,
+    LimitUsage,
+    ModerationUnavailable,
+    OutputBlocked,
+    PolicyDenied,
+    QuotaExceeded,
+    SafeOpenAIError,
+    Standing,
+    StoreError,
+    UnpricedModel,
+    WebhookInProgress,
+    rate_limit_headers,
+)
+from safe_openai.policy import Decision
+from safe_openai.stores import store_from_url
+
+from .test_cli_status import workdir  # noqa: F401  (the fixture: acme's store and policy)
+
+UTC = timezone.utc
+T0 = datetime(2025, 3, 14, 12, 0, tzinfo=UTC)
+
+
+ERRORS: list[SafeOpenAIError] = [
+    QuotaExceeded("acme", limit="tokens_per_day", retry_after=12.5, used=900, allowed=1000),
+    QuotaExceeded("acme", limit="usd_per_month", retry_after=None, used=0.25, allowed=0.5),
+    CustomerSuspended("acme", until=T0, reason="chargeback"),
+    CustomerRequired("/chat/completions"),
+    UnpricedModel("acme", model="ft:gpt-4o-mini:acme::x1"),
+    PolicyDenied("acme", Decision.deny("no", user_message="Not on your plan.")),
+    OutputBlocked(
+        "acme", categories=("violence",), scores={"violence": 0.9}, endpoint="/responses"
+    ),
+    BatchBlocked("acme", lines={3: ("hate",)}, scores={"hate": 0.8}, endpoint="/files"),
+    ModerationUnavailable("down", customer_id="acme", outage=False),
+    StoreError("The usage store failed on reserve."),
+    WebhookInProgress("evt_1"),
+]
+
+
+@pytest.mark.parametrize("error", ERRORS, ids=lambda e: type(e).__name__)
+def test_errors_pickle_and_copy_with_every_attribute(error: SafeOpenAIError) -> None:
+    """An error crosses a process boundary (multiprocessing, a task queue) and copy.copy
+    intact; before, the keyword-only constructors made unpickling raise TypeError."""
+    for again in (pickle.loads(pickle.dumps(error)), copy.copy(error), copy.deepcopy(error)):
+        assert type(again) is type(error)
+        assert str(again) == str(error) and again.args == error.args
+        assert again.__dict__ == error.__dict__
+        assert again.user_message == error.user_message
+    if isinstance(error, QuotaExceeded):
+        assert pickle.loads(pickle.dumps(error)).headers() == error.headers()
+
+
+@pytest.mark.parametrize(
+    ("amount", "shown"),
+    [
+        (1e-10, "0"),  # below the reports' precision: was "0."
+        (2.0000000001, "2"),  # was "2."
+        (0.1 + 0.2, "0.3"),
+        (123456789.123, "123456789.123"),  # was "123456789.122999996"
+        (0.00001, "0.00001"),  # never an exponent
+        (2.5, "2.5"),
+        (7, "7"),
+    ],
+)
+def test_header_numbers_are_plain_decimals(amount: float, shown: str) -> None:
+    """Limits and amounts in headers are plain decimals a client can parse: no trailing
+    point, no binary noise, no exponent."""
+    usage = LimitUsage("usd_per_month", 0, amount, None)
+    standing = Standing("acme", T0, (usage,), None, 0, None, timedelta(days=1))
+    assert rate_limit_headers(standing)["X-RateLimit-Limit"] == shown
+    refused = QuotaExceeded("acme", limit="usd_per_month", retry_after=1, used=0, allowed=amount)
+    assert refused.headers()["X-RateLimit-Limit"] == shown
+    assert f"0 of {shown} used" in str(refused)
+
+
+def status(
+    directory: Path, *argv: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``python -m safe_openai status ARGV`` in a real subprocess, in ``directory``."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SAFE_OPENAI")}
+    return subprocess.run(
+        [sys.executable, "-m", "safe_openai", "status", *argv],
+        cwd=directory,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        timeout=120,
+        env={**base, **(env or {})},
+    )
+
+
+POLICIES = """
+from safe_openai import DefaultPolicy
+
+
+class KeyedPolicy(DefaultPolicy):
+    def quota_for(self, customer_id):
+        return {"known": None}[customer_id]
+"""
+
+
+def test_status_names_a_policy_that_fails_to_load_or_raises(workdir: Path) -> None:  # noqa: F811
+    """A policy module that raises on import (not only ImportError), a syntax error, and a
+    quota_for that raises are one line on stderr and exit 2, not a traceback."""
+    (workdir / "raising_policy.py").write_text("raise RuntimeError('no DATABASE_URL set')\n")
+    (workdir / "broken_policy.py").write_text("def policy(:\n")
+    (workdir / "keyed_policy.py").write_text(POLICIES)
+    for spec, says in (
+        ("raising_policy:POLICY", "importing 'raising_policy' raised RuntimeError"),
+        ("broken_policy:POLICY", "importing 'broken_policy' raised SyntaxError"),
+        ("keyed_policy:KeyedPolicy", "the policy raised KeyError for this customer"),
+    ):
+        done = status(workdir, "acme", "--store", "sqlite:///usage.db", "--policy", spec)
+        assert done.returncode == 2, done.stderr
+        assert says in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_status_table_escapes_what_a_terminal_would_act_on(workdir: Path) -> None:  # noqa: F811
+    """A customer id (or a suspension reason) carrying a newline or an escape sequence is
+    shown escaped, and a non-ASCII id on a terminal that cannot encode it is shown escaped
+    instead of raising UnicodeEncodeError."""
+    hostile = "evil\x1b]0;owned\x07\nline"
+    store_url = "sqlite:///usage.db"
+    store = store_from_url(f"sqlite:///{workdir}/usage.db")
+    store.suspend(hostile, reason="spam\x1b[2J", until=None, now=datetime.now(UTC))
+    store.close()
+    done = status(workdir, hostile, "--store", store_url, "--policy", "app_policy:POLICY")
+    assert done.returncode == 0, done.stderr
+    assert "\x1b" not in done.stdout and "\x07" not in done.stdout
+    assert "customer:   evil\\x1b]0;owned\\x07\\nline\n" in done.stdout
+    assert "reason:     spam\\x1b[2J" in done.stdout
+
+    done = status(workdir, "zoë-東京", "--store", store_url, env={"PYTHONIOENCODING": "ascii"})
+    assert done.returncode == 0, done.stderr
+    assert "customer:   zo\\xeb-\\u6771\\u4eac" in done.stdout
+
+
+def test_status_json_keeps_the_id_as_it_is(workdir: Path) -> None:  # noqa: F811
+    """Escaping is for the table only: JSON carries the id unchanged."""
+    done = status(workdir, "zoë\nx", "--store", "sqlite:///usage.db", "--format", "json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["customer"] == "zoë\nx"
