@@ -33,6 +33,7 @@ from .conftest import Backend, StoreDriver
 UTC = timezone.utc
 MINUTE_US = 60_000_000
 SKEW_US = 60_000_000
+TTL_US = 600_000_000  # RESERVATION_TTL: a hold never settled stops counting this old
 BASES = [
     datetime(2025, 3, 14, 12, 0, 0, 250_000, tzinfo=UTC),
     datetime(2024, 2, 29, 23, 59, 10, tzinfo=UTC),  # a leap day's midnight, a month's end
@@ -47,23 +48,31 @@ class Entry:
 
     at_us: int
     tokens: int
+    pending: bool = False  # a hold not yet committed: it ages out after the TTL
 
 
 @dataclass
 class Model:
     """The exact semantics: entries count in the minute windows while ``now - 60 s < at <=
-    now + 60 s``, in the day from its UTC midnight up to ``now + 60 s``."""
+    now + 60 s``, in the day from its UTC midnight up to ``now + 60 s``; a hold never settled
+    counts in the day while it is younger than the TTL (the store keeps holds in minute buckets
+    that age out with their latest hold, so around the TTL its answer is not exact)."""
 
     entries: dict[str, Entry] = field(default_factory=dict)
     seconds: dict[int, int] = field(default_factory=dict)  # entries ever put in each second
 
-    def put(self, key: str, at_us: int, tokens: int) -> None:
+    def put(self, key: str, at_us: int, tokens: int, *, pending: bool = False) -> None:
         if key not in self.entries:  # a commit replaces its hold's tokens in the same bucket
             self.seconds[at_us // 1_000_000] = self.seconds.get(at_us // 1_000_000, 0) + 1
-        self.entries[key] = Entry(at_us, tokens)
+        self.entries[key] = Entry(at_us, tokens, pending)
 
-    def exact(self) -> bool:
-        return all(n <= 1 for n in self.seconds.values())
+    def exact(self, now_us: int) -> bool:
+        """Whether the store's answer must be the exact one: one entry per second, and no
+        hold within a minute of its TTL (its bucket may hold a later one)."""
+        return all(n <= 1 for n in self.seconds.values()) and not any(
+            e.pending and now_us - TTL_US - MINUTE_US <= e.at_us <= now_us - TTL_US + MINUTE_US
+            for e in self.entries.values()
+        )
 
     def decide(self, quota: Quota, tokens: int, now_us: int) -> str | None:
         live = [
@@ -78,7 +87,10 @@ class Model:
             return "tokens_per_minute"
         midnight = now_us // 86_400_000_000 * 86_400_000_000
         day = sum(
-            e.tokens for e in self.entries.values() if midnight <= e.at_us <= now_us + SKEW_US
+            e.tokens
+            for e in self.entries.values()
+            if midnight <= e.at_us <= now_us + SKEW_US
+            and not (e.pending and e.at_us <= now_us - TTL_US)
         )
         if quota.tokens_per_day is not None and day + tokens > quota.tokens_per_day:
             return "tokens_per_day"
@@ -150,7 +162,7 @@ def _check(
             now_us = max(now_us, ages[abs(value) % len(ages)] + MINUTE_US + value)
         elif name == "reserve":
             expected = model.decide(quota, value, now_us)
-            exact = model.exact()
+            exact = model.exact(now_us)
             demand = QuotaDemand(tokens=value)
             got = [s.reserve(customer, quota, demand, now=at(now_us)) for s in stores]
             answer, reference = got
@@ -166,7 +178,7 @@ def _check(
                 assert answer.limit == expected, "one entry per second: the exact answer"
             if answer.admitted:
                 assert answer.at == at(now_us)
-                model.put(answer.id, now_us, value)
+                model.put(answer.id, now_us, value, pending=True)
                 open_holds.append(got)
             elif answer.retry_after is not None:
                 later = now_us + round(answer.retry_after * 1_000_000)
@@ -237,3 +249,17 @@ def test_buckets_never_admit_more_than_the_exact_window(
         _check(store, quota, ops, base, offset)
 
     run()
+
+
+def test_a_hold_older_than_the_ttl_stops_counting_in_the_day() -> None:
+    """The example that once failed at random: a hold never settled, a refusal whose
+    ``retry_after`` runs to midnight, then a step back into the old day 12 hours after the hold
+    was placed. The store no longer counts the abandoned hold (it is past its TTL), and neither
+    may the exact model."""
+    _check(
+        StoreDriver(MemoryStore(), is_async=False),
+        Quota(requests_per_minute=2, tokens_per_day=100),
+        [("reserve", 100), ("reserve", 1), ("step", -1), ("reserve", 1)],
+        BASES[0],
+        0,
+    )
