@@ -251,3 +251,103 @@ def test_bad_settings_are_refused() -> None:
     ):
         with pytest.raises(ConfigurationError):
             WebhookAlertSink(url, **{"secret": SECRET, **options})
+
+
+def test_a_redirect_is_not_followed_and_counts_as_no_delivery(receiver: Receiver) -> None:
+    """A 302 (to another host, say) is neither followed with the signed body nor taken for a
+    delivery: the alert is given up on, logged, like a 4xx."""
+    receiver.statuses = [302]
+    with sink_for(receiver) as sink, capture_logs() as logs:
+        sink(ALERT)
+        assert sink.flush(10)
+        assert (sink.delivered, sink.failed) == (0, 1)
+    assert len(receiver.deliveries) == 1
+    [failed] = [e for e in logs if e["event"] == "safe_openai.alert_failed"]
+    assert "302" in failed["error"]
+
+
+def test_an_alert_whose_id_is_not_ascii_is_delivered(receiver: Receiver) -> None:
+    """A customer id beyond ASCII (or with a line break) is in the alert id; the id header
+    carries it percent-encoded, the body exactly."""
+    odd = [
+        Alert(id=f"alert:strike:{name}", kind="strike", customer_id=name, at=ALERT.at)
+        for name in ("josé", "日本", "a\r\nX-Injected: 1")
+    ]
+    with sink_for(receiver) as sink:
+        for alert in odd:
+            sink(alert)
+        assert sink.flush(10)
+        assert (sink.delivered, sink.failed) == (3, 0)
+    assert len(receiver.deliveries) == 3
+    for delivery, alert in zip(receiver.deliveries, odd, strict=True):
+        assert verify_alert_signature(delivery.body, delivery.headers, secret=SECRET) == alert
+        assert delivery.headers[ID_HEADER].isascii()
+        assert "X-Injected" not in {name for name in delivery.headers}
+    assert receiver.deliveries[0].headers[ID_HEADER] == "alert:strike:jos%C3%A9"
+
+
+def test_an_unexpected_failure_counts_as_failed() -> None:
+    import httpx2
+
+    class Broken(httpx2.BaseTransport):
+        def handle_request(self, request: httpx2.Request) -> httpx2.Response:
+            raise RuntimeError("a proxy of your own that breaks")
+
+    with WebhookAlertSink("http://x", secret=SECRET, transport=Broken()) as sink:
+        sink(ALERT)
+        assert sink.flush(10)
+        assert (sink.delivered, sink.failed) == (0, 1)
+
+
+def test_a_verifier_refuses_a_short_secret_and_survives_a_non_ascii_signature() -> None:
+    """An empty secret (an unset environment variable) would verify what anyone signs with
+    it; a forged signature header beyond ASCII is a verification error, not a TypeError."""
+    body = ALERT.to_json().encode()
+    now = int(time.time())
+    forged = {
+        TIMESTAMP_HEADER: str(now),
+        SIGNATURE_HEADER: sign_alert(body, secret="", timestamp=now),
+    }
+    with pytest.raises(ConfigurationError):
+        verify_alert_signature(body, forged, secret="")
+    odd = {TIMESTAMP_HEADER: str(now), SIGNATURE_HEADER: "v1=é"}
+    with pytest.raises(WebhookVerificationError, match="does not match"):
+        verify_alert_signature(body, odd, secret=SECRET)
+
+
+EXIT_CHILD = """
+import sys
+from safe_openai import alerts
+from safe_openai.alerts import Alert, WebhookAlertSink
+from datetime import datetime, timezone
+alerts.EXIT_TIMEOUT = float(sys.argv[2])
+sink = WebhookAlertSink(sys.argv[1], secret="alert-signing-secret-0123456789", backoff=0.2)
+sink(Alert("alert:strike:v1", "strike", "acme", datetime.now(timezone.utc)))
+# the interpreter exits here, the sink never closed
+"""
+
+
+def test_alerts_queued_at_interpreter_exit_are_delivered(receiver: Receiver) -> None:
+    """A script that exits right after an alert (a CLI, a job) does not lose it: the exit
+    waits for the queue, here through a 503 and its retry."""
+    import subprocess
+    import sys
+
+    receiver.statuses = [503]
+    done = subprocess.run(
+        [sys.executable, "-c", EXIT_CHILD, receiver.url, "20"], capture_output=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert len(receiver.deliveries) == 2  # the 503, then the retry that was accepted
+
+
+def test_an_exit_with_the_receiver_hung_is_bounded_and_logged(receiver: Receiver) -> None:
+    import subprocess
+    import sys
+
+    receiver.gate = threading.Event()
+    done = subprocess.run(
+        [sys.executable, "-c", EXIT_CHILD, receiver.url, "0.2"], capture_output=True, timeout=60
+    )
+    assert done.returncode == 0
+    assert b"safe_openai.alerts_undelivered" in done.stderr

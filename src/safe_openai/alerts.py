@@ -14,13 +14,15 @@ thread: the guarded call only puts the alert in a bounded queue.
 
 Signature (what a receiver checks; :func:`verify_alert_signature` does it)::
 
-    X-Safe-OpenAI-Alert-Id:  the alert's id (also in the body)
+    X-Safe-OpenAI-Alert-Id:  the alert's id (also in the body; percent-encoded beyond
+                             printable ASCII)
     X-Safe-OpenAI-Timestamp: seconds since the epoch when this attempt was sent
     X-Safe-OpenAI-Signature: v1=<hex HMAC-SHA256 of "<timestamp>.<body>" under the secret>
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import hmac
@@ -30,10 +32,12 @@ import os
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Literal, Protocol, cast, get_args
+from urllib.parse import quote
 
 import httpx2
 from tenacity import (
@@ -50,6 +54,7 @@ from .errors import ConfigurationError, WebhookVerificationError
 
 __all__ = [
     "ALERT_KINDS",
+    "EXIT_TIMEOUT",
     "ID_HEADER",
     "SIGNATURE_HEADER",
     "TIMESTAMP_HEADER",
@@ -66,6 +71,9 @@ log = get_logger()
 #: What an alert is about.
 AlertKind = Literal["soft_limit", "quota_exceeded", "strike", "suspension", "openai_event"]
 ALERT_KINDS: tuple[AlertKind, ...] = get_args(AlertKind)
+
+#: Seconds a sink with alerts still queued at interpreter exit goes on delivering them.
+EXIT_TIMEOUT = 5.0
 
 ID_HEADER = "X-Safe-OpenAI-Alert-Id"
 TIMESTAMP_HEADER = "X-Safe-OpenAI-Timestamp"
@@ -182,7 +190,10 @@ def verify_alert_signature(
     Raises:
         WebhookVerificationError: A header is missing, the timestamp is too old or too new,
             the signature does not match, or the body is not an alert.
+        ConfigurationError: ``secret`` is shorter than 16 characters (an empty secret from an
+            unset environment variable would accept a signature anyone can make).
     """
+    _check_secret(secret)
     pairs = headers.items() if hasattr(headers, "items") else headers
     flat = {str(name).lower(): str(value) for name, value in pairs}
     raw = body.encode() if isinstance(body, str) else bytes(body)
@@ -197,12 +208,24 @@ def verify_alert_signature(
     if abs(current - sent) > tolerance:
         raise WebhookVerificationError("Alert delivery rejected: the timestamp is out of range.")
     expected = sign_alert(raw, secret=secret, timestamp=sent)
-    if not any(hmac.compare_digest(expected, given.strip()) for given in signature.split(",")):
+    # bytes, not str: compare_digest refuses a str that is not ASCII (a forged header)
+    given = [part.strip().encode("utf-8", "surrogateescape") for part in signature.split(",")]
+    if not any(hmac.compare_digest(expected.encode(), part) for part in given):
         raise WebhookVerificationError("Alert delivery rejected: the signature does not match.")
     try:
         return Alert.from_json(raw)
     except (ValueError, KeyError, TypeError) as exc:
         raise WebhookVerificationError("Alert delivery rejected: the body is no alert.") from exc
+
+
+def _check_secret(secret: object) -> None:
+    if not isinstance(secret, str) or len(secret) < 16:
+        raise ConfigurationError("an alert signing secret must be at least 16 characters")
+
+
+#: What an HTTP header value may hold as it is; anything else in an alert id (a customer id
+#: that is not ASCII, a control character) is percent-encoded in :data:`ID_HEADER`.
+_HEADER_SAFE = "".join(chr(code) for code in range(0x21, 0x7F))
 
 
 class _Retry(Exception):
@@ -227,10 +250,14 @@ class WebhookAlertSink:
     Calling the sink puts the alert in a bounded queue; one daemon thread posts it with the
     SDK's own HTTP stack (``httpx2``). An attempt that fails with a connection error, a timeout,
     408, 429 or a 5xx is retried with exponential backoff and jitter, up to ``attempts`` in all,
-    each signed afresh (see the module docstring for the headers). Another 4xx is not retried.
+    each signed afresh (see the module docstring for the headers). Another 4xx, or a redirect
+    (never followed: the signed body goes to ``url`` only), is not retried.
     A full queue drops the alert with a ``safe_openai.alert_dropped`` warning and counts it
     (:attr:`dropped`). The thread starts with the first alert, and again in a forked child
-    (which drops what the parent had queued: the parent delivers it).
+    (which drops what the parent had queued: the parent delivers it). At interpreter exit, a
+    sink not closed that still has alerts queued delivers them for up to
+    :data:`EXIT_TIMEOUT` seconds, then logs ``safe_openai.alerts_undelivered`` with how many
+    were left (its thread is a daemon: a receiver that is down never holds up the exit longer).
 
     Args:
         url: Where to post (``https://ops.example.com/hooks/safe-openai``).
@@ -260,8 +287,7 @@ class WebhookAlertSink:
     ) -> None:
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise ConfigurationError(f"WebhookAlertSink needs an http(s) URL, got {url!r}")
-        if not isinstance(secret, str) or len(secret) < 16:
-            raise ConfigurationError("WebhookAlertSink needs a secret of at least 16 characters")
+        _check_secret(secret)
         for name, value in (("timeout", timeout), ("backoff", backoff)):
             if not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
                 raise ConfigurationError(f"{name} must be a positive number, got {value!r}")
@@ -287,7 +313,7 @@ class WebhookAlertSink:
         self.dropped = 0
         #: Alerts the receiver accepted (a 2xx).
         self.delivered = 0
-        #: Alerts given up on after their last attempt (or refused with a 4xx).
+        #: Alerts given up on: after their last attempt, refused with a 4xx or redirected.
         self.failed = 0
 
     def __repr__(self) -> str:
@@ -345,6 +371,7 @@ class WebhookAlertSink:
                     target=self._run, args=(worker,), name="safe-openai-alerts", daemon=True
                 )
                 worker.thread.start()
+                _LIVE.add(self)
             return worker
 
     # --- the worker thread -------------------------------------------------------------------
@@ -358,7 +385,14 @@ class WebhookAlertSink:
                 try:
                     self._deliver(http, alert)
                 except Exception:  # never let one alert end the thread
-                    log.exception("safe_openai.alert_failed", alert_id=alert.id)
+                    with self._guard:
+                        self.failed += 1
+                    log.exception(
+                        "safe_openai.alert_failed",
+                        alert_id=alert.id,
+                        kind=alert.kind,
+                        customer_id=alert.customer_id,
+                    )
                 finally:
                     with worker.idle:
                         worker.pending -= 1
@@ -372,7 +406,7 @@ class WebhookAlertSink:
             headers = {
                 "Content-Type": "application/json",
                 "User-Agent": "safe-openai-alerts",
-                ID_HEADER: alert.id,
+                ID_HEADER: quote(alert.id, safe=_HEADER_SAFE),
                 TIMESTAMP_HEADER: str(timestamp),
                 SIGNATURE_HEADER: sign_alert(body, secret=self._secret, timestamp=timestamp),
             }
@@ -383,9 +417,12 @@ class WebhookAlertSink:
             status = response.status_code
             if status >= 500 or status in (408, 429):
                 raise _Retry(f"HTTP {status}")
-            if status >= 400:
+            if not 200 <= status < 300:
+                # a redirect is not followed (the signed body stays with the configured URL)
+                # and is no delivery: given up on, like a 4xx
+                moved = f" to {response.headers.get('location')}" if status < 400 else ""
                 raise httpx2.HTTPStatusError(
-                    f"HTTP {status}", request=response.request, response=response
+                    f"HTTP {status}{moved}", request=response.request, response=response
                 )
 
         def sleep(seconds: float) -> None:
@@ -447,8 +484,27 @@ class WebhookAlertSink:
                 worker.queue.put_nowait(None)
             worker.thread.join(1.0)
 
+    def _at_exit(self) -> None:
+        worker = self._worker
+        if self._closed or worker is None or worker.pid != os.getpid() or worker.pending <= 0:
+            return
+        if not self.flush(EXIT_TIMEOUT):
+            log.warning("safe_openai.alerts_undelivered", url=self.url, pending=worker.pending)
+        self.close(0)
+
     def __enter__(self) -> WebhookAlertSink:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+#: Sinks whose thread started in this process, for the exit hook (weakly: a sink dropped by the
+#: application is not kept alive).
+_LIVE: weakref.WeakSet[WebhookAlertSink] = weakref.WeakSet()
+
+
+@atexit.register
+def _deliver_at_exit() -> None:
+    for sink in list(_LIVE):
+        sink._at_exit()
