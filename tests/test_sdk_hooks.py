@@ -37,8 +37,11 @@ a mock transport, so a release that changes one fails here, in CI, and not for a
 |   ``send``, ``__enter__``, ``_connect_ws``; ``connect``   |                                        |
 | ``OpenAI.responses`` / ``OpenAI.beta`` / ``Beta.responses`` | ``_client``, ``_connections``:      |
 |   as cached properties; resources' ``_client``           |   overridden to return guarded twins   |
+| ``client.post(path, body=, cast_to=object,                | ``_moderation``: the moderation call,  |
+|   options={"max_retries": 0})`` gives the decoded JSON   |   retried by tenacity instead          |
 | ``types.safety.SafetyCase`` / ``SafetyAlert``;            | ``webhooks``                           |
-|   ``safety.cases.retrieve``; ``webhooks.verify_signature`` |                                       |
+|   ``safety.cases.retrieve``, ``safety.alerts.retrieve``; |                                        |
+|   ``webhooks.verify_signature``                          |                                        |
 """
 
 from __future__ import annotations
@@ -290,6 +293,18 @@ def test_a_parsed_answer_carries_its_request_id() -> None:
     assert reply._request_id == "req_1"
 
 
+def test_post_cast_to_object_gives_the_json_and_max_retries_0_does_not_retry() -> None:
+    """The moderator's call: the decoded body as plain JSON; tenacity retries, not the SDK."""
+    replies = [httpx2.Response(200, json={"results": [{"flagged": False}]})]
+    client = spy(lambda request: replies.pop(0) if replies else httpx2.Response(503, json={}))
+    body = {"model": "omni-moderation-latest", "input": ["hi"]}
+    raw = client.post("/moderations", body=body, cast_to=object, options={"max_retries": 0})
+    assert raw == {"results": [{"flagged": False}]}
+    with pytest.raises(openai.APIStatusError):
+        client.post("/moderations", body=body, cast_to=object, options={"max_retries": 0})
+    assert len(client.built) == 2  # one attempt each
+
+
 def test_openapi_dumps_gives_json_bytes() -> None:
     assert json.loads(openapi_dumps({"a": [1, "b"]})) == {"a": [1, "b"]}
 
@@ -432,6 +447,7 @@ def test_safety_types_and_the_webhook_verifier() -> None:
     assert "request_id" in SafetyAlert.model_fields
     client = spy()
     assert params(client.safety.cases.retrieve)[0] == ("id", POS)
+    assert params(client.safety.alerts.retrieve)[0] == ("id", POS)
     verify = inspect.signature(client.webhooks.verify_signature).parameters
     assert list(verify)[:2] == ["payload", "headers"] and verify["secret"].kind is KW
     with pytest.raises(openai.InvalidWebhookSignatureError):
