@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.metadata
+import importlib
 import io
 import json
 import logging
@@ -503,10 +503,31 @@ def _customer_id(text: str) -> str:
 
 
 def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
-        return importlib.metadata.version("safe-openai")
-    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - run from a source tree
+        return version("safe-openai")
+    except PackageNotFoundError:  # pragma: no cover - run from a source tree
         return "unknown"
+
+
+class _VersionAction(argparse.Action):
+    """``--version``, read from the package metadata only when asked (importing it costs more
+    than the rest of ``--help``)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        kwargs.setdefault("help", "show program's version number and exit")
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        print(f"{parser.prog} {_version()}")
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -515,7 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="safe-openai",
         description="Per-customer usage, violations and suspensions of a safe-openai store.",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action=_VersionAction, dest=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def add_store(p: argparse.ArgumentParser) -> None:
