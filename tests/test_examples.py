@@ -25,3 +25,10 @@ def test_tiered_saas_example_runs_offline(tmp_path: Path) -> None:
     assert "initech  refused CustomerSuspended" in result.stdout
     assert any(line.startswith("initech") and "suspended=True" in line for line in lines)
     assert "safe_openai.customer_suspended" in result.stderr
+
+
+def test_the_fastapi_example_s_tests_run_with_the_suite() -> None:
+    """examples/fastapi_app/test_app.py is collected by a plain ``pytest`` (testpaths)."""
+    config = (EXAMPLES.parent / "pyproject.toml").read_text(encoding="utf-8")
+    assert 'testpaths = ["tests", "examples/fastapi_app"]' in config
+    assert (EXAMPLES / "fastapi_app" / "test_app.py").is_file()

@@ -112,6 +112,16 @@ def test_retry_after_is_whole_seconds_when_waiting_helps() -> None:
     assert http_error(CustomerSuspended("a", until=over, reason="r")).headers == {}
 
 
+def test_a_quota_refusal_carries_the_rate_limit_headers_of_its_limit() -> None:
+    refused = QuotaExceeded("a", limit="requests_per_minute", retry_after=30.5, used=60, allowed=60)
+    assert http_error(refused).headers == {
+        **refused.headers(),
+        "Retry-After": "31",
+        "X-RateLimit-Limit": "60",
+        "X-RateLimit-Remaining": "0",
+    }
+
+
 def test_errors_from_openai_never_show_openais_message() -> None:
     request = httpx2.Request("POST", "http://t/v1/chat/completions")
     limited = openai.RateLimitError(

@@ -102,7 +102,9 @@ class HTTPError:
         code: A stable name of the refusal (``"moderation_blocked"``, ``"quota_exceeded"``...),
             for the application's clients to branch on.
         message: A sentence safe to show the end customer (the error's ``user_message``).
-        headers: ``Retry-After`` (whole seconds) when waiting helps, else empty.
+        headers: ``Retry-After`` (whole seconds) when waiting helps, and for a quota refusal
+            the ``X-RateLimit-*`` headers of the limit that refused
+            (:meth:`~safe_openai.QuotaExceeded.headers`).
     """
 
     status: int
@@ -148,7 +150,7 @@ def http_error(exc: BaseException) -> HTTPError:
     error                                    status notes
     ======================================== ====== =========================================
     ``ModerationBlocked`` (``OutputBlocked``) 422    the content, not the request, is refused
-    ``QuotaExceeded``                        429    ``Retry-After`` when waiting helps
+    ``QuotaExceeded``                        429    ``Retry-After``, ``X-RateLimit-*``
     ``CustomerSuspended``                    403    ``Retry-After`` when it ends at a time
     ``PolicyDenied``, ``UnpricedModel``      403
     ``ModerationUnavailable``, ``StoreError`` 503   fail closed: nothing was sent
@@ -177,8 +179,8 @@ def http_error(exc: BaseException) -> HTTPError:
             (500, "internal_error"),
         )
         headers: dict[str, str] = {}
-        if isinstance(exc, QuotaExceeded) and exc.retry_after is not None:
-            headers = _retry_after(exc.retry_after)
+        if isinstance(exc, QuotaExceeded):
+            headers = exc.headers()  # Retry-After when waiting helps, X-RateLimit-* when known
         elif isinstance(exc, CustomerSuspended) and exc.until is not None:
             left = (exc.until - datetime.now(timezone.utc)).total_seconds()
             headers = _retry_after(left) if left > 0 else {}
