@@ -313,3 +313,36 @@ def test_the_guide_lists_every_log_event_the_library_emits() -> None:
         if f"`{name}`" not in guide and f"`{name.removeprefix('safe_openai.')}`" not in guide
     )
     assert missing == []
+
+
+def test_the_guide_lists_every_defaultpolicy_argument_with_its_default() -> None:
+    """The DefaultPolicy table of docs/guide.md names each argument of the constructor, with
+    the default the code has: a new or changed setting must reach the table."""
+    from datetime import timedelta
+
+    from safe_openai import DefaultPolicy
+
+    guide = (ROOT / "docs" / "guide.md").read_text(encoding="utf-8")
+    section = guide.split("### DefaultPolicy", 1)[1].split("```", 1)[0]
+    rows = re.findall(r"^\| `(\w+)`\s*\| `([^`]*)`", section, flags=re.MULTILINE)
+    documented = {name: eval(default, {"timedelta": timedelta}) for name, default in rows}
+    parameters = inspect.signature(DefaultPolicy.__init__).parameters
+    actual = {name: p.default for name, p in parameters.items() if name != "self"}
+    assert documented == actual
+
+
+def test_the_guides_error_tree_names_every_error() -> None:
+    """Each exception of safe_openai.errors is drawn in the guide's tree, under its base."""
+    from safe_openai import errors
+
+    guide = (ROOT / "docs" / "guide.md").read_text(encoding="utf-8")
+    tree = guide.split("## Errors", 1)[1].split("```", 2)[1]
+    drawn = {
+        line.split("── ", 1)[1].split()[0]: (len(line) - len(line.lstrip("│ ├└─")))
+        for line in tree.splitlines()
+        if "── " in line
+    }
+    assert set(drawn) == set(errors.__all__)
+    for name in set(drawn) - {"SafeOpenAIError"}:
+        base = getattr(errors, name).__mro__[1].__name__
+        assert drawn[name] > drawn[base], f"{name} is not drawn under {base}"
