@@ -3,6 +3,7 @@ the customer bound per request in ASGI and WSGI applications."""
 
 from __future__ import annotations
 
+import gc
 import json
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
@@ -15,6 +16,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.testclient import TestClient
 from flask import Flask, Response, request
+from starlette.requests import ClientDisconnect
 
 from safe_openai import (
     AsyncSafeClient,
@@ -399,6 +401,65 @@ async def test_the_asgi_middleware_binds_async_and_sync_code_and_skips_lifespan(
         await middleware(scope, None, None)  # type: ignore[arg-type]
     assert seen == [("http", "acme"), ("websocket", "acme"), ("http", None), ("lifespan", None)]
     assert current_customer() is None
+
+
+async def test_the_asgi_middleware_closes_a_stream_starlette_dropped_unsent() -> None:
+    """The client leaves before the first message: Starlette's StreamingResponse raises at its
+    first send and never closes its body. The middleware closes the stream primed during the
+    request when the request ends, so its connection and quota hold are not left to the
+    garbage collector."""
+    quota = Quota(tokens_per_minute=100_000)
+    fake = FakeOpenAI(reply="word " * 40, delta_chars=5)
+    ai = AsyncSafeClient(
+        **fake.async_openai_kwargs(),
+        identifier_secret=SECRET,
+        spool=False,
+        policy=DefaultPolicy(quota=quota),
+    )
+    streams: list[Any] = []
+    app = FastAPI()
+
+    @app.post("/chat")
+    async def chat() -> StreamingResponse:
+        stream = await ai.for_customer("acme").chat.completions.create(
+            model="gpt-4o-mini", messages=HI, stream=True
+        )
+        streams.append(stream)
+        return StreamingResponse(asse(await aprimed(stream)), media_type="text/event-stream")
+
+    app.add_middleware(CustomerMiddleware)  # binds nothing: the endpoint names the customer
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Any) -> None:
+        raise OSError("the client went away")
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.4"},
+        "http_version": "1.1",
+        "method": "POST",
+        "path": "/chat",
+        "raw_path": b"/chat",
+        "query_string": b"",
+        "headers": [],
+        "scheme": "http",
+        "server": ("test", 80),
+        "client": ("test", 1),
+        "root_path": "",
+    }
+    gc.disable()  # what is under test is the close, not the collector's timing
+    try:
+        with pytest.raises(ClientDisconnect):
+            await app(scope, receive, send)
+        [stream] = streams
+        assert stream.response.is_closed
+        assert [r.outcome for r in await ai.store.usage_records()] == ["estimated"]
+        [tpm] = await ai.store.quota_usage("acme", quota)
+        assert tpm.used < 100  # the estimate, not the 4,096-token hold of the call
+    finally:
+        gc.enable()
 
 
 # -- Flask (WSGI), end to end -----------------------------------------------------------------

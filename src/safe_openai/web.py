@@ -35,6 +35,7 @@ import inspect
 import json
 import math
 import re
+import weakref
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
@@ -53,6 +54,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import openai
 
 from ._identity import _customer, customer, validate_customer_id
+from ._log import get_logger
 from .errors import (
     BatchFileError,
     CustomerSuspended,
@@ -79,10 +81,13 @@ __all__ = [
     "sse",
 ]
 
+log = get_logger()
+
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
 T = TypeVar("T")
+U = TypeVar("U")
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -211,6 +216,20 @@ async def _aclose(stream: object) -> None:
             await result
 
 
+#: The streams primed during the request :class:`CustomerMiddleware` is running, which it closes
+#: when the request ends: Starlette drops a body it stops sending (the client left) unclosed.
+_request_streams: contextvars.ContextVar[weakref.WeakSet[Any] | None] = contextvars.ContextVar(
+    "safe_openai_request_streams", default=None
+)
+
+
+def _owned_by_request(events: U) -> U:
+    streams = _request_streams.get()
+    if streams is not None:
+        streams.add(events)
+    return events
+
+
 class _Closing(Iterator[T]):
     """A generator whose ``close()`` also closes what it reads, even before its first step: a
     generator closed unstarted (a framework dropping a body it never began to send) skips its
@@ -315,7 +334,7 @@ def primed(stream: Iterable[T], *, until: Callable[[T], bool] | None = None) -> 
     except BaseException:
         _close(stream)
         raise
-    return _Closing(_rest(held, iterator, stream), stream)
+    return _owned_by_request(_Closing(_rest(held, iterator, stream), stream))
 
 
 async def _arest(
@@ -346,7 +365,7 @@ async def aprimed(
     except BaseException:
         await _aclose(stream)
         raise
-    return _AClosing(_arest(held, iterator, stream), stream)
+    return _owned_by_request(_AClosing(_arest(held, iterator, stream), stream))
 
 
 def _encode(event: object) -> str:
@@ -439,11 +458,17 @@ async def _asse(
 
 class CustomerMiddleware:
     """ASGI middleware that binds the request's customer (:func:`safe_openai.customer`) while
-    the application handles it, streamed body included.
+    the application handles it, streamed body included, and closes the streams primed during
+    the request (:func:`primed`, :func:`aprimed`) that are still open when it ends.
 
     Works with FastAPI, Starlette and any ASGI framework: ``app.add_middleware(
     CustomerMiddleware, customer_for=...)``. Sync endpoints run in a thread pool that copies the
     context, so they see the binding too. Lifespan events pass through untouched.
+
+    Starlette never closes a streamed body it stops sending: a client that leaves before the
+    first message, or between two, leaves the guarded stream (its connection to OpenAI, its
+    quota hold) open until garbage collection. This middleware closes it when the request
+    ends, which records its usage estimate and frees its hold.
 
     Args:
         app: The ASGI application.
@@ -451,14 +476,15 @@ class CustomerMiddleware:
             that has none (then nothing is bound, and a guarded call raises
             ``CustomerRequired`` unless the policy allows anonymous calls). It may be async.
             Read it from what your authentication established (``scope["user"]``, a verified
-            token), never from a value the caller picks.
+            token), never from a value the caller picks. Default: bind nothing (for an
+            application that binds its customer otherwise, ``client.for_customer(...)``).
     """
 
     def __init__(
         self,
         app: ASGIApp,
         *,
-        customer_for: Callable[[Scope], str | Awaitable[str | None] | None],
+        customer_for: Callable[[Scope], str | Awaitable[str | None] | None] | None = None,
     ) -> None:
         self.app = app
         self.customer_for = customer_for
@@ -467,13 +493,23 @@ class CustomerMiddleware:
         if scope.get("type") not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
-        found = self.customer_for(scope)
-        customer_id = await found if inspect.isawaitable(found) else found
-        if customer_id is None:
-            await self.app(scope, receive, send)
-            return
-        with customer(customer_id):
-            await self.app(scope, receive, send)
+        streams: weakref.WeakSet[Any] = weakref.WeakSet()
+        token = _request_streams.set(streams)
+        try:
+            found = None if self.customer_for is None else self.customer_for(scope)
+            customer_id = await found if inspect.isawaitable(found) else found
+            if customer_id is None:
+                await self.app(scope, receive, send)
+                return
+            with customer(customer_id):
+                await self.app(scope, receive, send)
+        finally:
+            _request_streams.reset(token)
+            for events in list(streams):  # closing one read to its end again does nothing
+                try:
+                    await _aclose(events)
+                except Exception:
+                    log.exception("safe_openai.stream_close_failed")
 
 
 class WSGICustomerMiddleware:
