@@ -40,6 +40,12 @@ REDIS_URL = _url("SAFE_OPENAI_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 POSTGRES_URL = _url("SAFE_OPENAI_TEST_POSTGRES_URL", "postgresql://127.0.0.1:5432/test")
 REDIS_CLUSTER_URL = _url("SAFE_OPENAI_TEST_REDIS_CLUSTER_URL")
 REDIS_SENTINEL_URL = _url("SAFE_OPENAI_TEST_REDIS_SENTINEL_URL")
+if REDIS_SENTINEL_URL and "wait_timeout=" not in REDIS_SENTINEL_URL:
+    # The store confirms each write on the replica (WAIT, 0.5 s by default). On a CI machine
+    # loaded by the rest of the suite a loopback replica can take longer than that to answer,
+    # which fails a write the tests expect to succeed; what they test is counting, not latency
+    # (tests/stores/test_topologies.py pins the timeout's own behaviour with a client of its own).
+    REDIS_SENTINEL_URL += ("&" if "?" in REDIS_SENTINEL_URL else "?") + "wait_timeout=5"
 PGBOUNCER_URL = _url("SAFE_OPENAI_TEST_PGBOUNCER_URL")
 PGBOUNCER_STATEMENT_URL = _url("SAFE_OPENAI_TEST_PGBOUNCER_STATEMENT_URL")
 

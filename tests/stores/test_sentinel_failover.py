@@ -27,7 +27,8 @@ from ..topologies import drop_redis_prefix, first_address, require
 
 pytestmark = pytest.mark.redis
 
-SERVICE_TIMEOUT = 30.0
+# A failover on a machine loaded by the rest of the suite can take a while to settle.
+SERVICE_TIMEOUT = 90.0
 
 
 def _sentinel(url: str) -> Any:
