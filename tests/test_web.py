@@ -141,6 +141,51 @@ def test_errors_from_openai_never_show_openais_message() -> None:
     assert "sk-secret" not in str(http_error(limited).body())
 
 
+def test_an_error_event_from_openai_mid_stream_is_an_upstream_error() -> None:
+    """OpenAI ending a stream with an ``error`` event: the SDK raises a plain APIError (no
+    status, no connection error). It is OpenAI's failure, not the application's: 502."""
+    fake = FakeOpenAI()
+
+    def chunk(text: str) -> str:
+        event = {
+            "id": "c",
+            "object": "chat.completion.chunk",
+            "created": 1,
+            "model": "gpt-4o-mini",
+            "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}],
+        }
+        return f"data: {json.dumps(event)}\n\n"
+
+    def answer(request: httpx2.Request) -> httpx2.Response:
+        if not request.url.path.endswith("/chat/completions"):
+            return fake.handle_request(request)
+        failed = 'data: {"error": {"message": "overloaded sk-secret", "type": "server_error"}}\n\n'
+        return httpx2.Response(
+            200,
+            headers={"content-type": "text/event-stream"},
+            content=(chunk("Hel") + chunk("lo") + failed).encode(),
+        )
+
+    ai = SafeClient(
+        api_key="sk-test",
+        base_url="http://fake.openai.test/v1",
+        http_client=httpx2.Client(transport=httpx2.MockTransport(answer)),
+        identifier_secret=SECRET,
+        spool=False,
+    ).for_customer("acme")
+    body = list(
+        sse(primed(ai.chat.completions.create(model="gpt-4o-mini", messages=HI, stream=True)))
+    )
+    assert len(body) == 3 and b"sk-secret" not in body[-1]
+    assert body[-1].startswith(b"event: error\n") and b'"code": "upstream_error"' in body[-1]
+    with pytest.raises(openai.APIError) as raised:
+        list(ai.chat.completions.create(model="gpt-4o-mini", messages=HI, stream=True))
+    assert (http_error(raised.value).status, http_error(raised.value).code) == (
+        502,
+        "upstream_error",
+    )
+
+
 def test_an_error_as_a_server_sent_event() -> None:
     assert http_error(blocked()).sse() == (
         b'event: error\ndata: {"error": {"code": "moderation_blocked", "message": '

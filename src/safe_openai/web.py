@@ -166,6 +166,7 @@ def http_error(exc: BaseException) -> HTTPError:
     ``openai.RateLimitError`` (from OpenAI)  503    the organisation's limit, not the customer's
     ``openai.APIStatusError`` (from OpenAI)  502
     ``openai.APIConnectionError``, timeout   503
+    other ``openai.APIError`` (from OpenAI)  502    an ``error`` event in a stream
     anything else                            500
     ======================================== ====== =========================================
 
@@ -196,6 +197,8 @@ def http_error(exc: BaseException) -> HTTPError:
         return HTTPError(502, "upstream_error", _UNAVAILABLE)
     if isinstance(exc, openai.APIConnectionError):  # timeouts included
         return HTTPError(503, "upstream_unavailable", _UNAVAILABLE)
+    if isinstance(exc, openai.APIError):  # an error event OpenAI sent in a stream
+        return HTTPError(502, "upstream_error", _UNAVAILABLE)
     return HTTPError(500, "internal_error", "The request could not be processed.")
 
 
