@@ -1558,10 +1558,15 @@ def _added(limit: str, record: UsageRecord) -> float:
 
 
 def soft_limit_alerts(policy: Policy, reservation: Reservation, record: UsageRecord) -> list[Alert]:
-    """The soft limits the settled ``record`` crossed: each limit of ``reservation.usage``
-    (what the store counted before the call) that the call's actual usage takes from below
-    its threshold to or above it. One alert per limit, threshold and window: the id names the
-    window the usage counted in, so the store fires it once."""
+    """The soft limits the settled ``record`` finds reached: each limit of ``reservation.usage``
+    (what the store counted before the call) that, with the call's actual usage added, is at or
+    above its threshold. One alert per limit, threshold and window: the id names the window the
+    usage counted in, so the store fires it once, for the first call that gets there.
+
+    Not only a call that takes the count from below: the count includes other calls' pending
+    holds (their demand, not their use), so of concurrent calls the one whose use truly crosses
+    may see the count already above, and the others' use below; all of them must report it.
+    """
     if not record.counts_as_request or not reservation.usage or not reservation.admitted:
         return []
     try:
@@ -1578,7 +1583,7 @@ def soft_limit_alerts(policy: Policy, reservation: Reservation, record: UsageRec
         mark = fraction * usage.limit
         after = usage.used + _added(usage.name, record)
         # costs are summed floats: compare at the report's precision, as the quota does
-        if not (round(usage.used - mark, 9) < 0 <= round(after - mark, 9)):
+        if round(after - mark, 9) < 0:
             continue
         if usage.name == "usd_per_month":
             after = round(after, 9)

@@ -97,7 +97,7 @@ class Alert:
         customer_id: The customer.
         at: When the event happened (UTC).
         limit: The quota limit (``"tokens_per_day"``, ...) of a soft limit or refusal.
-        used: What the limit counted: after the call that crossed a soft limit, before the
+        used: What the limit counted: after the call that reached a soft limit, before the
             refused call's demand for a refusal.
         allowed: The limit's value.
         threshold: The soft limit's fraction of ``allowed`` (``0.8``).

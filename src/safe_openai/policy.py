@@ -262,9 +262,9 @@ class Policy:
     output_window_sentences: int | None = 2
     #: Warning thresholds below the quota: a fraction of every limit (``0.8``: at 80 %), or
     #: fractions by limit name (``{"tokens_per_day": 0.8, "usd_per_month": 0.5}``; limits not
-    #: named have none). Each within (0, 1]. A call whose usage takes a limit from below its
-    #: threshold to or above it raises a ``"soft_limit"`` :class:`~safe_openai.alerts.Alert`,
-    #: once per window.
+    #: named have none). Each within (0, 1]. The first call in a window that settles with a
+    #: limit at or above its threshold raises a ``"soft_limit"``
+    #: :class:`~safe_openai.alerts.Alert` (once per window, however many calls follow).
     soft_limits: float | Mapping[str, float] | None = None
     #: Where :meth:`on_alert` hands alerts by default (callables taking an ``Alert``, such as
     #: :class:`~safe_openai.alerts.WebhookAlertSink`).
