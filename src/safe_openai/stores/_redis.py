@@ -54,7 +54,8 @@ that reads O(1) state (about 130 second buckets at most) on the Redis server's c
 unless the caller passes ``now``: times travel as integer microseconds since the epoch (exact in
 a Lua double), so the ``retry_after`` values are the same floats the reference computes. Keys of
 the layout before buckets (``P:{C}:win``, ``P:{C}:pending``) are read once into the buckets by
-the customer's next reservation and deleted.
+the customer's next reservation and deleted; ``quota_usage`` counts them as that reservation
+will, without moving them.
 """
 
 from __future__ import annotations
@@ -216,15 +217,55 @@ local function calendar(now)
   end
   return cal
 end
+-- What the keys of the layout before buckets hold that still counts at `now`, as the entries
+-- a reservation moves into the buckets ({index, requests, tokens, cost, last us}): committed
+-- calls of the minute window (seconds), and pending holds (their second, and their minute in
+-- holds). Reads only.
+local function old_layout(now, win_key, pending_key)
+  local seconds, holds = {}, {}
+  local old = redis.call('ZRANGEBYSCORE', win_key, now - 2 * MINUTE, '+inf', 'WITHSCORES')
+  for i = 1, #old, 2 do
+    local at = tonumber(old[i + 1])
+    local tokens = tonumber(string.match(old[i], '^(%d+)|'))
+    seconds[#seconds + 1] = {math.floor(at / 1000000), 1, tokens, 0, at}
+  end
+  for _, raw in ipairs(redis.call('HVALS', pending_key)) do
+    local at, tokens, cost = string.match(raw, '^([^|]*)|([^|]*)|(.*)$')
+    at = tonumber(at)
+    if at > now - TTL then
+      seconds[#seconds + 1] = {math.floor(at / 1000000), 1, tonumber(tokens), 0, at}
+      holds[#holds + 1] = {math.floor(at / MINUTE), 1, tonumber(tokens), tonumber(cost), at}
+    end
+  end
+  return {seconds = seconds, holds = holds}
+end
+-- `buckets` with `extra` entries added in, as a reservation adds them (same index: summed,
+-- the later last us kept)
+local function merged(buckets, extra)
+  local at = {}
+  for _, b in ipairs(buckets) do at[b[1]] = b end
+  for _, e in ipairs(extra or {}) do
+    local b = at[e[1]]
+    if not b then
+      b = {e[1], 0, 0, 0, e[5]}
+      at[e[1]] = b
+      buckets[#buckets + 1] = b
+    end
+    b[2], b[3], b[4] = b[2] + e[2], b[3] + e[3], b[4] + e[4]
+    if e[5] > b[5] then b[5] = e[5] end
+  end
+  return buckets
+end
 -- What counts in every window at `now`, before new demand (see _types._counted): the minute
 -- buckets that count, oldest first, and the sums. `drop(key, index)`, when given, is called
--- for buckets no `now` from `clock` on can count, which are skipped.
-local function windows(now, cal, clock, drop)
+-- for buckets no `now` from `clock` on can count, which are skipped. `old`, when given, is
+-- what old_layout found, counted as if it were in the buckets.
+local function windows(now, cal, clock, drop, old)
   local horizon = now + SKEW
   local minute_from = now - MINUTE
   local w = {minute = {}, requests = 0, tokens = 0, requests_since = -1, tokens_since = -1}
   local oldest_second = math.floor(clock / 1000000) - KEEP_SECONDS
-  for _, b in ipairs(read_seconds(KEYS[1])) do
+  for _, b in ipairs(merged(read_seconds(KEYS[1]), old and old.seconds)) do
     if drop and b[1] < oldest_second then
       drop(KEYS[1], b[1])
     elseif b[5] > minute_from and b[1] * 1000000 <= horizon and (b[2] > 0 or b[3] > 0) then
@@ -253,7 +294,7 @@ local function windows(now, cal, clock, drop)
   end
   local holds = {}
   local oldest_minute = math.floor(clock / MINUTE) - KEEP_MINUTES
-  for _, b in ipairs(read_holds(KEYS[2])) do
+  for _, b in ipairs(merged(read_holds(KEYS[2]), old and old.holds)) do
     if drop and b[1] < oldest_minute then
       drop(KEYS[2], b[1])
     else
@@ -371,30 +412,18 @@ local demand_cost = tonumber(ARGV[13])
 -- keys of the layout before buckets are read once into the buckets and dropped: committed
 -- calls of the minute window, and holds (counted until they age out: their commits by an
 -- older replica are counted again, which only ever refuses earlier)
-if redis.call('EXISTS', KEYS[12]) == 1 then
-  local old = redis.call('ZRANGEBYSCORE', KEYS[12], now - 2 * MINUTE, '+inf', 'WITHSCORES')
-  for i = 1, #old, 2 do
-    local at = tonumber(old[i + 1])
-    add_second(KEYS[1], math.floor(at / 1000000), tonumber(string.match(old[i], '^(%d+)|')), at)
+-- (old_layout reads them; the usage script counts them the same way without moving them)
+if redis.call('EXISTS', KEYS[12], KEYS[13]) > 0 then
+  local old = old_layout(now, KEYS[12], KEYS[13])
+  for _, e in ipairs(old.seconds) do add_second(KEYS[1], e[1], e[3], e[5]) end
+  for _, e in ipairs(old.holds) do
+    local h = get_hold(KEYS[2], e[1]) or {0, 0, 0, e[5]}
+    h[1], h[2], h[3] = h[1] + 1, h[2] + e[3], h[3] + e[4]
+    if e[5] > h[4] then h[4] = e[5] end
+    put_hold(KEYS[2], e[1], h)
+    redis.call('EXPIRE', KEYS[2], HOLDS_TTL)
   end
-  redis.call('DEL', KEYS[12])
-end
-if redis.call('EXISTS', KEYS[13]) == 1 then
-  local old = redis.call('HVALS', KEYS[13])
-  for _, raw in ipairs(old) do
-    local at, tokens, cost = string.match(raw, '^([^|]*)|([^|]*)|(.*)$')
-    at = tonumber(at)
-    if at > now - TTL then
-      add_second(KEYS[1], math.floor(at / 1000000), tonumber(tokens), at)
-      local m = math.floor(at / MINUTE)
-      local h = get_hold(KEYS[2], m) or {0, 0, 0, at}
-      h[1], h[2], h[3] = h[1] + 1, h[2] + tonumber(tokens), h[3] + tonumber(cost)
-      if at > h[4] then h[4] = at end
-      put_hold(KEYS[2], m, h)
-      redis.call('EXPIRE', KEYS[2], HOLDS_TTL)
-    end
-  end
-  redis.call('DEL', KEYS[13])
+  redis.call('DEL', KEYS[12], KEYS[13])
 end
 
 -- never prune past this server's clock: a caller's `now` far ahead would drop what still
@@ -458,8 +487,9 @@ return reply
 )
 
 # KEYS and ARGV[1..7]: those of _RESERVE_LUA (the hold key is not read).
-# Reply: now (us), then the sums (sums_reply). Reads only: nothing is pruned or held, and keys
-# of the layout before buckets are not read (a customer's next reservation moves them in).
+# Reply: now (us), then the sums (sums_reply). Reads only: nothing is pruned or held; keys of
+# the layout before buckets count as the next reservation counts them, and stay where they are
+# (that reservation moves them in).
 _USAGE_LUA = (
     _LUA_READ
     + """
@@ -467,8 +497,9 @@ local now
 if ARGV[1] == '' then now = server_now() else now = tonumber(ARGV[1]) end
 local cal, err = calendar(now)
 if not cal then return redis.error_reply(err) end
+local old = old_layout(now, KEYS[12], KEYS[13])
 local reply = {int(now)}
-for _, v in ipairs(sums_reply(windows(now, cal, now, nil))) do reply[#reply + 1] = v end
+for _, v in ipairs(sums_reply(windows(now, cal, now, nil, old))) do reply[#reply + 1] = v end
 return reply
 """
 )
@@ -706,7 +737,16 @@ _READ_COMMANDS = frozenset(
     }
 )
 #: What a script may call and still count as a read (a batch of reads needs no WAIT).
-_LUA_READS = _READ_COMMANDS | {"time", "hexists", "hlen", "zcard", "zrevrange", "llen", "pttl"}
+_LUA_READS = _READ_COMMANDS | {
+    "time",
+    "hexists",
+    "hlen",
+    "hvals",
+    "zcard",
+    "zrevrange",
+    "llen",
+    "pttl",
+}
 _LUA_CALL = re.compile(r"redis\.p?call\(\s*(['\"]?)(\w*)")
 _SCRIPT_WRITES: dict[str, bool] = {}
 
@@ -1088,8 +1128,9 @@ def _quota_usage(
     if quota.is_unlimited:
         return ()
     counter_keys, counter_args = _counter_keys_and_args(keys, customer_id, now)
+    old = (keys.of(customer_id, "win"), keys.of(customer_id, "pending"))
     (reply,) = yield [
-        _Eval(_USAGE, (*_quota_keys(keys, customer_id, ""), *counter_keys), counter_args)
+        _Eval(_USAGE, (*_quota_keys(keys, customer_id, ""), *counter_keys, *old), counter_args)
     ]
     return usage_of(quota, _sums_from_reply(reply[1:]), int(reply[0]))
 
