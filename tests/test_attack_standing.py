@@ -12,6 +12,7 @@ import subprocess
 import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,11 +20,14 @@ from safe_openai import (
     BatchBlocked,
     CustomerRequired,
     CustomerSuspended,
+    DefaultPolicy,
     LimitUsage,
     ModerationUnavailable,
     OutputBlocked,
     PolicyDenied,
+    Quota,
     QuotaExceeded,
+    SafeClient,
     SafeOpenAIError,
     Standing,
     StoreError,
@@ -33,7 +37,11 @@ from safe_openai import (
 )
 from safe_openai.policy import Decision
 from safe_openai.stores import store_from_url
+from safe_openai.stores._memory import MemoryStore
+from safe_openai.stores._types import QuotaDemand
+from safe_openai.testing import FakeOpenAI
 
+from .conftest import make_client
 from .test_cli_status import workdir  # noqa: F401  (the fixture: acme's store and policy)
 
 UTC = timezone.utc
@@ -160,3 +168,70 @@ def test_status_json_keeps_the_id_as_it_is(workdir: Path) -> None:  # noqa: F811
     done = status(workdir, "zoë\nx", "--store", "sqlite:///usage.db", "--format", "json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["customer"] == "zoë\nx"
+
+
+class Holding(MemoryStore):
+    """A memory store that notes the demand of every hold it grants."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[QuotaDemand] = []
+
+    def reserve(self, customer_id: str, quota: Quota, demand: QuotaDemand, **kw: Any) -> Any:
+        found = super().reserve(customer_id, quota, demand, **kw)
+        if found.admitted:
+            self.held.append(demand)
+        return found
+
+
+def chat(client: SafeClient, **extra: Any) -> None:
+    client.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hello"}], **extra
+    )
+
+
+def test_many_choices_are_not_admitted_on_a_sliver_of_the_budget(fake: FakeOpenAI) -> None:
+    """An uncapped call with n=128 under 1,000 tokens a day was admitted holding ~1,000 tokens
+    while up to 128 responses of output went unheld (an overshoot of n x 4,096 each window);
+    now what remains must hold all but one choice's reservation, as for n=1."""
+    store = Holding()
+    policy = DefaultPolicy(quota=Quota(tokens_per_day=1000))
+    with make_client(fake, policy=policy, store=store) as client:
+        acme = client.for_customer("acme")
+        for n in (2, 128):
+            with pytest.raises(QuotaExceeded) as refused:
+                chat(acme, n=n)
+            assert refused.value.limit == "tokens_per_day"
+        assert store.held == [] and fake.model_requests == []
+        chat(acme)  # one choice still fits what remains
+        assert len(store.held) == 1 and store.held[0].tokens <= 1000
+
+
+def test_two_choices_fit_when_what_remains_leaves_one_unheld(fake: FakeOpenAI) -> None:
+    """n=2 under 6,000 tokens: 8,192 output tokens do not fit, ~5,990 do, leaving less than one
+    choice's 4,096 unheld: admitted on what remains."""
+    store = Holding()
+    with make_client(
+        fake, policy=DefaultPolicy(quota=Quota(tokens_per_day=6000)), store=store
+    ) as client:
+        chat(client.for_customer("acme"), n=2)
+    (held,) = store.held
+    assert 4096 < held.tokens <= 6000
+
+
+def test_best_of_is_held_as_the_completions_it_generates(fake: FakeOpenAI) -> None:
+    """A legacy completion with best_of=5 is billed for 5 completions of max_tokens: it held
+    one, so a capped call could overshoot its budget five times over."""
+    store = Holding()
+    policy = DefaultPolicy(quota=Quota(tokens_per_day=400))
+    with make_client(fake, policy=policy, store=store) as client:
+        acme = client.for_customer("acme")
+        with pytest.raises(QuotaExceeded) as refused:
+            acme.completions.create(
+                model="gpt-3.5-turbo-instruct", prompt="hi", max_tokens=100, best_of=5
+            )
+        assert refused.value.retry_after is None  # 500 output tokens exceed the limit itself
+        acme.completions.create(
+            model="gpt-3.5-turbo-instruct", prompt="hi", max_tokens=50, best_of=5, n=2
+        )
+    assert [d.tokens for d in store.held] == [1 + 250]

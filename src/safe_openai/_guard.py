@@ -1268,8 +1268,14 @@ def _output_cap(call: Call) -> int | None:
 
 
 def _choices(call: Call) -> int:
-    n = call.body.get("n")
-    return n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1
+    """The outputs a call is billed for: ``n`` choices, or a legacy completion's ``best_of``
+    (generated server-side and billed, though only ``n`` are returned)."""
+    found = 1
+    for name in ("n", "best_of"):
+        value = call.body.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value > found:
+            found = value
+    return found
 
 
 def _uncapped_output(call: Call) -> int:
@@ -1330,6 +1336,10 @@ def _refit(state: GuardState, call: Call, refused: Reservation) -> Flow[Reservat
     if quota is None or worst <= MIN_OUTPUT_TOKENS:
         return refused
     output = max(min(_fitting_output(state, call, refused, worst), worst - 1), MIN_OUTPUT_TOKENS)
+    if worst - output > _uncapped_output(call):
+        # n choices on what remains would leave up to n - 1 responses unheld: the overshoot
+        # stays within one response's reservation, whatever n a customer asks for
+        return refused
     demand = _demand(state, call, output)
     second: Reservation = yield StoreCall(
         "reserve", (call.customer_key, quota, demand), {"now": call.created_at}, undo="release"
