@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import pickle
 import subprocess
@@ -22,6 +23,7 @@ from safe_openai import (
     CustomerSuspended,
     DefaultPolicy,
     LimitUsage,
+    ModerationBlocked,
     ModerationUnavailable,
     OutputBlocked,
     PolicyDenied,
@@ -235,3 +237,27 @@ def test_best_of_is_held_as_the_completions_it_generates(fake: FakeOpenAI) -> No
             model="gpt-3.5-turbo-instruct", prompt="hi", max_tokens=50, best_of=5, n=2
         )
     assert [d.tokens for d in store.held] == [1 + 250]
+
+
+@pytest.mark.parametrize("fail_open", [False, True], ids=["fail-closed", "fail-open"])
+def test_an_absurd_cap_or_n_is_held_within_what_a_store_can_count(
+    fake: FakeOpenAI, tmp_path: Path, caplog: pytest.LogCaptureFixture, fail_open: bool
+) -> None:
+    """max_tokens=2**63 or n=10**20 under a requests-only quota overflowed SQLite's (and
+    PostgreSQL's) 64-bit integers: a StoreError any customer could raise and, failing open, a
+    call sent without its quota check. The hold is bounded; the quota still counts the call."""
+    policy = DefaultPolicy(quota=Quota(requests_per_minute=1), fail_open=fail_open)
+    store = store_from_url(f"sqlite:///{tmp_path}/usage.db")
+    caplog.set_level(logging.WARNING, logger="safe_openai")
+    with make_client(fake, policy=policy, store=store) as client:
+        acme = client.for_customer("acme")
+        # held, then blocked by moderation: never sent (the fake would build 10**20 choices)
+        with pytest.raises(ModerationBlocked):
+            acme.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "kill"}], n=10**20
+            )
+        chat(acme, max_tokens=2**63)
+        with pytest.raises(QuotaExceeded):  # it was counted
+            chat(acme, max_tokens=2**70)
+    store.close()
+    assert "store_unavailable" not in caplog.text

@@ -1286,13 +1286,22 @@ def _uncapped_output(call: Call) -> int:
     return default if known is None else min(known, default)
 
 
+#: The most output tokens one hold counts, whatever cap or ``n`` a request names: more than any
+#: request can be billed (128 choices of the longest output), and small enough that holds sum
+#: to exact integers in every store (64-bit in SQLite and PostgreSQL, doubles in Lua). A cap
+#: of 2**63, which the API refuses anyway, made the store fail: a StoreError any customer
+#: could raise, and under ``fail_open`` a call sent without its quota check.
+MAX_OUTPUT_HOLD = 1_000_000_000
+
+
 def _demand(state: GuardState, call: Call, output: int) -> QuotaDemand:
-    """The input estimate plus ``output`` tokens, and their cost.
+    """The input estimate plus ``output`` tokens (at most :data:`MAX_OUTPUT_HOLD`), and their
+    cost.
 
     Raises:
         UnpricedModel: the model has no price and a cost quota applies.
     """
-    tokens = TokenUsage(estimate_tokens(call.input_chars), 0, output)
+    tokens = TokenUsage(estimate_tokens(call.input_chars), 0, min(output, MAX_OUTPUT_HOLD))
     cost = state.prices.cost(call.model, tokens)
     if cost is None and call.customer_id is not None:
         quota = state.policy.quota_for(call.customer_id)
