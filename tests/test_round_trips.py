@@ -329,6 +329,32 @@ def test_hosts_with_skewed_clocks_share_one_window(
     assert admitted == 3
 
 
+def test_standing_counts_usage_on_the_clock_the_store_decides_on(
+    fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch, shared_store: Any
+) -> None:
+    """client.standing() on a host whose clock is 61 s off: the usage is read on the clock the
+    store's reservations decide on, not at the host's time (which put the minute's calls
+    outside the window: 0 used, all remaining, while the next call is refused)."""
+    from safe_openai import _client, standing
+
+    quota = Quota(requests_per_minute=5)
+    with make_client(fake, store=shared_store, policy=DefaultPolicy(quota=quota)) as client:
+        acme = client.for_customer("acme")
+        for _ in range(2):
+            acme.embeddings.create(model="text-embedding-3-small", input="hi")
+        for skew in (61, -61):
+
+            class Skewed(datetime):
+                @classmethod
+                def now(cls, tz: Any = None) -> Any:
+                    return datetime.now(tz) + timedelta(seconds=skew)  # noqa: B023
+
+            monkeypatch.setattr(_client, "datetime", Skewed)
+            monkeypatch.setattr(standing, "datetime", Skewed)
+            [rpm] = acme.standing().limits
+            assert (skew, rpm.used, rpm.remaining) == (skew, 2, 3)
+
+
 def test_postgres_sends_a_guarded_calls_statements_in_three_batches() -> None:
     """PostgreSQL: begin_call yields the lock, standing and quota state as one step and the
     hold as the transaction's last (sent with its COMMIT); finish_call one step: the

@@ -348,7 +348,7 @@ def _read_standing(store: UsageStore, customer_id: str, policy: Policy | None) -
     from .policy import DefaultPolicy
     from .standing import read_standing, standing_of
 
-    now = datetime.now(timezone.utc)
+    now = None  # the present: the usage on the store's clock, the one it decides on
     if policy is not None:
         try:
             flow = standing_of(policy, store, customer_id, now)  # asks the policy its rules

@@ -393,9 +393,8 @@ class _Guarded:
         if customer_id is None:
             raise CustomerRequired("client.standing()")
         state = self._safe
-        return standing_of(
-            state.policy, state.store, validate_customer_id(customer_id), datetime.now(timezone.utc)
-        )
+        # now None: the usage on the store's clock, the one its reservations decide on
+        return standing_of(state.policy, state.store, validate_customer_id(customer_id), None)
 
     def for_customer(self, customer_id: str) -> Self:
         """A client bound to one end customer, sharing this client's connections and state."""

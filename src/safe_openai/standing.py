@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from ._guard import Flow, StoreCall
@@ -76,13 +76,20 @@ def read_standing(
     quota: Quota | None,
     strike_limit: int | None,
     strike_window: timedelta,
-    now: datetime,
+    now: datetime | None,
     store_reports_usage: bool,
 ) -> Flow[Standing]:
     """Read a customer's standing at ``now``: its suspension, its strikes in the window ending
     at ``now`` and, for each limit ``quota`` sets, its usage (``quota_usage``, when the store
     has it). Yields store reads only.
+
+    ``now`` ``None`` is the present: the usage is then read on the store's own clock where it
+    has one (Redis, PostgreSQL), the clock its reservations decide on, so a host whose clock is
+    off by more than a minute does not see the minute windows empty; the rest on this host's.
     """
+    usage_now = {} if now is None else {"now": now}
+    if now is None:
+        now = datetime.now(timezone.utc)
     suspension: Suspension | None = yield StoreCall("suspension", (customer_id,), {"now": now})
     strikes: int = yield StoreCall(
         "count_violations", (customer_id,), {"since": now - strike_window}
@@ -91,7 +98,7 @@ def read_standing(
     known = True
     if quota is not None and not quota.is_unlimited:
         if store_reports_usage:
-            limits = tuple((yield StoreCall("quota_usage", (customer_id, quota), {"now": now})))
+            limits = tuple((yield StoreCall("quota_usage", (customer_id, quota), usage_now)))
         else:
             known = False
             limits = tuple(
@@ -111,7 +118,9 @@ def read_standing(
     )
 
 
-def standing_of(policy: Policy, store: Any, customer_id: str, now: datetime) -> Flow[Standing]:
+def standing_of(
+    policy: Policy, store: Any, customer_id: str, now: datetime | None
+) -> Flow[Standing]:
     """:func:`read_standing` with the quota and strike rule ``policy`` gives the customer."""
     return read_standing(
         customer_id,
