@@ -514,3 +514,50 @@ def test_an_alert_fires_once_across_two_processes_on_one_sqlite_file(tmp_path: P
     first, second = seen
     assert len(first) == 1 and first[0].startswith("alert:quota_exceeded:acme:tokens_per_day:")
     assert second == []
+
+
+def test_an_alert_whose_claimer_died_fires_once_its_claim_lapses(
+    fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process claimed the alert and died before its hook ran: this one stays quiet
+    while that claim holds, and fires when the event comes again after it lapsed."""
+    from datetime import timedelta
+
+    from safe_openai.stores._types import EVENT_LEASE
+
+    received: list[Alert] = []
+    store = MemoryStore()
+    policy = DefaultPolicy(quota=Quota(tokens_per_day=200), alerts=received.append)
+    with make_client(fake, policy=policy, store=store) as client:
+        acme = client.for_customer("acme")
+        now = datetime.now(timezone.utc)
+        alert_id = f"alert:quota_exceeded:acme:tokens_per_day:{now:%Y-%m-%d}"
+        assert store.claim_event(alert_id, token="dead", now=now, lease=EVENT_LEASE) == "claimed"
+        with pytest.raises(QuotaExceeded):
+            ask(acme, max_tokens=1000)
+        assert received == []
+        later = now + EVENT_LEASE + timedelta(seconds=1)
+        monkeypatch.setattr(_guard, "_now", lambda: later)
+        for _ in range(2):
+            with pytest.raises(QuotaExceeded):
+                ask(acme, max_tokens=1000)
+        assert [a.id for a in received] == [alert_id]
+
+
+def test_copies_of_a_client_on_one_store_share_the_alerts_they_saw(fake: FakeOpenAI) -> None:
+    """A copy with a policy of its own (a tier per request) on the same store does not claim
+    again what the client already found claimed: no store round trip per refused call."""
+    claims: list[str] = []
+
+    class Counting(MemoryStore):
+        def claim_event(self, event_id: str, **kwargs: Any) -> Any:
+            claims.append(event_id)
+            return super().claim_event(event_id, **kwargs)
+
+    policy = DefaultPolicy(quota=Quota(tokens_per_day=200), alerts=lambda alert: None)
+    with make_client(fake, policy=policy, store=Counting()) as client:
+        for _ in range(3):
+            tier = client.copy(policy=policy).for_customer("acme")
+            with pytest.raises(QuotaExceeded):
+                ask(tier, max_tokens=1000)
+    assert len(claims) == 1

@@ -330,6 +330,7 @@ def derive_state(
         derived.owns_store = False
         derived.recent_blocks = state.recent_blocks
         derived.batch_demands = state.batch_demands
+        derived.alerts_seen = state.alerts_seen  # claimed in the same store: fired for both
         if derived.secret == state.secret:
             derived.known_identifiers = state.known_identifiers
     if derived.moderator is state.moderator and derived.moderation_model == state.moderation_model:

@@ -291,21 +291,29 @@ class KnownIdentifiers:
 
 
 class RecentIds:
-    """Recently seen ids, bounded (least recently added first out), thread-safe."""
+    """Recently seen ids, bounded (least recently added first out), thread-safe; an id noted
+    ``until`` a time is forgotten then."""
 
     def __init__(self, maxsize: int = 10_000) -> None:
-        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._seen: OrderedDict[str, datetime | None] = OrderedDict()
         self._maxsize = maxsize
         self._lock = threading.Lock()
 
     def __contains__(self, key: object) -> bool:
         with self._lock:
-            return key in self._seen
+            if not isinstance(key, str) or key not in self._seen:
+                return False
+            until = self._seen[key]
+            if until is not None and until <= _now():
+                del self._seen[key]
+                return False
+            return True
 
-    def add(self, key: str) -> None:
-        """Note ``key``."""
+    def add(self, key: str, until: datetime | None = None) -> None:
+        """Note ``key`` (till ``until``: ``None`` for good)."""
         with self._lock:
-            self._seen[key] = None
+            self._seen[key] = until
+            self._seen.move_to_end(key)
             while len(self._seen) > self._maxsize:
                 self._seen.popitem(last=False)
 
@@ -1519,19 +1527,25 @@ def alert(state: GuardState, event: Alert | None) -> Flow[None]:
         return
     token = os.urandom(16).hex()
     claimed = True
+    now = _now()
     try:
         found = yield StoreCall(
             "claim_event",
             (event.id,),
-            {"token": token, "now": _now(), "lease": EVENT_LEASE},
+            {"token": token, "now": now, "lease": EVENT_LEASE},
             settles=True,
         )
     except StoreError:
         log.warning("safe_openai.alert_unclaimed", alert_id=event.id, kind=event.kind)
         found, claimed = "claimed", False
+    if found == "held":
+        # firing elsewhere, or the claimer died before its hook ran: once its claim lapses,
+        # the event coming again claims it (at least once), here as in any other process
+        state.alerts_seen.add(event.id, until=now + EVENT_LEASE)
+        return
     state.alerts_seen.add(event.id)
     if found != "claimed":
-        return  # fired (or firing) elsewhere
+        return  # fired elsewhere
     log.info("safe_openai.alert", alert_id=event.id, kind=event.kind, customer_id=event.customer_id)
     try:
         state.policy.on_alert(event)
