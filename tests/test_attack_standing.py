@@ -11,6 +11,7 @@ import os
 import pickle
 import subprocess
 import sys
+import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from safe_openai.stores import store_from_url
 from safe_openai.stores._memory import MemoryStore
 from safe_openai.stores._types import QuotaDemand
 from safe_openai.testing import FakeOpenAI
+from safe_openai.usage import TokenUsage, UsageRecord
 
 from .conftest import make_client
 from .test_cli_status import workdir  # noqa: F401  (the fixture: acme's store and policy)
@@ -261,3 +263,47 @@ def test_an_absurd_cap_or_n_is_held_within_what_a_store_can_count(
             chat(acme, max_tokens=2**70)
     store.close()
     assert "store_unavailable" not in caplog.text
+
+
+class FailingSecondTry(MemoryStore):
+    """A memory store whose network fails on every reservation after the first."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reservations = 0
+
+    def reserve(self, *args: Any, **kwargs: Any) -> Any:
+        self.reservations += 1
+        if self.reservations > 1:
+            raise ConnectionError("connection reset by peer")
+        return super().reserve(*args, **kwargs)
+
+
+@pytest.mark.parametrize("fail_open", [False, True], ids=["fail-closed", "fail-open"])
+def test_a_failed_second_try_does_not_undo_a_refusal(fake: FakeOpenAI, fail_open: bool) -> None:
+    """A customer whose budget is used up sends an uncapped call: the store refuses it, the
+    guard asks again holding what remains (to learn when room frees) and the network fails.
+    Under fail_open the call was sent without any hold, past the store's own refusal; now the
+    refusal stands (and is no StoreError either)."""
+    store = FailingSecondTry()
+    store.record_usage(
+        UsageRecord(
+            customer_id="acme",
+            endpoint="/chat/completions",
+            model="gpt-4o-mini",
+            outcome="ok",
+            tokens=TokenUsage(1000, 0, 0, 0),
+            cost_usd=0.0,
+            latency_s=0.1,
+            created_at=datetime.now(UTC),
+            record_id=uuid.uuid4().hex,
+        )
+    )
+    policy = DefaultPolicy(quota=Quota(tokens_per_day=1000), fail_open=fail_open)
+    with (
+        make_client(fake, policy=policy, store=store) as client,
+        pytest.raises(QuotaExceeded) as refused,
+    ):
+        chat(client.for_customer("acme"))
+    assert (refused.value.used, refused.value.allowed) == (1000, 1000)
+    assert store.reservations == 2 and fake.model_requests == []

@@ -1352,15 +1352,24 @@ def _refit(state: GuardState, call: Call, refused: Reservation) -> Flow[Reservat
     worst = _uncapped_output(call) * _choices(call)
     if quota is None or worst <= MIN_OUTPUT_TOKENS:
         return refused
-    output = max(min(_fitting_output(state, call, refused, worst), worst - 1), MIN_OUTPUT_TOKENS)
+    fits = min(_fitting_output(state, call, refused, worst), worst - 1)
+    output = max(fits, MIN_OUTPUT_TOKENS)
     if worst - output > _uncapped_output(call):
         # n choices on what remains would leave up to n - 1 responses unheld: the overshoot
         # stays within one response's reservation, whatever n a customer asks for
         return refused
     demand = _demand(state, call, output)
-    second: Reservation = yield StoreCall(
-        "reserve", (call.customer_key, quota, demand), {"now": call.created_at}, undo="release"
-    )
+    try:
+        second: Reservation = yield StoreCall(
+            "reserve", (call.customer_key, quota, demand), {"now": call.created_at}, undo="release"
+        )
+    except StoreError:
+        if fits >= MIN_OUTPUT_TOKENS:
+            raise  # the first answer showed room: an outage now is the policy's (fail_open)
+        # The first answer showed no room (this try would only have told when room frees):
+        # it stands, or a fail_open policy would send a call the store has just refused.
+        log.warning("safe_openai.store_unavailable", customer_id=call.customer_id, check="quota")
+        return refused
     if second.admitted:
         log.info(
             "safe_openai.reservation_fitted",
