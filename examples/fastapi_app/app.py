@@ -36,7 +36,7 @@ from pydantic import BaseModel
 
 from safe_openai import AsyncSafeClient, DefaultPolicy, Quota, rate_limit_headers
 from safe_openai.alerts import AlertSink, WebhookAlertSink
-from safe_openai.web import aprimed, asse, http_error
+from safe_openai.web import CustomerMiddleware, aprimed, asse, http_error
 from safe_openai.webhooks import AsyncSafetyWebhookHandler
 
 MODEL = "gpt-4o-mini"
@@ -104,6 +104,8 @@ def create_app(ai: AsyncSafeClient, tenants: Mapping[str, Tenant]) -> FastAPI:
     """The service, on ``ai`` (whose policy should be a :class:`PlanPolicy` of the same
     tenants). ``tenants`` maps each API key to its tenant."""
     app = FastAPI(title="Ledgerly assistant")
+    # closes a stream whose client left before its end (Starlette never closes the body)
+    app.add_middleware(CustomerMiddleware)
     app.state.tenants = dict(tenants)
     webhooks = AsyncSafetyWebhookHandler(ai)
 

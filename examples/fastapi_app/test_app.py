@@ -20,6 +20,7 @@ from fastapi.testclient import TestClient
 from safe_openai import AsyncSafeClient, identifier_for
 from safe_openai.alerts import Alert, WebhookAlertSink, verify_alert_signature
 from safe_openai.testing import FakeOpenAI, signed_webhook
+from safe_openai.web import CustomerMiddleware
 
 IDENTIFIER_SECRET = "example-app-identifier-secret"
 WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"example-app-webhook-secret-32by!").decode()
@@ -106,6 +107,13 @@ def test_a_streamed_answer_arrives_with_the_tenants_quota_headers() -> None:
     assert texts(reply.text) == "Echo: Hi"
     assert int(reply.headers["x-ratelimit-limit"]) > 0
     assert "x-ratelimit-remaining" in reply.headers
+
+
+def test_a_stream_the_client_left_unread_is_closed_when_the_request_ends() -> None:
+    """Starlette never closes a streamed body it stops sending; CustomerMiddleware closes the
+    stream primed during the request, so its quota hold and connection are not left open."""
+    app = service(FakeOpenAI()).app
+    assert any(m.cls is CustomerMiddleware for m in app.user_middleware)  # type: ignore[attr-defined]
 
 
 def test_two_plans_two_quotas_the_free_tenant_gets_429_with_retry_after() -> None:
