@@ -544,12 +544,23 @@ async def test_moderation_async(aclient: openai.AsyncOpenAI) -> None:
 # -- failure injection ----------------------------------------------------------------------------
 
 
-def test_429_with_retry_after_then_success(client: openai.OpenAI, fake: FakeOpenAI) -> None:
-    """The SDK honours retry-after and retries past an injected 429."""
+def test_429_with_retry_after_then_success(
+    client: openai.OpenAI, fake: FakeOpenAI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SDK honours retry-after and retries past an injected 429: it waits the 0.01 s asked
+    (its own backoff would be at least 0.375 s). The wait is read, not timed, so a loaded
+    machine cannot fail it."""
     fake.fail("/moderations", 429, headers={"retry-after": "0.01"})
-    start = time.perf_counter()
+    waits: list[float] = []
+    real_sleep = time.sleep
+
+    def sleep(seconds: float) -> None:
+        waits.append(seconds)
+        real_sleep(seconds)
+
+    monkeypatch.setattr(time, "sleep", sleep)  # the module the SDK's retry loop sleeps with
     result = client.moderations.create(model=MOD_MODEL, input="hi")
-    assert time.perf_counter() - start < 0.4  # the SDK's own backoff would be >= 0.375 s
+    assert waits == [pytest.approx(0.01)]
     assert result.results[0].flagged is False
     assert len(fake.moderation_requests) == 2
     assert fake.requests[0].headers["x-stainless-retry-count"] == "0"

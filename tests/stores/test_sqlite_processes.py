@@ -442,8 +442,10 @@ def test_a_write_waits_for_another_process_holding_the_lock(db: Path) -> None:
     store.record_usage(_record("acme", 0))
     blocker = sqlite3.connect(db, isolation_level=None, check_same_thread=False)
     blocker.execute("BEGIN IMMEDIATE")
-    threading.Timer(0.3, blocker.execute, args=("COMMIT",)).start()  # the other "process"
+    # Timed from before the timer starts: a loaded machine that runs the commit late only
+    # lengthens the wait, and cannot make it look shorter than the timer's 0.3 s.
     started = time.monotonic()
+    threading.Timer(0.3, blocker.execute, args=("COMMIT",)).start()  # the other "process"
     store.record_usage(_record("acme", 1))
     assert time.monotonic() - started >= 0.25
     assert len(store.usage_records()) == 2
