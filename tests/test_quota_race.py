@@ -53,8 +53,14 @@ def test_threads_racing_for_a_budget_of_k_requests(
     assert (report.requests, report.denied) == (K, CALLERS - K)
 
 
-async def test_tasks_racing_for_a_token_budget(tmp_path: Path, fake: FakeOpenAI) -> None:
-    """Worst-case reservations: each call reserves input estimate + max_tokens (100 + ~2)."""
+async def test_tasks_racing_for_a_token_budget(tmp_path: Path) -> None:
+    """Worst-case reservations: each call reserves input estimate + max_tokens (100 + ~2).
+
+    Each answer uses its whole cap (a reply longer than 100 tokens, cut at ``max_tokens``), so
+    a call that settles before the others reserve frees nothing of its hold: exactly K fit
+    however the tasks interleave. (With short answers, a call finished early gave most of its
+    hold back and a loaded machine admitted 9.)"""
+    fake = FakeOpenAI(reply="word " * 200)
     client = AsyncSafeClient(
         **fake.async_openai_kwargs(),
         identifier_secret=SECRET,
