@@ -307,3 +307,16 @@ def test_a_failed_second_try_does_not_undo_a_refusal(fake: FakeOpenAI, fail_open
         chat(client.for_customer("acme"))
     assert (refused.value.used, refused.value.allowed) == (1000, 1000)
     assert store.reservations == 2 and fake.model_requests == []
+
+
+def test_a_reset_of_usage_that_counts_is_never_zero() -> None:
+    """resets_at comes from the store's clock and at from this host's: with the host ahead, a
+    used-up limit read as Remaining 0, Reset 0 ("retry at once", in a loop). Something used
+    resets in at least 1 s; nothing used still reads 0."""
+    skewed = LimitUsage("requests_per_minute", 3, 3, T0 - timedelta(seconds=5))
+    idle = LimitUsage("tokens_per_day", 0, 1000, None)
+    standing = Standing("acme", T0, (skewed, idle), None, 0, None, timedelta(days=1))
+    headers = rate_limit_headers(standing, per_limit=True)
+    assert (headers["X-RateLimit-Remaining"], headers["X-RateLimit-Reset"]) == ("0", "1")
+    assert headers["X-RateLimit-Reset-Requests-Per-Minute"] == "1"
+    assert headers["X-RateLimit-Reset-Tokens-Per-Day"] == "0"

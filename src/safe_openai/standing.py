@@ -138,7 +138,8 @@ def rate_limit_headers(standing: Standing, *, per_limit: bool = False) -> dict[s
     ``X-RateLimit-Limit``, ``X-RateLimit-Remaining`` and ``X-RateLimit-Reset`` describe the
     most constrained limit (the smallest share left, see :attr:`Standing.most_constrained`);
     ``X-RateLimit-Reset`` is the number of seconds until its usage next drops, a whole number
-    rounded up (0 when nothing is used), as GitHub and most APIs send it, not an epoch time.
+    rounded up and at least 1 (0 when nothing is used), as GitHub and most APIs send it, not an
+    epoch time.
     With ``per_limit``, each limit also gets ``X-RateLimit-Limit-<Name>``,
     ``X-RateLimit-Remaining-<Name>`` and ``X-RateLimit-Reset-<Name>`` (``<Name>`` as in
     ``Requests-Per-Minute``). A standing without limits gives no headers; one whose store
@@ -169,4 +170,8 @@ def _headers(standing: Standing, usage: LimitUsage, suffix: str) -> dict[str, st
 def _seconds_until(moment: datetime | None, now: datetime) -> int:
     if moment is None:
         return 0
-    return max(math.ceil((moment - now).total_seconds()), 0)
+    # Usage that counts always drops later, but `moment` is on the store's clock and `now` on
+    # this host's: a host ahead of the store saw it in the past and sent "Reset: 0" with
+    # "Remaining: 0", which a client reads as "retry at once", in a loop. At least 1, as for
+    # Retry-After.
+    return max(math.ceil((moment - now).total_seconds()), 1)
