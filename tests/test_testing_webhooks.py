@@ -111,3 +111,21 @@ def test_timestamp_ids_and_created_at_can_be_set() -> None:
 def test_an_unknown_customer_is_unmatched_not_guessed() -> None:
     event = SafetyWebhookHandler(sync_client(FakeOpenAI())).handle(*blocked("nobody"))
     assert event.action == "unmatched"
+
+
+def test_two_deliveries_built_without_an_id_are_two_events() -> None:
+    """Two events built without an ``event_id`` get ids of their own: the handler acts on both
+    (a fixed default id made the second a silent duplicate)."""
+    client = sync_client(FakeOpenAI())
+    handler = SafetyWebhookHandler(client)
+    actions = []
+    for customer in ("first", "second"):
+        client.for_customer(customer).chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+        )
+        identifier = identifier_for(customer, secret=IDENTIFIER_SECRET)
+        body, headers = signed_webhook(
+            SECRET, "safety_identifier.blocked", {"safety_identifier": identifier}
+        )
+        actions.append(handler.handle(body, headers).action)
+    assert actions == ["strike", "strike"]

@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import json
 import time
+import uuid
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -31,7 +32,7 @@ def signed_webhook(
     event_type: str,
     data: Mapping[str, Any],
     *,
-    event_id: str = "evt_test",
+    event_id: str | None = None,
     created_at: int | None = None,
     webhook_id: str | None = None,
     timestamp: int | None = None,
@@ -48,7 +49,8 @@ def signed_webhook(
         event_type: The event's ``type``, e.g. ``"safety_identifier.blocked"``.
         data: The event's ``data``, e.g. ``{"safety_identifier": identifier_for("acme")}``
             or ``{"id": "case_1"}`` for a warning or a deactivation.
-        event_id: The event's ``id``; the handler acts once per id.
+        event_id: The event's ``id`` (default: a new one each call); the handler acts once per
+            id, so pass the same id twice to test a redelivery.
         created_at: The event's ``created_at`` in Unix seconds (default: now).
         webhook_id: The ``webhook-id`` header (default: ``"wh_" + event_id``).
         timestamp: The ``webhook-timestamp`` header in Unix seconds (default: now); one more
@@ -65,6 +67,8 @@ def signed_webhook(
         response = test_client.post("/webhooks/openai", content=body, headers=headers)
     """
     now = int(time.time())
+    if event_id is None:
+        event_id = f"evt_test_{uuid.uuid4().hex}"
     event = {
         "id": event_id,
         "object": "event",
