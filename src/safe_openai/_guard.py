@@ -68,7 +68,6 @@ from .usage import (
     TokenUsage,
     UsageRecord,
     estimate_tokens,
-    model_output_limit,
 )
 
 __all__ = [
@@ -1287,11 +1286,11 @@ def _choices(call: Call) -> int:
 
 
 def _uncapped_output(call: Call) -> int:
-    """What a call without a cap reserves for its output: the model's own output limit when
-    known, at most the endpoint's documented default (4,096 for chat and Responses)."""
-    default = call.spec.default_output_tokens
-    known = model_output_limit(call.model)
-    return default if known is None else min(known, default)
+    """What a call without a cap reserves for its output: the endpoint's documented default
+    (4,096 for chat and Responses). Every current model can return at least that many, so it
+    is the worst case capped for concurrency, not the model's own limit (which would make one
+    uncapped call hold a whole small budget)."""
+    return call.spec.default_output_tokens
 
 
 #: The most output tokens one hold counts, whatever cap or ``n`` a request names: more than any

@@ -13,20 +13,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from importlib import resources
-from types import MappingProxyType
 from typing import Any, Literal
 
 from ._log import get_logger
 
 __all__ = [
-    "MODEL_OUTPUT_LIMITS",
     "Outcome",
     "Price",
     "PriceTable",
     "TokenUsage",
     "UsageRecord",
     "estimate_tokens",
-    "model_output_limit",
     "token_usage_from_payload",
 ]
 
@@ -278,44 +275,3 @@ def token_usage_from_payload(payload: Any) -> TokenUsage | None:
 def estimate_tokens(characters: int) -> int:
     """A rough token estimate for ``characters`` of text (about four characters a token)."""
     return (characters + 3) // 4
-
-
-#: The most output tokens one response of these models can have (OpenAI's model pages), by
-#: family name; a dated snapshot (``gpt-4o-2024-08-06``) matches its family. Only consulted for
-#: calls without an output cap, to size their quota reservation (see docs/guide.md, "How
-#: reservation works"), so a missing model costs nothing but a larger hold.
-MODEL_OUTPUT_LIMITS: Mapping[str, int] = MappingProxyType(
-    {
-        "gpt-3.5-turbo": 4096,
-        "gpt-4": 8192,
-        "gpt-4-turbo": 4096,
-        "gpt-4o": 16384,
-        "gpt-4o-mini": 16384,
-        "gpt-4.1": 32768,
-        "gpt-4.1-mini": 32768,
-        "gpt-4.1-nano": 32768,
-        "o1": 100_000,
-        "o1-mini": 65536,
-        "o3": 100_000,
-        "o3-mini": 100_000,
-        "o4-mini": 100_000,
-        "gpt-5": 128_000,
-        "gpt-5-mini": 128_000,
-        "gpt-5-nano": 128_000,
-    }
-)
-
-
-def model_output_limit(model: str | None) -> int | None:
-    """The most output tokens ``model`` can return in one response, when known."""
-    if not model:
-        return None
-    found = MODEL_OUTPUT_LIMITS.get(model)
-    if found is not None:
-        return found
-    # the longest family of which `model` is a dated snapshot ("gpt-4o-mini-2024-07-18")
-    for family in sorted(MODEL_OUTPUT_LIMITS, key=len, reverse=True):
-        tail = model[len(family) :]
-        if model.startswith(family) and tail[:1] == "-" and tail[1:2].isdigit():
-            return MODEL_OUTPUT_LIMITS[family]
-    return None
