@@ -267,7 +267,8 @@ def test_the_readme_setup_block_is_unchanged() -> None:
     assert first.language == "bash"
     assert first.source == (
         "python3 -m venv .venv && .venv/bin/pip install . && .venv/bin/safe-openai demo\n"
-        ".venv/bin/pip install -e '.[dev]' && .venv/bin/pytest\n"
+        ".venv/bin/pip install -U 'pip>=25.1' && .venv/bin/pip install -e . --group dev"
+        " && .venv/bin/pytest\n"
     )
 
 

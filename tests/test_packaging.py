@@ -73,3 +73,11 @@ def test_the_index_readme_opens_with_pip_install_and_links_absolutely(
 
 def test_py_typed_ships(wheel: zipfile.ZipFile) -> None:
     assert "safe_openai/py.typed" in wheel.namelist()
+
+
+def test_no_test_tooling_is_published_as_an_extra(wheel: zipfile.ZipFile) -> None:
+    """The test tooling is a dependency group (PEP 735), not an extra a user could install."""
+    extras = set(metadata(wheel).get_all("Provides-Extra") or [])
+    assert extras == {"redis", "postgres", "otel"}
+    requires = metadata(wheel).get_all("Requires-Dist") or []
+    assert not [r for r in requires if "pytest" in r or "openai-agents" in r]
