@@ -9,9 +9,10 @@ import subprocess
 import sys
 import textwrap
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 from structlog.testing import capture_logs
@@ -26,7 +27,7 @@ from safe_openai import (
     SafeClient,
     _guard,
 )
-from safe_openai._guard import soft_limit_alerts
+from safe_openai._guard import quota_alert, soft_limit_alerts
 from safe_openai.alerts import Alert
 from safe_openai.stores import Reservation, store_from_url
 from safe_openai.stores._memory import MemoryStore
@@ -177,13 +178,64 @@ def test_soft_limit_ids_name_the_customer_limit_threshold_and_window() -> None:
     )
     found = soft_limit_alerts(policy, _reservation(*usage), _record(100, 1.0))
     assert [a.id for a in found] == [
-        "alert:soft_limit:acme:requests_per_minute:0.5:2026-12-04T19:10Z",
+        "alert:soft_limit:acme:requests_per_minute:0.5:2026-12-04T19",
         "alert:soft_limit:acme:tokens_per_day:0.5:2026-12-04",
     ]
     assert (found[1].used, found[1].allowed, found[1].threshold) == (500, 1000, 0.5)
     colon = UsageRecord("a:b", "/x", "m", "ok", TokenUsage(100, 0, 0), 0, 0.1, NOW)
     [odd] = soft_limit_alerts(policy, _reservation(usage[1]), colon)
     assert odd.id == "alert:soft_limit:a%3Ab:tokens_per_day:0.5:2026-12-04"
+
+
+def test_minute_limits_alert_once_per_utc_hour_day_and_month_limits_per_their_window() -> None:
+    """A customer who stays at a minute limit hears of it once an hour, not once a minute: the
+    soft-limit and quota ids of the minute limits name the UTC hour; the day and month limits
+    keep their day and month."""
+    policy = DefaultPolicy(soft_limits=0.5)
+    usage = (
+        LimitUsage("requests_per_minute", 9, 10, None),
+        LimitUsage("tokens_per_minute", 900, 1000, None),
+        LimitUsage("tokens_per_day", 900, 1000, None),
+        LimitUsage("usd_per_month", 0.9, 1.0, None),
+    )
+
+    def ids(at: datetime) -> list[str]:
+        reservation = Reservation("r1", "acme", True, at=at, usage=usage)
+        soft = [a.id for a in soft_limit_alerts(policy, reservation, _record(10, 0.01))]
+        refused = []
+        for name in ("requests_per_minute", "tokens_per_minute", "tokens_per_day"):
+            found = quota_alert(
+                cast("Any", SimpleNamespace(customer_id="acme", created_at=at)),
+                None,
+                Reservation("", "acme", False, name, None, at=at, usage=usage),
+            )
+            assert found is not None
+            refused.append(found.id)
+        return soft + refused
+
+    first = ids(datetime(2026, 12, 4, 19, 0, tzinfo=timezone.utc))
+    assert first == [
+        "alert:soft_limit:acme:requests_per_minute:0.5:2026-12-04T19",
+        "alert:soft_limit:acme:tokens_per_minute:0.5:2026-12-04T19",
+        "alert:soft_limit:acme:tokens_per_day:0.5:2026-12-04",
+        "alert:soft_limit:acme:usd_per_month:0.5:2026-12",
+        "alert:quota_exceeded:acme:requests_per_minute:2026-12-04T19",
+        "alert:quota_exceeded:acme:tokens_per_minute:2026-12-04T19",
+        "alert:quota_exceeded:acme:tokens_per_day:2026-12-04",
+    ]
+    # every minute of the hour gives the same ids: one alert per hour
+    hour = datetime(2026, 12, 4, 19, 0, tzinfo=timezone.utc)
+    assert all(ids(hour + timedelta(minutes=m, seconds=59)) == first for m in range(60))
+    later = ids(hour + timedelta(hours=1))
+    assert [a != b for a, b in zip(first, later, strict=True)] == [
+        True,
+        True,
+        False,
+        False,
+        True,
+        True,
+        False,
+    ]
 
 
 def test_a_refused_or_unsent_call_crosses_no_soft_limit() -> None:

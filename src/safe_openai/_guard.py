@@ -1580,10 +1580,12 @@ def _id_part(value: str) -> str:
 
 
 def _window(limit: str, at: datetime) -> str:
-    """The window of ``limit`` that ``at`` falls in: the UTC minute, day or month."""
+    """The alert window of ``limit`` that ``at`` falls in: the UTC hour of the minute limits
+    (a customer staying at one hears of it once an hour, not once a minute), the UTC day or
+    month of the others."""
     at = at.astimezone(timezone.utc)
     if limit.endswith("_per_minute"):
-        return at.strftime("%Y-%m-%dT%H:%MZ")
+        return at.strftime("%Y-%m-%dT%H")
     if limit.endswith("_per_day"):
         return at.strftime("%Y-%m-%d")
     return at.strftime("%Y-%m")

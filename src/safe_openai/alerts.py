@@ -87,8 +87,9 @@ class Alert:
     Attributes:
         id: Stable across processes: the same event has the same id, and fires once. Soft
             limits ``alert:soft_limit:<customer>:<limit>:<threshold>:<window>`` (the window is
-            the UTC minute ``2026-12-04T19:10Z``, day ``2026-12-04`` or month ``2026-12`` the
-            usage counted in), quota refusals ``alert:quota_exceeded:<customer>:<limit>:<window>``,
+            the UTC hour ``2026-12-04T19`` of a minute limit, the day ``2026-12-04`` or month
+            ``2026-12`` of the others, the usage counted in), quota refusals
+            ``alert:quota_exceeded:<customer>:<limit>:<window>``,
             strikes ``alert:strike:<violation id>``, suspensions
             ``alert:suspension:<customer>:<since>``, OpenAI events
             ``alert:openai_event:<event id>``.

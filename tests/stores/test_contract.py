@@ -8,6 +8,7 @@ pinned here are those of :mod:`safe_openai.stores._types`.
 from __future__ import annotations
 
 import random
+import time
 import uuid
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
@@ -19,6 +20,8 @@ from safe_openai.policy import Quota
 from safe_openai.stores import AsyncUsageStore, UsageStore
 from safe_openai.stores._memory import MemoryStore
 from safe_openai.stores._types import (
+    EVENT_KEEP,
+    EVENT_PRUNE_BATCH,
     RESERVATION_TTL,
     CustomerReport,
     QuotaDemand,
@@ -437,7 +440,8 @@ def test_a_claimed_event_is_held_until_finished_then_done_for_everyone(store: St
     assert claim(store, "evt_2", "b") == "claimed"  # events are independent
     assert store.finish_event("evt_1", token="a") is True
     assert [claim(store, "evt_1", t, at(3600)) for t in ("a", "b")] == ["done", "done"]
-    assert claim(store, "evt_1", "c", at(10**7)) == "done"  # a finished event never lapses
+    # a finished event never lapses: it is done until EVENT_KEEP has passed
+    assert claim(store, "evt_1", "c", T0 + EVENT_KEEP - timedelta(seconds=1)) == "done"
 
 
 def test_a_released_claim_lets_the_next_delivery_claim_at_once(store: StoreDriver) -> None:
@@ -466,6 +470,75 @@ def test_a_lapsed_lease_can_be_claimed_again_and_the_old_holder_cannot_finish(
     assert claim(store, "evt_1", "c", at(lease_s + 2)) == "held"
     assert store.finish_event("evt_1", token="b") is True
     assert store.finish_event("evt_unknown", token="b") is False
+
+
+KEEP_S = EVENT_KEEP.total_seconds()
+
+
+def _redis_ttl_s(store: StoreDriver, event_id: str) -> float:
+    """Seconds until a Redis store's key of ``event_id`` expires (-2: no key)."""
+    from safe_openai.stores._redis import _cmd
+
+    def op() -> Any:
+        (ms,) = yield [_cmd("pttl", store.store._keys.event(event_id))]
+        return int(ms) / 1000 if int(ms) >= 0 else int(ms)
+
+    return float(store._run(op()))
+
+
+def test_a_claim_is_done_for_event_keep_then_forgotten(
+    store: StoreDriver, backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A finished claim is "done" for EVENT_KEEP (a month window's alert id claimed 10 days
+    ago among them), then forgotten: the id can be claimed again. Redis lets the key expire;
+    the other stores delete it as they claim (their expiry follows ``now``)."""
+    assert claim(store, "alert:month:2025-03", "a") == "claimed"
+    assert store.finish_event("alert:month:2025-03", token="a") is True
+    assert claim(store, "lapsed", "a") == "claimed"  # its holder dies: the lease lapses
+    assert claim(store, "alert:month:2025-03", "b", at(10 * 86400)) == "done"
+    assert claim(store, "young", "a", at(10 * 86400)) == "claimed"
+    assert store.finish_event("young", token="a") is True
+    if backend.scheme == "redis":
+        # the key lives EVENT_KEEP from when it was finished (give the test a minute)
+        for event_id in ("alert:month:2025-03", "young"):
+            assert KEEP_S - 60 < _redis_ttl_s(store, event_id) <= KEEP_S
+        assert claim(store, "live", "a") == "claimed"
+        assert KEEP_S - 60 < _redis_ttl_s(store, "live") <= KEEP_S
+        # with a short retention, a finished claim's key expires and the id is claimable again
+        from safe_openai.stores import _redis
+
+        monkeypatch.setattr(_redis, "_EVENT_CLAIM_TTL_S", 1)
+        assert store.finish_event("live", token="a") is True
+        deadline = time.monotonic() + 10
+        while _redis_ttl_s(store, "live") != -2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert claim(store, "live", "b", at(60)) == "claimed"
+        return
+    assert claim(store, "alert:month:2025-03", "b", at(KEEP_S - 1)) == "done"
+    assert claim(store, "probe", "b", at(KEEP_S + 1)) == "claimed"  # prunes what is older
+    assert store.finish_event("lapsed", token="a") is False  # its lapsed claim is gone too
+    assert claim(store, "alert:month:2025-03", "c", at(KEEP_S + 2)) == "claimed"
+    assert claim(store, "young", "c", at(KEEP_S + 2)) == "done"
+
+
+def test_pruning_is_bounded_per_claim_and_never_takes_a_live_lease(
+    store: StoreDriver, backend: Backend
+) -> None:
+    """One claim forgets at most EVENT_PRUNE_BATCH old claims; a live lease, however old its
+    claim, stays held."""
+    if backend.scheme == "redis":
+        pytest.skip("Redis expires each claim's key by itself")
+    assert store.claim_event("live", token="a", now=T0, lease=2 * EVENT_KEEP) == "claimed"
+    old = [f"evt_{i}" for i in range(EVENT_PRUNE_BATCH + 50)]
+    for event_id in old:
+        assert claim(store, event_id, "a") == "claimed"
+        assert store.finish_event(event_id, token="a") is True
+    assert claim(store, "probe", "b", at(KEEP_S + 1)) == "claimed"
+    # claims at T0 prune nothing more: each old id says whether the probe forgot it
+    again = [claim(store, event_id, "c", at(LEASE.total_seconds() + 1)) for event_id in old]
+    assert again.count("claimed") == EVENT_PRUNE_BATCH
+    assert again.count("done") == len(old) - EVENT_PRUNE_BATCH
+    assert claim(store, "live", "b", at(KEEP_S + 2)) == "held"
 
 
 def test_concurrent_claims_of_one_event_have_one_winner(store: StoreDriver) -> None:

@@ -372,3 +372,54 @@ def test_redis_violations_written_before_the_flag_are_strikes() -> None:
     finally:
         client.close()
         _drop_redis(prefix)
+
+
+# --- the index of event claims by age: added at open, no version -----------------------------
+
+
+def test_sqlite_file_of_this_version_gains_the_events_index_at_open(tmp_path: Path) -> None:
+    """A file written before the index (same schema version) gets it when a store opens it;
+    the version stays, so older releases still open the file."""
+    path = tmp_path / "usage.db"
+    first = store_from_url(f"sqlite:///{path}")
+    first.customer_for_request("r")
+    first.close()
+    with sqlite3.connect(path) as raw:
+        raw.execute("DROP INDEX events_claimed_at")
+        version = raw.execute("PRAGMA user_version").fetchone()[0]
+    again = store_from_url(f"sqlite:///{path}")
+    again.customer_for_request("r")
+    again.close()
+    with sqlite3.connect(path) as raw:
+        plan = raw.execute(
+            "EXPLAIN QUERY PLAN SELECT event_id FROM events WHERE claimed_at < 0"
+        ).fetchall()
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == version
+    assert "events_claimed_at" in str(plan)
+
+
+@pytest.mark.postgres
+def test_postgres_schema_of_this_version_gains_the_events_index_at_open() -> None:
+    """A schema migrated before the index (same version) gets it when a store first runs."""
+    psycopg = pytest.importorskip("psycopg")
+    from psycopg import sql
+
+    from .test_redis_postgres_processes import _drop_postgres, _reachable
+
+    _reachable(POSTGRES_URL)
+    schema = f"safe_openai_idx_{uuid.uuid4().hex[:10]}"
+    find = "SELECT 1 FROM pg_indexes WHERE schemaname = %s AND indexname = 'events_claimed_at'"
+    try:
+        store = store_from_url(POSTGRES_URL, schema=schema)
+        store.customer_for_request("r")
+        store.close()
+        with psycopg.connect(POSTGRES_URL) as conn:
+            assert conn.execute(find, (schema,)).fetchall() == [(1,)]
+            conn.execute(sql.SQL("DROP INDEX {}.events_claimed_at").format(sql.Identifier(schema)))
+        store = store_from_url(POSTGRES_URL, schema=schema)
+        store.customer_for_request("r")
+        store.close()
+        with psycopg.connect(POSTGRES_URL) as conn:
+            assert conn.execute(find, (schema,)).fetchall() == [(1,)]
+    finally:
+        _drop_postgres(schema)

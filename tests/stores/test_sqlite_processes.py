@@ -261,7 +261,11 @@ def test_a_version_1_file_keeps_its_handled_events_and_violations(db: Path) -> N
     with sqlite3.connect(db) as raw:
         sqlite_backend._migrate_to_1(raw)
         raw.execute("PRAGMA user_version = 1")
-        raw.execute("INSERT INTO events (event_id, claimed_at) VALUES ('evt_old', 0)")
+        # handled a day before (a claim older than EVENT_KEEP would be forgotten)
+        raw.execute(
+            "INSERT INTO events (event_id, claimed_at) VALUES ('evt_old', ?)",
+            (T0.timestamp() - 86400,),
+        )
         raw.execute(
             "INSERT INTO violations (customer_id, created_at, source, categories, detail) "
             "VALUES ('acme', ?, 'moderation', '[]', '')",

@@ -18,6 +18,8 @@ from ..policy import Quota
 from ..usage import UsageRecord
 from ._adapter import AsyncAdapter
 from ._types import (
+    EVENT_KEEP,
+    EVENT_PRUNE_BATCH,
     KEEP_HOLD_MINUTES,
     KEEP_SECONDS,
     MINUTE_US,
@@ -144,8 +146,9 @@ class MemoryStore:
         self._suspensions: dict[str, Suspension] = {}
         self._identifiers: dict[str, str] = {}
         self._requests: dict[str, str] = {}
-        # event id -> (token, lease end); a finished event has no token
-        self._events: dict[str, tuple[str | None, datetime | None]] = {}
+        # event id -> (token, lease end, claimed at); a finished event has no token. Each claim
+        # moves its event to the end, so the oldest claims are at the front.
+        self._events: dict[str, tuple[str | None, datetime | None, datetime]] = {}
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> MemoryStore:
@@ -382,22 +385,37 @@ class MemoryStore:
         self, event_id: str, *, token: str, now: datetime, lease: timedelta
     ) -> EventClaim:
         with self._lock:
+            self._prune_events(now)
             found = self._events.get(event_id)
             if found is not None:
-                holder, until = found
+                holder, until, _ = found
                 if holder is None:
                     return "done"
                 if until is not None and until > now:
                     return "held"
-            self._events[event_id] = (token, now + lease)
+                del self._events[event_id]
+            self._events[event_id] = (token, now + lease, now)
             return "claimed"
+
+    def _prune_events(self, now: datetime) -> None:
+        """Forget up to EVENT_PRUNE_BATCH claims older than EVENT_KEEP, from the front (the
+        oldest claims), stopping at the first younger one; a live lease stays."""
+        cutoff = now - EVENT_KEEP
+        old: list[str] = []
+        for event_id, (holder, until, claimed_at) in self._events.items():
+            if claimed_at >= cutoff or len(old) >= EVENT_PRUNE_BATCH:
+                break
+            if holder is None or until is None or until <= now:
+                old.append(event_id)
+        for event_id in old:
+            del self._events[event_id]
 
     def finish_event(self, event_id: str, *, token: str) -> bool:
         with self._lock:
             found = self._events.get(event_id)
             if found is None or found[0] != token:
                 return False
-            self._events[event_id] = (None, None)
+            self._events[event_id] = (None, None, found[2])
             return True
 
     def release_event(self, event_id: str, *, token: str) -> None:

@@ -61,6 +61,8 @@ from ..errors import ConfigurationError, StoreError
 from ..policy import Quota
 from ..usage import SENT_OUTCOMES, UsageRecord
 from ._types import (
+    EVENT_KEEP,
+    EVENT_PRUNE_BATCH,
     KEEP_HOLD_MINUTES,
     KEEP_SECONDS,
     MINUTE_US,
@@ -293,6 +295,14 @@ _STATEMENTS: dict[str, str] = {
             applied_at timestamptz NOT NULL DEFAULT now()
         )""",
     "set_version": "INSERT INTO {schema}.schema_version (version) VALUES (%(version)s)",
+    # Claims are pruned by age (claim_event). An index changes no row an older release reads or
+    # writes, so it is added at open, idempotently, rather than as a version an older release
+    # would refuse to open.
+    "events_index": """
+        SELECT 1 FROM pg_catalog.pg_indexes
+        WHERE schemaname = %(schema_name)s AND indexname = 'events_claimed_at'""",
+    "create_events_index": """
+        CREATE INDEX IF NOT EXISTS events_claimed_at ON {schema}.events (claimed_at)""",
     # One customer's quota state (see _types.QuotaState): a few dozen rows however busy it
     # is, with the server's clock. Run after the customer's lock is taken, so its snapshot
     # includes every write of the previous holder.
@@ -476,6 +486,15 @@ _STATEMENTS: dict[str, str] = {
         ON CONFLICT (request_id) DO UPDATE SET customer_id = EXCLUDED.customer_id""",
     "customer_for_request": """
         SELECT customer_id FROM {schema}.requests WHERE request_id = %(key)s""",
+    # Claims older than EVENT_KEEP, finished or lapsed (never a live lease), a bounded batch per
+    # claim; never past the server's clock (a caller's `now` far ahead would forget what other
+    # processes still need). Rows another transaction is pruning or claiming are skipped.
+    "prune_events": f"""
+        DELETE FROM {{schema}}.events WHERE event_id IN (
+            SELECT event_id FROM {{schema}}.events
+            WHERE claimed_at < least(%(now)s, clock_timestamp()) - %(keep)s
+                AND (token IS NULL OR lease_until IS NULL OR lease_until <= %(now)s)
+            LIMIT {EVENT_PRUNE_BATCH:d} FOR UPDATE SKIP LOCKED)""",
     # One statement: of concurrent claims, the row lock lets one insert (or take over a lapsed
     # lease) and the others see its row.
     "claim_event": """
@@ -572,7 +591,9 @@ def _utc(moment: datetime) -> datetime:
 def _migrate(q: _Sql) -> _Op[None]:
     if (yield _Query(q["version_table"], {"schema_name": q.schema})):
         ((version,),) = yield _Query(q["version"], {})
-        if version == SCHEMA_VERSION:
+        if version == SCHEMA_VERSION and (
+            yield _Query(q["events_index"], {"schema_name": q.schema})
+        ):
             return
     # Serialise every process migrating this schema; the lock ends with the transaction.
     yield _Query(q["lock"], {"key": _lock_key("safe_openai.migrate", q.schema)})
@@ -589,6 +610,7 @@ def _migrate(q: _Sql) -> _Op[None]:
         for statement in q.migrations[number]:
             yield _Query(statement, {})
         yield _Query(q["set_version"], {"version": number + 1})
+    yield _Query(q["create_events_index"], {})
 
 
 def _state_query(q: _Sql, customer_id: str, now: datetime | None) -> _Query:
@@ -917,7 +939,11 @@ def _claim_event(
 ) -> _Op[EventClaim]:
     now = _utc(now)
     params = {"key": event_id, "token": token, "now": now, "until": now + lease}
-    if (yield _Query(q["claim_event"], params)):
+    _, claimed = yield (
+        _Query(q["prune_events"], {"now": now, "keep": EVENT_KEEP}),
+        _Query(q["claim_event"], params),
+    )
+    if claimed:
         return "claimed"
     rows = yield _Query(q["event_state"], {"key": event_id})
     # no row: released between the two statements; whoever released it wants a retry to act

@@ -90,6 +90,7 @@ from ._redis_topology import (
     parse_redis_url,
 )
 from ._types import (
+    EVENT_KEEP,
     KEEP_HOLD_MINUTES,
     KEEP_SECONDS,
     RESERVATION_TTL,
@@ -141,8 +142,8 @@ _SECONDS_TTL_S = 300
 #: A hold expires a minute after its TTL; its customer's buckets of holds two after that.
 _HOLD_TTL_S = int(RESERVATION_TTL.total_seconds()) + 60
 _HOLDS_TTL_S = _HOLD_TTL_S + 120
-#: Webhook deliveries are retried for about three days; a week covers that with room to spare.
-_EVENT_CLAIM_TTL_S = 7 * 24 * 3600
+#: A claim's key, live, lapsed or finished, expires EVENT_KEEP after it was last written.
+_EVENT_CLAIM_TTL_S = int(EVENT_KEEP.total_seconds())
 _BUCKET_GRACE = timedelta(days=1)
 #: Customers handled per pipelined round trip when a call spans every customer.
 _SCAN_BATCH = 500
@@ -1423,7 +1424,13 @@ def _claim_event(
         _Eval(
             _CLAIM_EVENT,
             (keys.event(event_id),),
-            (token, _us(now), _us(now + lease), _EVENT_CLAIM_TTL_S),
+            # a live lease never expires first
+            (
+                token,
+                _us(now),
+                _us(now + lease),
+                max(_EVENT_CLAIM_TTL_S, int(lease.total_seconds()) + 1),
+            ),
         )
     ]
     found = _text(state)

@@ -42,6 +42,8 @@ from ..policy import Quota
 from ..usage import SENT_OUTCOMES, UsageRecord
 from ._adapter import AsyncAdapter
 from ._types import (
+    EVENT_KEEP,
+    EVENT_PRUNE_BATCH,
     KEEP_HOLD_MINUTES,
     KEEP_SECONDS,
     MINUTE_US,
@@ -296,9 +298,23 @@ def _migrate(conn: sqlite3.Connection) -> None:
         migrate(conn)
     if version != SCHEMA_VERSION:
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION:d}")
+    # Claims are pruned by age (claim_event). An index changes no row an older release reads
+    # or writes, so it is added here, idempotently, rather than as a version an older release
+    # would refuse to open.
+    conn.execute("CREATE INDEX IF NOT EXISTS events_claimed_at ON events (claimed_at)")
 
 
 # --- SQL shared by the sync and async stores ----------------------------------------------------
+
+# Claims older than EVENT_KEEP, finished or lapsed (never a live lease), a bounded batch per
+# claim (the index on claimed_at finds them).
+_PRUNE_EVENTS = f"""
+    DELETE FROM events WHERE event_id IN (
+        SELECT event_id FROM events
+        WHERE claimed_at < :cutoff AND (token IS NULL OR lease_until IS NULL OR lease_until <= :now)
+        LIMIT {EVENT_PRUNE_BATCH:d}
+    )
+"""
 
 _RECORD_COLUMNS = (
     "record_id, customer_id, endpoint, model, outcome, input_tokens, cached_tokens, "
@@ -1093,6 +1109,7 @@ class SQLiteStore:
     ) -> EventClaim:
         """Claim a webhook event for handling (see the protocol); one transaction."""
         with self._transaction("claim an event", "IMMEDIATE") as conn:
+            conn.execute(_PRUNE_EVENTS, {"cutoff": _ts(now - EVENT_KEEP), "now": _ts(now)})
             row = conn.execute(
                 "SELECT token, lease_until FROM events WHERE event_id = ?", (event_id,)
             ).fetchone()

@@ -41,7 +41,9 @@ from ..usage import Outcome, TokenUsage, UsageRecord
 __all__ = [
     "BUCKET",
     "CLOCK_SKEW",
+    "EVENT_KEEP",
     "EVENT_LEASE",
+    "EVENT_PRUNE_BATCH",
     "HOLD_BUCKET",
     "KEEP_HOLD_MINUTES",
     "KEEP_SECONDS",
@@ -144,6 +146,17 @@ EventClaim = Literal["claimed", "held", "done"]
 #: How long a webhook handler's claim on an event lasts if it neither finishes nor releases it
 #: (its process died): after that, a redelivery may claim the event and act.
 EVENT_LEASE = timedelta(minutes=5)
+
+#: How long a claim is remembered, finished or lapsed, from when it was claimed: longer than
+#: OpenAI's webhook retries (up to 3 days) and than the longest alert window (a UTC month),
+#: so a redelivery or an alert id of this month finds it ``"done"``. Older claims are forgotten
+#: (Redis lets their keys expire; the other stores delete them as they claim new events), and
+#: an id claimed again after that is ``"claimed"`` again. A live lease is never forgotten.
+EVENT_KEEP = timedelta(days=32)
+
+#: At most this many forgotten claims are deleted per ``claim_event`` call (a bounded cost per
+#: call; a backlog, such as the first claims after an upgrade, drains over the next calls).
+EVENT_PRUNE_BATCH = 100
 
 
 @dataclass(frozen=True, slots=True)
