@@ -6,8 +6,10 @@ with the client. Pinned by the modules in ``sys.modules`` of a fresh interpreter
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -114,3 +116,92 @@ def test_from_import_and_the_attribute_give_the_same_object() -> None:
     assert safe_openai.SafeClient is SafeClient
     assert safe_openai.SafeOpenAIError is SafeOpenAIError
     assert isinstance(__version__, str) and __version__
+
+
+def test_the_public_submodules_are_attributes_after_a_bare_import() -> None:
+    """As when the package imported them all: ``import safe_openai`` then ``safe_openai.stores``
+    (an AttributeError unless something had imported the submodule first). Only the submodule
+    used loads."""
+    code = (
+        "import safe_openai\n"
+        "assert callable(safe_openai.stores.store_from_url)\n"
+        "assert issubclass(safe_openai.errors.QuotaExceeded, Exception)\n"
+        "assert callable(safe_openai.telemetry.configure)\n"
+        "assert safe_openai.web.__name__ == 'safe_openai.web'\n"
+        "assert 'safe_openai' in dir(safe_openai.testing) or safe_openai.testing\n"
+    )
+    assert loaded_after(code, "safe_openai._client", "safe_openai.webhooks") == []
+    for name in vars(safe_openai)["_SUBMODULES"]:
+        assert getattr(safe_openai, name).__name__ == f"safe_openai.{name}"
+
+
+def test_an_attribute_error_while_a_name_loads_is_an_import_error_that_says_why() -> None:
+    """An SDK without an attribute the client's module uses: ``from safe_openai import
+    SafeClient`` said only "cannot import name 'SafeClient'" (the module ``__getattr__``'s
+    AttributeError), and ``hasattr`` answered False."""
+    code = (
+        "import openai\n"
+        "del openai.OpenAI.copy\n"
+        "import safe_openai\n"
+        "try:\n"
+        "    hasattr(safe_openai, 'SafeClient')\n"
+        "except ImportError:\n"
+        "    pass\n"
+        "else:\n"
+        "    raise SystemExit('hasattr hid it')\n"
+        "from safe_openai import SafeClient\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 1, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: safe_openai.SafeClient could not be loaded")
+    assert "AttributeError: type object 'OpenAI' has no attribute 'copy'" in last
+
+
+#: A user's module: every public name, star-imported and by attribute; three errors.
+USER_MODULE = """\
+from __future__ import annotations
+
+import safe_openai
+from safe_openai import *  # noqa: F403
+from safe_openai import SafeClinet  # error: misspelt
+
+{uses}
+version: str = safe_openai.__version__
+client: safe_openai.SafeClient = SafeClient(api_key="k")
+number: int = client  # error: a SafeClient is not an int
+safe_openai.SafeClinet  # error: misspelt
+"""
+
+
+def test_type_checkers_see_every_public_name_and_refuse_others(tmp_path: Path) -> None:
+    """A module ``__getattr__`` seen by a type checker answers any name (``Any``): mypy --strict
+    and pyright passed ``from safe_openai import SafeClinet``. Both see the public names with
+    their types and flag exactly the three errors."""
+    uses = "\n".join(
+        f"print(safe_openai.{name}, {name})"
+        for name in safe_openai.__all__
+        if name != "__version__"
+    )
+    source = USER_MODULE.format(uses=uses)
+    user = tmp_path / "user_module.py"
+    user.write_text(source, encoding="utf-8")
+    expected = [n for n, line in enumerate(source.splitlines(), 1) if "# error:" in line]
+    mypy = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--cache-dir", str(tmp_path / "cache"), user],
+        capture_output=True,
+        text=True,
+    )
+    flagged = [int(line.split(":")[1]) for line in mypy.stdout.splitlines() if ": error:" in line]
+    assert flagged == expected, mypy.stdout
+    pyright = shutil.which("pyright", path=str(Path(sys.executable).parent))
+    if pyright is None:
+        pytest.skip("pyright is not installed")
+    done = subprocess.run(
+        [pyright, "--outputjson", "--pythonpath", sys.executable, str(user)],
+        capture_output=True,
+        text=True,
+    )
+    report = json.loads(done.stdout)
+    errors = [d for d in report["generalDiagnostics"] if d["severity"] == "error"]
+    assert [d["range"]["start"]["line"] + 1 for d in errors] == expected, errors

@@ -16,6 +16,19 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    # The public submodules, attributes of the package once used (see _SUBMODULES).
+    from . import (  # noqa: F401
+        alerts,
+        errors,
+        policy,
+        standing,
+        stores,
+        telemetry,
+        testing,
+        usage,
+        web,
+        webhooks,
+    )
     from ._client import AsyncSafeClient, SafeClient
     from ._identity import customer, identifier_for
     from ._moderation import AsyncModerator, ModerationInput, Moderator
@@ -99,20 +112,54 @@ _SOURCES = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name == "__version__":
-        from importlib.metadata import PackageNotFoundError, version
+#: The public submodules, imported when first used as an attribute (``import safe_openai`` then
+#: ``safe_openai.stores.store_from_url(...)``), as they were when the package imported them all.
+_SUBMODULES = frozenset(
+    (
+        "alerts",
+        "errors",
+        "policy",
+        "standing",
+        "stores",
+        "telemetry",
+        "testing",
+        "usage",
+        "web",
+        "webhooks",
+    )
+)
 
-        try:
-            value: Any = version("safe-openai")
-        except PackageNotFoundError:  # pragma: no cover - running from a source tree
-            value = "0.0.0"
-    elif name in _SOURCES:
-        value = getattr(importlib.import_module(_SOURCES[name], __name__), name)
-    else:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    globals()[name] = value  # the next use is a plain attribute
-    return value
+
+# Defined for the interpreter only: a type checker that saw a module ``__getattr__`` would take
+# any name at all from the package (``from safe_openai import SafeClinet`` passed mypy --strict
+# and pyright); it reads the names from the imports above instead.
+if not TYPE_CHECKING:
+
+    def __getattr__(name: str) -> Any:
+        if name == "__version__":
+            from importlib.metadata import PackageNotFoundError, version
+
+            try:
+                value: Any = version("safe-openai")
+            except PackageNotFoundError:  # pragma: no cover - running from a source tree
+                value = "0.0.0"
+        elif name in _SOURCES or name in _SUBMODULES:
+            source = _SOURCES.get(name, "." + name)
+            try:
+                module = importlib.import_module(source, __name__)
+            except AttributeError as exc:
+                # Raised inside the module (an SDK without an attribute it uses): passed on as
+                # an AttributeError, ``from safe_openai import X`` would say only "cannot import
+                # name X" and ``hasattr`` would answer False, hiding why.
+                raise ImportError(
+                    f"{__name__}.{name} could not be loaded: importing {__name__}{source} raised "
+                    f"AttributeError: {exc}"
+                ) from exc
+            value = module if name in _SUBMODULES else getattr(module, name)
+        else:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        globals()[name] = value  # the next use is a plain attribute
+        return value
 
 
 def __dir__() -> list[str]:
