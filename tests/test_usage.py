@@ -88,3 +88,23 @@ def test_record_round_trips_through_dict() -> None:
         record_id="r1",
     )
     assert UsageRecord.from_dict(record.to_dict()) == record
+
+
+@pytest.mark.parametrize("how", ["pickle", "deepcopy", "copy"])
+def test_a_price_table_pickles_and_copies(how: str) -> None:
+    """Its lock made ``pickle.dumps`` and ``copy.deepcopy`` raise TypeError (a policy or settings
+    object holding a table, sent to a worker process or copied per tenant)."""
+    import copy
+    import pickle
+
+    table = PriceTable({"m": Price(input=1.0, output=2.0)}, effective="2026-01-01")
+    table.cost("unknown", TokenUsage(input_tokens=1))  # warned once: the copy warns afresh
+    copied = {
+        "pickle": lambda t: pickle.loads(pickle.dumps(t)),
+        "deepcopy": copy.deepcopy,
+        "copy": copy.copy,
+    }[how](table)
+    assert type(copied) is PriceTable and copied is not table
+    assert (copied.prices, copied.effective) == (table.prices, table.effective)
+    assert copied.cost("m", TokenUsage(input_tokens=1_000_000)) == 1.0
+    assert pickle.loads(pickle.dumps(PriceTable.shipped())).prices == PriceTable.shipped().prices

@@ -183,6 +183,11 @@ class PriceTable:
         self._warned: set[str] = set()
         self._lock = threading.Lock()
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled and deep-copied as its prices (its lock cannot be: a policy or settings
+        object holding a table raised TypeError in ``pickle`` and ``copy.deepcopy``)."""
+        return (_price_table, (self.prices, self.effective))
+
     @classmethod
     def shipped(cls) -> PriceTable:
         """The price table shipped with this release."""
@@ -230,6 +235,11 @@ class PriceTable:
                     log.warning("safe_openai.price_unknown", model=model)
             return None
         return price.cost(tokens)
+
+
+def _price_table(prices: Mapping[str, Price], effective: str) -> PriceTable:
+    """A table rebuilt from a pickle (``effective`` is keyword-only in the constructor)."""
+    return PriceTable(prices, effective=effective)
 
 
 def _int(value: Any) -> int:
