@@ -46,6 +46,7 @@ a mock transport, so a release that changes one fails here, in CI, and not for a
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import json
@@ -242,6 +243,9 @@ def test_prepare_url_gives_the_url_the_sdk_requests() -> None:
 def test_refresh_api_key_returns_the_key() -> None:
     assert params(openai.OpenAI._refresh_api_key) == []
     assert spy()._refresh_api_key() == "k"
+    assert params(openai.AsyncOpenAI._refresh_api_key) == []
+    assert inspect.iscoroutinefunction(openai.AsyncOpenAI._refresh_api_key)
+    assert asyncio.run(openai.AsyncOpenAI(api_key="k")._refresh_api_key()) == "k"
 
 
 # --- copies ---------------------------------------------------------------------------------
@@ -322,6 +326,8 @@ def test_stream_init_takes_the_keywords_the_guarded_stream_passes(cls: type) -> 
     ]
     assert inspect.signature(cls.__init__).parameters["options"].default is None
     assert openai.Stream is Stream and openai.AsyncStream is AsyncStream
+    assert params(cls.close) == []  # the guarded stream's close records an estimate
+    assert inspect.iscoroutinefunction(cls.close) is (cls is AsyncStream)
 
 
 def test_a_stream_reads_its_events_from_iterator_and_gets_its_class_from_request() -> None:
@@ -461,7 +467,7 @@ def test_safety_types_and_the_webhook_verifier() -> None:
 # --- the floor: an SDK without a hook is refused, not guarded partly ---------------------------
 
 
-@pytest.mark.parametrize("hook", ["_websocket_query_params", "_build_request"])
+@pytest.mark.parametrize("hook", ["_websocket_query_params", "_build_request", "_refresh_api_key"])
 def test_an_sdk_without_a_required_hook_is_refused_at_import(hook: str) -> None:
     """As on openai releases before the floor (3.0 has no ``_websocket_query_params``: its
     sockets would open unasked): importing the client fails and says what to install."""
@@ -494,3 +500,35 @@ def test_the_floor_is_the_same_everywhere() -> None:
     assert re.findall(r"^openai==(\S+)$", (root / ".ci/lowest.txt").read_text(), re.M) == [
         SDK_FLOOR
     ]
+
+
+@pytest.mark.parametrize(
+    ("module", "cls", "hook"),
+    [
+        ("openai.resources.responses.responses", "ResponsesConnection", "_send"),
+        ("openai.resources.responses.responses", "AsyncResponsesConnection", "recv_bytes"),
+        ("openai.resources.beta.responses.responses", "ResponsesConnectionManager", "send"),
+    ],
+)
+def test_an_sdk_without_a_method_a_websocket_twin_overrides_is_refused(
+    module: str, cls: str, hook: str
+) -> None:
+    """A release that renamed the connection's ``_send`` would send every frame through the new
+    name, past the guarded override, without an error: ``client.responses`` (where the guarded
+    WebSocket classes load) raises instead, saying what to install."""
+    import subprocess
+    import sys
+
+    code = (
+        f"import importlib; sdk = getattr(importlib.import_module({module!r}), {cls!r})\n"
+        "for owner in sdk.__mro__:\n"
+        f"    if {hook!r} in vars(owner): delattr(owner, {hook!r})\n"
+        "from safe_openai import SafeClient\n"
+        "client = SafeClient(api_key='k', store='memory://', identifier_secret='s' * 32,"
+        " spool=False)\n"
+        "client.responses\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 1, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: safe-openai needs openai>=") and f"{cls}.{hook}," in last

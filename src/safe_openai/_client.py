@@ -112,17 +112,26 @@ _REQUIRED_HOOKS = (
     (openai.AsyncOpenAI, "_websocket_query_params", "WebSockets"),
     (openai.OpenAI, "_prepare_url", "the path of a call"),
     (openai.AsyncOpenAI, "_prepare_url", "the path of a call"),
+    (openai.OpenAI, "_refresh_api_key", "code that takes the API key for a socket of its own"),
+    (openai.AsyncOpenAI, "_refresh_api_key", "code that takes the API key for a socket of its own"),
 )
+
+
+def missing_hook(owner: type, name: str, guards: str) -> ImportError:
+    """The refusal of an SDK without ``owner.name``, which the guard overrides to see ``guards``
+    (an override of a method the SDK no longer has, or calls by another name, is never called).
+    """
+    return ImportError(
+        f"safe-openai needs openai>={SDK_FLOOR},<4: openai {openai.__version__} has no "
+        f"{owner.__name__}.{name}, through which the guard sees {guards}."
+    )
 
 
 def _check_sdk() -> None:
     """Refuse an SDK that lacks a hook the guard needs, rather than guard it partly."""
     for owner, name, guards in _REQUIRED_HOOKS:
         if not callable(getattr(owner, name, None)):
-            raise ImportError(
-                f"safe-openai needs openai>={SDK_FLOOR},<4: openai {openai.__version__} has no "
-                f"{owner.__name__}.{name}, through which the guard sees {guards}."
-            )
+            raise missing_hook(owner, name, guards)
 
 
 _check_sdk()

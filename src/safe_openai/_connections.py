@@ -34,6 +34,7 @@ from openai.resources.responses import responses
 from openai.types.beta.beta_responses_client_event_param import BetaResponsesClientEventParam
 from openai.types.responses.responses_client_event_param import ResponsesClientEventParam
 
+from ._client import missing_hook
 from ._extract import RESPONSES_STEER
 from ._guard import Call, Command, Flow, GuardState, adrive, drive
 from ._log import get_logger
@@ -320,6 +321,15 @@ class _GuardedAsyncManager(_AsyncRecording):
 
 
 def _twin(mixin: type, base: type) -> type:
+    """``base`` with the guard's overrides in ``mixin``; refused (ImportError) when the SDK's
+    class lacks a method ``mixin`` overrides: an SDK that renamed ``_send`` would call the new
+    name and never the guarded override, sending every frame past the guard."""
+    for name, value in vars(mixin).items():
+        # Own methods only: aliases (``enter = __enter__``) and the guard's ``_safe_*`` helpers
+        # override nothing.
+        own = callable(value) and getattr(value, "__name__", None) == name
+        if own and not name.startswith("_safe_") and not callable(getattr(base, name, None)):
+            raise missing_hook(base, name, "Responses WebSocket messages")
     return type(f"Guarded{base.__name__}", (mixin, base), {"__module__": __name__})
 
 
