@@ -351,3 +351,29 @@ def test_an_exit_with_the_receiver_hung_is_bounded_and_logged(receiver: Receiver
     )
     assert done.returncode == 0
     assert b"safe_openai.alerts_undelivered" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"tolerance": float("nan")}, {"now": float("nan")}, {"tolerance": -1.0}],
+    ids=["nan-tolerance", "nan-now", "negative-tolerance"],
+)
+def test_a_verifier_refuses_a_tolerance_or_clock_that_cannot_compare(
+    options: dict[str, float],
+) -> None:
+    """A NaN compares false with everything: ``tolerance=nan`` accepted a delivery stamped
+    in 1970 (a replay of any age). Such settings are a configuration error."""
+    alert = Alert(id="a1", kind="strike", customer_id="acme", at=datetime.now(timezone.utc))
+    body = alert.to_json().encode()
+    headers = {
+        "X-Safe-OpenAI-Timestamp": "1",
+        "X-Safe-OpenAI-Signature": sign_alert(body, secret=SECRET, timestamp=1),
+    }
+    with pytest.raises(ConfigurationError):
+        verify_alert_signature(body, headers, secret=SECRET, **options)
+
+
+@pytest.mark.parametrize("headers", [None, 42, ["not a pair"]])
+def test_headers_that_are_no_headers_are_a_verification_error(headers: Any) -> None:
+    with pytest.raises(WebhookVerificationError):
+        verify_alert_signature(b"{}", headers, secret=SECRET)

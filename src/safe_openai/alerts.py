@@ -195,8 +195,20 @@ def verify_alert_signature(
             unset environment variable would accept a signature anyone can make).
     """
     _check_secret(secret)
-    pairs = headers.items() if hasattr(headers, "items") else headers
-    flat = {str(name).lower(): str(value) for name, value in pairs}
+    for name, value in (("tolerance", tolerance), ("now", now)):
+        # a NaN compares false with everything: `abs(current - sent) > nan` accepted any replay
+        bad_type = isinstance(value, bool) or not isinstance(value, (int, float))
+        if value is not None and (bad_type or not math.isfinite(value)):
+            raise ConfigurationError(f"{name} must be a finite number, got {value!r}")
+    if tolerance < 0:
+        raise ConfigurationError(f"tolerance must be >= 0 seconds, got {tolerance!r}")
+    try:
+        pairs = headers.items() if hasattr(headers, "items") else headers
+        flat = {str(name).lower(): str(value) for name, value in pairs}
+    except (TypeError, ValueError):
+        raise WebhookVerificationError(
+            "Alert delivery rejected: the headers are not a mapping or name/value pairs."
+        ) from None
     raw = body.encode() if isinstance(body, str) else bytes(body)
     timestamp, signature = flat.get(TIMESTAMP_HEADER.lower()), flat.get(SIGNATURE_HEADER.lower())
     if not timestamp or not signature:
@@ -292,7 +304,7 @@ class WebhookAlertSink:
         for name, value in (("timeout", timeout), ("backoff", backoff)):
             if not isinstance(value, (int, float)) or not value > 0 or math.isinf(value):
                 raise ConfigurationError(f"{name} must be a positive number, got {value!r}")
-        if not isinstance(max_backoff, (int, float)) or max_backoff < backoff:
+        if not isinstance(max_backoff, (int, float)) or not max_backoff >= backoff:
             raise ConfigurationError(f"max_backoff must be >= backoff, got {max_backoff!r}")
         for name, count in (("attempts", attempts), ("max_queue", max_queue)):
             if isinstance(count, bool) or not isinstance(count, int) or count < 1:

@@ -199,6 +199,8 @@ class MemoryStore:
     ) -> tuple[LimitUsage, ...]:
         """What the customer has used of each limit ``quota`` sets at ``now`` (default: this
         process's clock), pending holds included. Reads only: nothing is held."""
+        if quota.is_unlimited:
+            return ()
         now_us = to_us(now if now is not None else datetime.now(timezone.utc))
         with self._lock:
             ledger = self._ledgers.get(customer_id)
@@ -400,7 +402,7 @@ class MemoryStore:
     def _prune_events(self, now: datetime) -> None:
         """Forget up to EVENT_PRUNE_BATCH claims older than EVENT_KEEP, from the front (the
         oldest claims), stopping at the first younger one; a live lease stays."""
-        cutoff = now - EVENT_KEEP
+        cutoff = min(now, datetime.now(timezone.utc)) - EVENT_KEEP  # never past the clock
         old: list[str] = []
         for event_id, (holder, until, claimed_at) in self._events.items():
             if claimed_at >= cutoff or len(old) >= EVENT_PRUNE_BATCH:

@@ -1109,7 +1109,9 @@ class SQLiteStore:
     ) -> EventClaim:
         """Claim a webhook event for handling (see the protocol); one transaction."""
         with self._transaction("claim an event", "IMMEDIATE") as conn:
-            conn.execute(_PRUNE_EVENTS, {"cutoff": _ts(now - EVENT_KEEP), "now": _ts(now)})
+            # never past this host's clock: a `now` far ahead must not forget live claims
+            cutoff = min(now, datetime.now(timezone.utc)) - EVENT_KEEP
+            conn.execute(_PRUNE_EVENTS, {"cutoff": _ts(cutoff), "now": _ts(now)})
             row = conn.execute(
                 "SELECT token, lease_until FROM events WHERE event_id = ?", (event_id,)
             ).fetchone()
