@@ -158,3 +158,24 @@ def test_status_never_creates_a_store_and_names_bad_policies(workdir: Path) -> N
         assert says in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
     blank = status(workdir, "", "--store", "sqlite:///usage.db")
     assert blank.returncode == 2 and "customer id must be" in blank.stderr
+
+
+def test_the_strike_window_reads_as_the_suspension_reason_writes_it() -> None:
+    """A 24 h window is "1d" in `status` as in the reason of the suspension it leads to
+    ("2 violations within 1d"); the CLI had a copy of the rule that wrote "24h"."""
+    from datetime import datetime, timedelta, timezone
+
+    from safe_openai._cli import format_standing
+    from safe_openai.standing import Standing
+
+    standing = Standing(
+        customer_id="acme",
+        at=datetime.now(timezone.utc),
+        limits=(),
+        suspension=None,
+        strikes=1,
+        strike_limit=3,
+        strike_window=timedelta(hours=24),
+        usage_known=True,
+    )
+    assert "1 of 3 within 1d" in format_standing(standing)

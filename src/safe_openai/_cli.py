@@ -346,7 +346,7 @@ def _read_standing(store: UsageStore, customer_id: str, policy: Policy | None) -
     from ._guard import drive, on_store
     from .errors import ConfigurationError
     from .policy import DefaultPolicy
-    from .standing import read_standing, standing_of
+    from .standing import read_standing, reports_usage, standing_of
 
     now = None  # the present: the usage on the store's clock, the one it decides on
     if policy is not None:
@@ -363,7 +363,7 @@ def _read_standing(store: UsageStore, customer_id: str, policy: Policy | None) -
         strike_limit=None,
         strike_window=DefaultPolicy().strike_window,
         now=now,
-        store_reports_usage=callable(getattr(store, "quota_usage", None)),
+        store_reports_usage=reports_usage(store),
     )
     return drive(flow, on_store(store))
 
@@ -420,7 +420,9 @@ def format_standing(standing: Standing, *, limits_known: bool = True) -> str:
             f"yes, until {until} (since {_when(suspension.since)})",
             f"reason:     {_fit(suspension.reason, 68)}",
         ]
-    window = _span(standing.strike_window)
+    from ._guard import human_span
+
+    window = human_span(standing.strike_window)
     if standing.strike_limit is not None:
         strikes = f"{standing.strikes} of {standing.strike_limit} within {window}"
     elif limits_known:
@@ -451,14 +453,6 @@ def format_standing(standing: Standing, *, limits_known: bool = True) -> str:
     if not standing.usage_known:
         lines.append("(this store cannot report usage: quota_usage is missing)")
     return "\n".join(lines)
-
-
-def _span(span: timedelta) -> str:
-    seconds = int(span.total_seconds())
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= 2 * size and seconds % size == 0:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

@@ -103,17 +103,16 @@ SDK_FLOOR = "3.42.1"
 #: some: a socket opened without ``_websocket_query_params`` would never be asked about).
 #: tests/test_sdk_hooks.py pins the shape of every hook; these are checked at import too, so an
 #: SDK installed past the pin (``--no-deps``, a lock file) fails loudly instead.
-_REQUIRED_HOOKS = (
-    (openai.OpenAI, "request", "every HTTP call"),
-    (openai.AsyncOpenAI, "request", "every HTTP call"),
-    (openai.OpenAI, "_build_request", "streamed usage"),
-    (openai.AsyncOpenAI, "_build_request", "streamed usage"),
-    (openai.OpenAI, "_websocket_query_params", "WebSockets"),
-    (openai.AsyncOpenAI, "_websocket_query_params", "WebSockets"),
-    (openai.OpenAI, "_prepare_url", "the path of a call"),
-    (openai.AsyncOpenAI, "_prepare_url", "the path of a call"),
-    (openai.OpenAI, "_refresh_api_key", "code that takes the API key for a socket of its own"),
-    (openai.AsyncOpenAI, "_refresh_api_key", "code that takes the API key for a socket of its own"),
+_REQUIRED_HOOKS = tuple(
+    (owner, name, guards)
+    for name, guards in (
+        ("request", "every HTTP call"),
+        ("_build_request", "streamed usage"),
+        ("_websocket_query_params", "WebSockets"),
+        ("_prepare_url", "the path of a call"),
+        ("_refresh_api_key", "code that takes the API key for a socket of its own"),
+    )
+    for owner in (openai.OpenAI, openai.AsyncOpenAI)
 )
 
 

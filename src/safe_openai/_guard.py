@@ -1054,7 +1054,7 @@ def enforce_strikes(
         current.until is None or (until is not None and current.until >= until)
     ):
         return False  # a longer suspension (e.g. after an OpenAI deactivation) stays in force
-    reason = f"{limit} violations within {_human(window)}"
+    reason = f"{limit} violations within {human_span(window)}"
     yield StoreCall(
         "suspend",
         (customer_id,),
@@ -1113,8 +1113,9 @@ def unsuspend(customer_id: str, *, by: str) -> Flow[bool]:
     return bool(lifted)
 
 
-def _human(span: timedelta) -> str:
-    """``24h``, ``90m``, ``2d``: a window as people write it."""
+def human_span(span: timedelta) -> str:
+    """``1d``, ``12h``, ``90m``: a window as people write it (the largest whole unit), as
+    suspension reasons and ``safe-openai status`` both show it."""
     seconds = int(span.total_seconds())
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size and seconds % size == 0:

@@ -194,8 +194,10 @@ class QuotaExceeded(SafeOpenAIError):
     def headers(self) -> dict[str, str]:
         """HTTP response headers for this refusal (for a 429 from the application's own API):
         ``Retry-After`` in whole seconds, rounded up (at least 1), when waiting helps, and
-        ``X-RateLimit-Limit`` / ``X-RateLimit-Remaining`` / ``X-RateLimit-Reset`` (seconds)
-        for the limit that refused, when known. See docs/guide.md, "Quota status"."""
+                ``X-RateLimit-Limit`` / ``X-RateLimit-Remaining`` / ``X-RateLimit-Reset`` for the
+        limit that refused, when known. ``X-RateLimit-Reset`` is ``Retry-After`` here (when
+        enough frees for this request), not when the usage first drops as in
+        :func:`~safe_openai.rate_limit_headers`. See docs/guide.md, "Quota status"."""
         found: dict[str, str] = {}
         if self.allowed is not None:
             found["X-RateLimit-Limit"] = _header_number(self.allowed)
@@ -203,12 +205,18 @@ class QuotaExceeded(SafeOpenAIError):
                 left = max(round(self.allowed - self.used, 9), 0)
                 found["X-RateLimit-Remaining"] = _header_number(left)
         if self.retry_after is not None:
-            # at least 1, as safe_openai.web sends it: "0" reads as "retry at once, in a loop"
-            seconds = str(max(math.ceil(self.retry_after), 1))
+            seconds = wait_seconds(self.retry_after)
             if self.allowed is not None:
                 found["X-RateLimit-Reset"] = seconds
             found["Retry-After"] = seconds
         return found
+
+
+def wait_seconds(seconds: float) -> str:
+    """A wait as ``Retry-After`` / ``X-RateLimit-Reset`` send it: whole seconds, rounded up, at
+    least 1. "0" reads as "retry at once", in a loop, even where clocks disagree (a host ahead
+    of the store sees a reset that is still to come as past)."""
+    return str(max(math.ceil(seconds), 1))
 
 
 def _header_number(value: float) -> str:

@@ -8,13 +8,12 @@ the same code. Everything it reads is a read: no hold is placed, nothing is writ
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from ._guard import Flow, StoreCall
-from .errors import _header_number
+from .errors import _header_number, wait_seconds
 from .policy import Policy, Quota
 from .stores._types import LIMIT_NAMES, LimitUsage, Suspension
 
@@ -118,6 +117,11 @@ def read_standing(
     )
 
 
+def reports_usage(store: Any) -> bool:
+    """Whether ``store`` can report per-limit usage (the optional ``quota_usage``)."""
+    return callable(getattr(store, "quota_usage", None))
+
+
 def standing_of(
     policy: Policy, store: Any, customer_id: str, now: datetime | None
 ) -> Flow[Standing]:
@@ -128,7 +132,7 @@ def standing_of(
         strike_limit=policy.strike_limit,
         strike_window=policy.strike_window,
         now=now,
-        store_reports_usage=callable(getattr(store, "quota_usage", None)),
+        store_reports_usage=reports_usage(store),
     )
 
 
@@ -163,15 +167,13 @@ def _headers(standing: Standing, usage: LimitUsage, suffix: str) -> dict[str, st
     found = {f"X-RateLimit-Limit{suffix}": _header_number(usage.limit)}
     if standing.usage_known:
         found[f"X-RateLimit-Remaining{suffix}"] = _header_number(usage.remaining)
-        found[f"X-RateLimit-Reset{suffix}"] = str(_seconds_until(usage.resets_at, standing.at))
+        found[f"X-RateLimit-Reset{suffix}"] = _seconds_until(usage.resets_at, standing.at)
     return found
 
 
-def _seconds_until(moment: datetime | None, now: datetime) -> int:
+def _seconds_until(moment: datetime | None, now: datetime) -> str:
+    """Seconds until ``moment``; "0" only when nothing is used (``moment`` None). Usage that
+    counts always drops later: see :func:`~safe_openai.errors.wait_seconds`."""
     if moment is None:
-        return 0
-    # Usage that counts always drops later, but `moment` is on the store's clock and `now` on
-    # this host's: a host ahead of the store saw it in the past and sent "Reset: 0" with
-    # "Remaining: 0", which a client reads as "retry at once", in a loop. At least 1, as for
-    # Retry-After.
-    return max(math.ceil((moment - now).total_seconds()), 1)
+        return "0"
+    return wait_seconds((moment - now).total_seconds())

@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextvars
 import inspect
 import json
-import math
 import re
 import weakref
 from collections.abc import (
@@ -67,6 +66,7 @@ from .errors import (
     UnpricedModel,
     WebhookInProgress,
     WebhookVerificationError,
+    wait_seconds,
 )
 
 __all__ = [
@@ -145,7 +145,7 @@ _STATUS: tuple[tuple[type[SafeOpenAIError], int, str], ...] = (
 
 
 def _retry_after(seconds: float) -> dict[str, str]:
-    return {"Retry-After": str(max(1, math.ceil(seconds)))}
+    return {"Retry-After": wait_seconds(seconds)}
 
 
 def http_error(exc: BaseException) -> HTTPError:

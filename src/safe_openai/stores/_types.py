@@ -147,7 +147,8 @@ EventClaim = Literal["claimed", "held", "done"]
 #: (its process died): after that, a redelivery may claim the event and act.
 EVENT_LEASE = timedelta(minutes=5)
 
-#: How long a claim is remembered, finished or lapsed, from when it was claimed: longer than
+#: How long a claim is remembered, finished or lapsed, from when it was claimed (Redis: from
+#: when its key was last written, the finish at the latest, a lease later): longer than
 #: OpenAI's webhook retries (up to 3 days) and than the longest alert window (a UTC month),
 #: so a redelivery or an alert id of this month finds it ``"done"``. Older claims are forgotten
 #: (Redis lets their keys expire; the other stores delete them as they claim new events), and
@@ -596,12 +597,10 @@ def finish_report(
     sums: dict[str, dict[str, float | int]],
     violations: dict[str, int],
     suspended: set[str],
-    strikes: dict[str, int] | None = None,
+    strikes: dict[str, int],
 ) -> list[CustomerReport]:
     """Turn summed rows, violation and strike counts and suspended ids into sorted report
-    rows (``strikes`` ``None``: every violation is a strike)."""
-    if strikes is None:
-        strikes = violations
+    rows."""
     customers = sorted(set(sums) | set(violations) | suspended)
     rows = []
     for customer in customers:
